@@ -1,0 +1,21 @@
+"""Constants and environment switches read once, at import. A leaf module: any layer may use it."""
+
+from __future__ import annotations
+
+import os
+
+#: Prefix of every POSIX shared-memory segment name: ``headrace-<owner pid>-<id>``.
+SHM_PREFIX = "headrace"
+
+#: Values whose out-of-band buffers total at least this many bytes travel in shared memory;
+#: smaller ones ride inline in control messages.
+INLINE_MAX_BYTES = 64 * 1024
+
+#: Extra checks (``verify()`` after compiler passes and similar); tests set it.
+CHECKS = os.environ.get("HEADRACE_CHECKS", "") not in ("", "0")
+
+#: Verbose internal logging; read once here, never on a hot path.
+DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
+
+#: How long shutdown() waits for children to exit on their own before SIGKILL.
+SHUTDOWN_GRACE_S = 0.3

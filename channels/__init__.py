@@ -1,0 +1,1 @@
+"""The data plane: shared-memory segments and serialization; knows no DAGs, actors or refs."""

@@ -1,0 +1,146 @@
+"""POSIX shared-memory segments: create, open, unlink, and sweep the ones of dead owners.
+
+In: a size, or a name. Out: ``Segment`` (a mapped segment with a writable or read-only view).
+Invariants: names are ``headrace-<owner pid>-<hex id>``, never reused; only the owner unlinks
+(``Segment.unlink``, or its finalizer once the owning object is garbage-collected); a mapping
+stays valid after the name is unlinked, so zero-copy views outlive the name safely.
+We use ``os.open('/dev/shm/...')`` + ``mmap`` rather than ``multiprocessing.shared_memory``,
+whose resource tracker unlinks segments when any process that opened them exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import weakref
+
+from .._config import SHM_PREFIX
+
+SHM_DIR = "/dev/shm"
+
+
+def segment_name(owner_pid: int | None = None) -> str:
+    """A fresh, unique segment name carrying the owner pid."""
+    return f"{SHM_PREFIX}-{owner_pid or os.getpid()}-{secrets.token_hex(8)}"
+
+
+class Segment:
+    """One mapped POSIX shm segment. ``buf`` is a memoryview over the whole mapping."""
+
+    __slots__ = ("name", "size", "mmap", "buf", "_finalizer", "__weakref__")
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.mmap = mm
+        self.buf = memoryview(mm) if size else memoryview(b"")
+        # The owner unlinks the name when this object dies; the mapping lives on in any views.
+        self._finalizer = weakref.finalize(self, _unlink, name) if owner else None
+
+    @classmethod
+    def create(cls, size: int, name: str | None = None, *, owner: bool = True) -> Segment:
+        """Create and map a new segment of ``size`` bytes (pages populated up front)."""
+        name = name or segment_name()
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = _map(fd, size, writable=True)
+        except BaseException:
+            os.close(fd)
+            _unlink(name)
+            raise
+        os.close(fd)
+        return cls(name, size, mm, owner)
+
+    @classmethod
+    def open(cls, name: str, *, writable: bool = False, owner: bool = False) -> Segment:
+        """Map an existing segment; raises FileNotFoundError if the name is gone."""
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            mm = _map(fd, size, writable=writable)
+        finally:
+            os.close(fd)
+        return cls(name, size, mm, owner)
+
+    def take_ownership(self) -> None:
+        """Make this object unlink the name when it is garbage-collected."""
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _unlink, self.name)
+
+    def disown(self) -> None:
+        """Hand the name to someone else: this object will not unlink it."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
+    def unlink(self) -> None:
+        """Remove the name now (idempotent); existing mappings stay valid."""
+        if self._finalizer is not None:
+            self._finalizer()
+        else:
+            _unlink(self.name)
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name!r}, {self.size} bytes)"
+
+
+def _map(fd: int, size: int, *, writable: bool) -> mmap.mmap:
+    if size == 0:
+        return mmap.mmap(-1, 1)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
+    return mmap.mmap(fd, size, flags=flags, prot=prot)
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def owned_segments(owner_pid: int) -> list[str]:
+    """Names of the segments in /dev/shm whose name carries ``owner_pid``."""
+    prefix = f"{SHM_PREFIX}-{owner_pid}-"
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def unlink_owned(owner_pid: int) -> int:
+    """Unlink every segment of ``owner_pid``; returns how many were removed."""
+    names = owned_segments(owner_pid)
+    for name in names:
+        _unlink(name)
+    return len(names)
+
+
+def sweep_dead_owners() -> list[str]:
+    """Unlink the segments whose owner process no longer exists; returns their names."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
+            continue
+        if not is_alive(int(parts[1])):
+            _unlink(name)
+            removed.append(name)
+    return removed
+
+
+def is_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (zombies count as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

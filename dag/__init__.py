@@ -1,0 +1,1 @@
+"""DAG nodes and tracing (``bind()``, ``InputNode``, ``MultiOutputNode``): see issue 6."""

@@ -1,0 +1,1 @@
+"""Experimental APIs kept for Ray compatibility (``headrace.experimental.async_api``)."""

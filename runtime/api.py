@@ -1,0 +1,377 @@
+"""The public runtime API: init/shutdown, put/get/wait/gather, cancel, kill, get_actor.
+
+In: refs of any kind (ObjectRef, CompiledDAGRef) and user timeouts. Out: values, in input order.
+Invariants (DESIGN 2.2): a list keeps its order and may hold duplicates; anything else that is not
+a single ref is an error both TypeError and ValueError; ``timeout`` becomes one Deadline for the
+whole call; the first error is raised as soon as it arrives; no wait outlives a dead process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ..exceptions import GetTimeoutError, RefsTypeError
+from .deadline import Deadline, check_timeout
+from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_message
+
+_LOCK = threading.RLock()
+_RUNTIME: Any = None
+_WARNED_LOOP = False
+_ATEXIT = False
+
+
+def init(num_cpus: int | None = None, *, address: str | None = None,
+         log_to_driver: bool = True, logging_level: int = logging.INFO,
+         ignore_reinit_error: bool = False) -> dict[str, Any]:
+    """Start the embedded local runtime: ``num_cpus`` pooled task workers (default: all cores).
+
+    Args:
+        num_cpus: Task worker processes and CPU slots; default ``os.cpu_count()``.
+        address: None or ``"local"``; clusters come with the scale-out work (DESIGN 5).
+        log_to_driver: Copy workers' and actors' output to this process's stderr.
+        logging_level: Root logging level inside workers and actors.
+        ignore_reinit_error: Return quietly if already initialised (Ray's flag).
+
+    Returns:
+        A dict describing the runtime (``num_cpus``, ``session_dir``, ``driver_pid``).
+
+    Raises:
+        RuntimeError: already initialised and ``ignore_reinit_error`` is False.
+    """
+    global _RUNTIME, _ATEXIT
+    if address not in (None, "local", "auto"):
+        raise ValueError(f"address={address!r}: only the embedded local runtime exists so far; "
+                         "pass address=None")
+    if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int)
+                                 or num_cpus < 1):
+        raise ValueError(f"num_cpus must be an int >= 1, got {num_cpus!r}")
+    with _LOCK:
+        if _RUNTIME is not None:
+            if ignore_reinit_error:
+                return _describe(_RUNTIME)
+            raise RuntimeError("headrace is already initialised; call hr.shutdown() first, or "
+                               "pass ignore_reinit_error=True")
+        from .core import Runtime
+        _RUNTIME = Runtime(num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver,
+                           logging_level=logging_level)
+        if not _ATEXIT:
+            atexit.register(shutdown)
+            _ATEXIT = True
+        return _describe(_RUNTIME)
+
+
+def _describe(rt: Any) -> dict[str, Any]:
+    return {"num_cpus": rt.num_cpus, "session_dir": rt.dir, "driver_pid": rt.pid}
+
+
+def shutdown() -> None:
+    """Stop every child process and unlink every shared-memory segment. Idempotent."""
+    global _RUNTIME
+    with _LOCK:
+        rt, _RUNTIME = _RUNTIME, None
+    if rt is not None:
+        rt.shutdown()
+
+
+def is_initialized() -> bool:
+    return _RUNTIME is not None
+
+
+def _auto_runtime() -> Any:
+    rt = _RUNTIME
+    if rt is None:
+        init(ignore_reinit_error=True)
+        rt = _RUNTIME
+    return rt
+
+
+def _current_runtime() -> Any:
+    return _RUNTIME
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` once; large buffers go to shared memory and are read without copies."""
+    return _auto_runtime().put(value)
+
+
+def cancel(ref: Ref, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task behind ``ref``: a queued task never runs, a running one is interrupted.
+
+    ``force=True`` kills the worker running it (it is replaced). Its refs raise
+    ``TaskCancelledError``. A ref that already finished is left alone.
+    """
+    if not isinstance(ref, Ref):
+        raise TypeError(f"hr.cancel() expects a ref, got {type(ref).__name__}")
+    if not ref.done():
+        ref._on_cancel(force)
+
+
+def kill(actor: Any, *, no_restart: bool = True) -> None:
+    """End an actor now (SIGKILL); its pending and later calls raise ``ActorDiedError``."""
+    from .remote import ActorHandle
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"hr.kill() expects an actor handle, got {type(actor).__name__}")
+    _auto_runtime().kill_actor(actor._record, no_restart=no_restart)
+
+
+def get_actor(name: str) -> Any:
+    """A handle to the live actor created with ``.options(name=name)``."""
+    from .remote import ActorHandle
+    rt = _auto_runtime()
+    with rt.lock:
+        record = rt.named.get(name)
+    if record is None:
+        raise ValueError(f"no live actor is named {name!r}; create one with "
+                         f"Cls.options(name={name!r}).remote()")
+    return ActorHandle(record)
+
+
+# -- get / wait / gather ----------------------------------------------------------------------
+def _check_refs(refs: Any, fn: str) -> tuple[list[Ref], bool]:
+    """Returns (refs as a list, whether a single ref was given)."""
+    if isinstance(refs, Ref):
+        return [refs], True
+    if not isinstance(refs, list):
+        raise RefsTypeError(
+            f"{fn}() expects a ref or a list of refs, got {type(refs).__name__}"
+            + (f"; pass a list instead: hr.{fn}(list(refs))" if isinstance(refs, Iterable)
+               else ""))
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, Ref):
+            raise TypeError(f"{fn}() expects a list of refs, but element {i} is "
+                            f"{type(ref).__name__}: {ref!r:.60}")
+    return refs, False
+
+
+def _warn_if_in_loop(fn: str) -> None:
+    global _WARNED_LOOP
+    if _WARNED_LOOP:
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _WARNED_LOOP = True
+    warnings.warn(f"hr.{fn}() called inside a running asyncio event loop blocks the loop; "
+                  "use `await ref` or `await asyncio.gather(*refs)` instead",
+                  RuntimeWarning, stacklevel=3)
+
+
+def get(refs: Any, *, timeout: float | None = None) -> Any:
+    """Return the values of ``refs``, waiting for them if needed.
+
+    Args:
+        refs: A ref, or a list mixing ObjectRefs and CompiledDAGRefs of any compiled DAGs.
+        timeout: Seconds for the whole call, one deadline for all refs; None waits, 0 polls.
+
+    Returns:
+        The value of one ref, or a list of values in the order of ``refs``.
+
+    Raises:
+        GetTimeoutError: The deadline passed; the message counts the refs still pending.
+        TaskError: A task raised; raised as soon as it arrives, without waiting for the rest.
+    """
+    deadline = Deadline(timeout)
+    items, single = _check_refs(refs, "get")
+    _warn_if_in_loop("get")
+    if single:
+        ref = items[0]
+        if not ref._wait(deadline):
+            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+        return ref._outcome()
+    _wait_all(items, deadline)
+    return [ref._outcome() for ref in items]
+
+
+def _wait_all(items: list[Ref], deadline: Deadline) -> None:
+    """Wait until every ref is final, raising the first error as soon as it is seen."""
+    _raise_first_error(items)
+    watched = [r for r in dict.fromkeys(items) if r._state is RefState.PENDING]
+    if not watched:
+        return
+    event = threading.Event()
+    setter = _event_setter(event)
+    for ref in watched:
+        ref.add_done_callback(setter)
+    pending = watched
+    try:
+        while True:
+            _raise_first_error(pending)
+            pending = [r for r in pending if r._state is RefState.PENDING]
+            if not pending:
+                return
+            remaining = deadline.remaining_s()
+            if remaining == 0:
+                still = sum(r._state is RefState.PENDING for r in items)
+                raise GetTimeoutError(_timeout_message(deadline, still, len(items)))
+            event.wait(remaining)
+            event.clear()
+    finally:
+        for ref in watched:
+            ref._remove_done_callback(setter)
+
+
+def _raise_first_error(refs: list[Ref]) -> None:
+    for ref in refs:
+        if ref._state is RefState.FAILED or ref._state is RefState.CANCELLED:
+            ref._outcome()
+
+
+def wait(refs: list[Ref], *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list[Ref], list[Ref]]:
+    """Wait until ``num_returns`` refs are final or the deadline; returns (ready, not_ready).
+
+    Both lists keep the input order; a ref that failed counts as ready. No error on timeout.
+    """
+    deadline = Deadline(timeout)
+    items, single = _check_refs(refs, "wait")
+    if single:
+        raise RefsTypeError("wait() expects a list of refs, got a single ref; pass [ref]")
+    if not isinstance(num_returns, int) or isinstance(num_returns, bool) or num_returns < 1:
+        raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
+    if num_returns > len(items):
+        raise ValueError(f"num_returns={num_returns} is more than the {len(items)} refs given")
+    _warn_if_in_loop("wait")
+    event = threading.Event()
+    setter = _event_setter(event)
+    watched = [r for r in dict.fromkeys(items) if not r.done()]
+    for ref in watched:
+        ref.add_done_callback(setter)
+    try:
+        while sum(r.done() for r in items) < num_returns:
+            remaining = deadline.remaining_s()
+            if remaining == 0:
+                break
+            event.wait(remaining)
+            event.clear()
+    finally:
+        for ref in watched:
+            ref._remove_done_callback(setter)
+    ready: list[Ref] = []
+    not_ready: list[Ref] = []
+    for ref in items:
+        (ready if ref.done() and len(ready) < num_returns else not_ready).append(ref)
+    return ready, not_ready
+
+
+def gather(obj: Any, *, errors: str = "raise", timeout: float | None = None,
+           asynchronous: bool = False) -> Any:
+    """Resolve every ref inside nested lists, tuples, dicts and sets, keeping their shape.
+
+    Like Dask's ``Client.gather``: an iterator gives an iterator, a ``queue.Queue`` gives a
+    queue fed as values arrive; ``errors="skip"`` drops failed entries; ``asynchronous=True``
+    returns an awaitable.
+    """
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    check_timeout(timeout)
+    if asynchronous:
+        return _gather_async(obj, errors, timeout)
+    if isinstance(obj, queue.Queue):
+        return _gather_queue(obj, errors)
+    if isinstance(obj, Iterator):
+        return _gather_iter(obj, errors, timeout)
+    deadline = Deadline(timeout)
+    refs = list(dict.fromkeys(_collect(obj)))
+    _warn_if_in_loop("gather")
+    if errors == "raise":
+        _wait_all(refs, deadline)
+    else:
+        _wait_done(refs, deadline)
+    return _rebuild(obj, errors)
+
+
+def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
+    for ref in refs:
+        if not ref._wait(deadline):
+            pending = sum(not r.done() for r in refs)
+            raise GetTimeoutError(_timeout_message(deadline, pending, len(refs)))
+
+
+def _collect(obj: Any) -> Iterator[Ref]:
+    if isinstance(obj, Ref):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _collect(value)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for value in obj:
+            yield from _collect(value)
+
+
+_SKIP = object()
+
+
+def _rebuild(obj: Any, errors: str) -> Any:
+    if isinstance(obj, Ref):
+        if errors == "skip" and obj._state is not RefState.READY:
+            return _SKIP
+        try:
+            return obj._outcome()
+        except Exception:
+            if errors == "skip":
+                return _SKIP
+            raise
+    if isinstance(obj, dict):
+        out = {k: _rebuild(v, errors) for k, v in obj.items()}
+        return type(obj)({k: v for k, v in out.items() if v is not _SKIP}) \
+            if type(obj) is not dict else {k: v for k, v in out.items() if v is not _SKIP}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [v for v in (_rebuild(x, errors) for x in obj) if v is not _SKIP]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):      # a namedtuple
+            return type(obj)(*items)
+        return type(obj)(items)
+    return obj
+
+
+def _gather_iter(items: Iterator[Any], errors: str, timeout: float | None) -> Iterator[Any]:
+    for item in items:
+        value = gather(item, errors=errors, timeout=timeout)
+        if errors == "skip" and isinstance(item, Ref) and not item._state is RefState.READY:
+            continue
+        yield value
+
+
+def _gather_queue(source: queue.Queue, errors: str) -> queue.Queue:
+    """Feed a new queue with the values of the refs put on ``source``, as they arrive."""
+    out: queue.Queue = queue.Queue()
+
+    def feed() -> None:
+        while True:
+            item = source.get()
+            if item is None:                       # the producer is done
+                out.put(None)
+                return
+            try:
+                out.put(gather(item, errors=errors))
+            except Exception as exc:               # noqa: BLE001 - the consumer sees it
+                out.put(exc)
+    threading.Thread(target=feed, name="headrace-gather-queue", daemon=True).start()
+    return out
+
+
+async def _gather_async(obj: Any, errors: str, timeout: float | None) -> Any:
+    refs = list(dict.fromkeys(_collect(obj)))
+    waits = [asyncio.ensure_future(_settled(r)) for r in refs]
+    if waits:
+        done, not_done = await asyncio.wait(waits, timeout=timeout)
+        for task in not_done:
+            task.cancel()
+        if not_done:
+            raise GetTimeoutError(_timeout_message(Deadline(timeout), len(not_done), len(refs)))
+    return _rebuild(obj, errors)
+
+
+async def _settled(ref: Ref) -> None:
+    try:
+        await ref
+    except BaseException:               # noqa: BLE001 - _rebuild raises or skips it
+        pass

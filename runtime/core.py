@@ -1,0 +1,727 @@
+"""The driver: spawns and watches children, schedules tasks and actor calls, owns the objects.
+
+In: submissions from user threads (``submit_task``, ``create_actor``, ``submit_call``, ``put``).
+Out: ``ObjectRef``s, finished by the I/O thread as results, errors and deaths arrive.
+Invariants: every record changes under ``self.lock``; refs are finished (and their callbacks run)
+after the lock is released; a child's death is seen through its pidfd at once and fails exactly
+the calls it had; nothing waits without a bound: sends never block (no high-water mark).
+
+  user thread ─submit─▶ queue ─(args ready, worker idle)─▶ PUSH ─▶ child
+  I/O thread  ◀─ PULL ◀─ RESULT/ERROR ◀─ child          pidfd ready ─▶ _on_death ─▶ typed errors
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from .. import _config
+from ..channels.segments import sweep_dead_owners, unlink_owned
+from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
+                          WorkerCrashedError, make_task_error)
+from . import protocol
+from .output import LogForwarder
+from .payload import Payload, SegmentTable, encode, from_wire
+from .protocol import ErrorInfo, Msg, WorkerSpec
+from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState
+from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
+from .worker import SPEC_ENV
+
+_WORKER_CMD = "from headrace.runtime.worker import main; main()"
+Finish = Callable[[], Any]
+
+
+class Runtime:
+    """One embedded local runtime (one per driver process)."""
+
+    def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
+        sweep_dead_owners()
+        self.pid = os.getpid()
+        self.num_cpus = num_cpus
+        self.free_cpus: float = num_cpus
+        self.log_to_driver = log_to_driver
+        self.logging_level = logging_level
+        self.dir = tempfile.mkdtemp(prefix=f"headrace-{self.pid}-")
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.bind(protocol.endpoint(self.dir, "driver"))
+        self.lock = threading.RLock()
+        self.table = SegmentTable()
+        self.procs: dict[str, Proc] = {}
+        self.idle: deque[Proc] = deque()
+        self.ready: deque[TaskRecord] = deque()      # function tasks with their args ready
+        self.tasks: dict[str, TaskRecord] = {}       # every task not yet answered
+        self.actors: dict[str, ActorRecord] = {}
+        self.named: dict[str, ActorRecord] = {}
+        self.new_pidfds: list[Proc] = []
+        self.start_failures = 0                      # children in a row that died unstarted
+        self.closed = False
+        self._ids = itertools.count(1)
+        self.logs = LogForwarder() if log_to_driver else None
+        self.wake_r, self.wake_w = os.pipe()
+        self.io = threading.Thread(target=self._io_loop, name="headrace-io", daemon=True)
+        self.io.start()
+        with self.lock:
+            for _ in range(num_cpus):
+                self._spawn("task", "worker")
+
+    # -- processes --------------------------------------------------------------------------
+    def _spawn(self, kind: str, label: str) -> Proc:
+        wid = f"w{next(self._ids)}"
+        spec = WorkerSpec(wid=wid, kind=kind, session_dir=self.dir, driver_pid=self.pid,
+                          sys_path=tuple(p for p in sys.path if p), label=label,
+                          logging_level=self.logging_level, log_to_driver=self.log_to_driver)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
+        out_r, out_w = os.pipe() if self.logs else (None, subprocess.DEVNULL)
+        try:
+            popen = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=out_w,
+                                     stderr=subprocess.STDOUT, close_fds=True)
+        finally:
+            if out_r is not None:
+                os.close(out_w)
+        if self.logs is not None:
+            self.logs.add(out_r, f"({label} pid={popen.pid}) ")
+        proc = Proc(wid, kind, label, popen)
+        self.procs[wid] = proc
+        self.new_pidfds.append(proc)
+        os.write(self.wake_w, b"p")
+        return proc
+
+    def _connect(self, proc: Proc) -> None:
+        for attr, name in (("push", proc.wid), ("ctl", proc.wid + ".ctl")):
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(protocol.endpoint(self.dir, name))
+            setattr(proc, attr, sock)
+
+    def _send(self, proc: Proc, header: tuple[Any, ...], frames: list[Any] | None = None,
+              ctl: bool = False) -> None:
+        sock = proc.ctl if ctl else proc.push
+        if sock is None or proc.state is ProcState.DEAD:
+            return
+        with proc.send_lock:
+            protocol.send(sock, header, frames)
+
+    # -- the I/O thread ---------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        by_fd: dict[int, Proc] = {}
+        while not self.closed:
+            for what, _ in poller.poll():
+                if what is self.inbox:
+                    self._drain()
+                elif what == self.wake_r:
+                    os.read(self.wake_r, 4096)
+                    self._watch_new(poller, by_fd)
+                else:
+                    poller.unregister(what)
+                    proc = by_fd.pop(what)
+                    proc.pidfd = None
+                    os.close(what)
+                    self._drain(settle_s=0.005)    # messages it sent before dying come first
+                    self._on_death(proc)
+
+    def _watch_new(self, poller: zmq.Poller, by_fd: dict[int, Proc]) -> None:
+        with self.lock:
+            new, self.new_pidfds = self.new_pidfds, []
+        for proc in new:
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except ProcessLookupError:          # already gone and reaped: treat as dead now
+                self._on_death(proc)
+                continue
+            proc.pidfd = fd
+            by_fd[fd] = proc
+            poller.register(fd, zmq.POLLIN)
+
+    def _drain(self, settle_s: float = 0.0) -> None:
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                header, frames = protocol.recv(self.inbox, zmq.NOBLOCK)
+            except zmq.Again:
+                left_ms = (deadline - time.monotonic()) * 1000
+                if left_ms <= 0 or not self.inbox.poll(max(1, int(left_ms))):
+                    return
+                continue
+            self._handle(header, frames)
+
+    def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        finishes: list[Finish] = []
+        with self.lock:
+            proc = self.procs.get(header[1])
+            if proc is not None:
+                _HANDLERS[header[0]](self, proc, header, frames, finishes)
+        _run(finishes)
+
+    def _on_ready(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
+        proc.state = ProcState.READY
+        self.start_failures = 0
+        self._connect(proc)
+        if proc.kind == "task":
+            self.idle.append(proc)
+            self._dispatch(out)
+            return
+        actor = proc.actor
+        frames_out: list[Any] = [None]
+        args = actor.init_args.to_wire(frames_out)
+        deps = {rid: _payload_of(r).to_wire(frames_out) for rid, r in actor.init_deps.items()}
+        self._send(proc, (Msg.INIT_ACTOR, actor.body.blob, args, deps, actor.max_concurrency,
+                          actor.label), frames_out)
+        actor.state = ActorState.ALIVE
+        self._pump(actor, out)
+
+    def _on_actor_ready(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
+        pass                                    # calls were already pipelined behind INIT
+
+    def _on_result(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
+        task = self._answered(proc, header[2], out)
+        if task is None:
+            return
+        payloads = [from_wire(d, frames, self.table, owner=True) for d in header[3]]
+        for ref, payload in zip(task.refs, payloads, strict=True):
+            out.append(_finisher(ref._finish_payload, payload))
+
+    def _on_error(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
+        task = self._answered(proc, header[2], out)
+        if task is not None:
+            err = task_error(header[3])
+            out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
+
+    def _on_cancelled(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
+        task = self._answered(proc, header[2], out)
+        if task is not None:
+            self._cancel_refs(task, out)
+
+    def _on_init_failed(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
+        if proc.actor is not None:
+            proc.actor.init_error = task_error(header[2])
+
+    def _answered(self, proc: Proc, tid: str, out: list[Finish]) -> TaskRecord | None:
+        """Retire a task the child answered; frees its worker or actor slot."""
+        task = self.tasks.pop(tid, None)
+        if task is None:
+            return None
+        task.state = TaskState.DONE
+        if task.actor is not None:
+            task.actor.inflight.pop(tid, None)
+        elif proc.task is task:
+            proc.task = None
+            self.free_cpus += task.num_cpus
+            if proc.state is ProcState.READY:
+                self.idle.append(proc)
+            self._dispatch(out)
+        return task
+
+    # -- deaths -----------------------------------------------------------------------------
+    def _on_death(self, proc: Proc) -> None:
+        finishes: list[Finish] = []
+        with self.lock:
+            unstarted = proc.state is ProcState.STARTING
+            proc.state = ProcState.DEAD
+            for sock in (proc.push, proc.ctl):
+                if sock is not None:
+                    sock.close(linger=0)
+            self.procs.pop(proc.wid, None)
+            reason = _death_reason(proc.popen)
+            self.start_failures += unstarted
+            if proc.kind == "task":
+                self._on_worker_death(proc, reason, finishes)
+            elif proc.actor is not None:
+                self._on_actor_death(proc.actor, proc, reason, finishes)
+        _run(finishes)
+
+    def _on_worker_death(self, proc: Proc, reason: tuple[str, int | None, int | None],
+                         out: list[Finish]) -> None:
+        if proc in self.idle:
+            self.idle.remove(proc)
+        task = proc.task
+        if self.start_failures >= _MAX_START_FAILURES:
+            err = WorkerCrashedError(
+                f"worker processes exit before they start ({reason[0]}); their output is above."
+                "\n\nCheck that `python -c 'import headrace'` works in this environment.",
+                pid=proc.pid, exit_code=reason[1], signal=reason[2])
+            for queued in self.ready:
+                self.tasks.pop(queued.tid, None)
+                out.extend(_finisher(r._finish_error, err) for r in queued.refs)
+            self.ready.clear()
+        elif not self.closed:
+            self._spawn("task", "worker")
+        if task is None:
+            return
+        self.free_cpus += task.num_cpus
+        if proc.forced_cancel == task.tid:
+            self.tasks.pop(task.tid, None)
+            self._cancel_refs(task, out)
+        elif task.retries_left > 0:
+            task.retries_left -= 1
+            task.state = TaskState.QUEUED
+            self.ready.appendleft(task)
+        else:
+            self.tasks.pop(task.tid, None)
+            text, code, sig = reason
+            err = WorkerCrashedError(
+                f"the worker process (pid {proc.pid}) running {task.name} died: {text}.\n\n"
+                f"{_death_hint(sig, code)}", pid=proc.pid, exit_code=code, signal=sig)
+            out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
+        self._dispatch(out)
+
+    def _on_actor_death(self, actor: ActorRecord, proc: Proc,
+                        reason: tuple[str, int | None, int | None], out: list[Finish]) -> None:
+        if actor.proc is not proc:
+            return
+        text, code, sig = reason
+        if actor.killed:
+            text = "it was killed by hr.kill()"
+        elif actor.init_error is not None:
+            text = f"its __init__ raised {actor.init_error.cause_type.__name__}: " \
+                   f"{actor.init_error.traceback_str.rstrip().splitlines()[-1]}"
+        err = ActorDiedError(
+            f"actor {actor.name or actor.label!r} (pid {proc.pid}) died: {text}.\n\n"
+            f"{_death_hint(sig, code) if not actor.killed else 'Create a new actor.'}",
+            actor_name=actor.name or actor.label, pid=proc.pid, exit_code=code, signal=sig)
+        if actor.init_error is not None:
+            err.__cause__ = actor.init_error
+        for task in actor.inflight.values():
+            self.tasks.pop(task.tid, None)
+            task.state = TaskState.DONE
+            out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
+        actor.inflight.clear()
+        restart = (not actor.killed and not actor.exiting and actor.init_error is None
+                   and actor.restarts_left > 0 and not self.closed)
+        if restart:
+            actor.restarts_left -= 1
+            actor.state = ActorState.STARTING
+            actor.proc = self._spawn("actor", actor.label)
+            actor.proc.actor = actor
+            return
+        self._end_actor(actor, err, out)
+
+    def _end_actor(self, actor: ActorRecord, err: BaseException, out: list[Finish]) -> None:
+        actor.state = ActorState.DEAD
+        actor.error = err
+        self.free_cpus += actor.num_cpus
+        actor.num_cpus = 0
+        for task in actor.queue:
+            self.tasks.pop(task.tid, None)
+            task.state = TaskState.DONE
+            out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
+        actor.queue.clear()
+        self.actors.pop(actor.aid, None)
+        if actor.name is not None and self.named.get(actor.name) is actor:
+            del self.named[actor.name]
+
+    # -- submission -------------------------------------------------------------------------
+    def encode_args(self, args: tuple, kwargs: dict, describe: Callable[[], str],
+                    fn: Any = None) -> tuple[Payload, dict[str, Ref]]:
+        """Encode call arguments; refs inside them become dependencies.
+
+        Raises:
+            TypeError: an argument cannot be serialized; the message names it and the call.
+        """
+        deps: dict[str, Ref] = {}
+        try:
+            with capturing_refs(deps):
+                payload = encode((args, kwargs), owner_pid=self.pid, own=True, table=self.table)
+        except TypeError as exc:
+            raise TypeError(_bad_argument(args, kwargs, describe(), fn, exc)) from exc
+        return payload, deps
+
+    def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
+                    kwargs: dict) -> list[ObjectRef]:
+        name = options.get("name") or body.name
+        payload, deps = self.encode_args(args, kwargs, lambda: f"{name}.remote()", body.fn)
+        refs = [ObjectRef(new_ref_id(), name, self) for _ in range(options["num_returns"])]
+        task = TaskRecord(refs[0]._id, name, refs, payload, deps, fn=body,
+                          num_cpus=options["num_cpus"], retries_left=options["max_retries"])
+        self._submit(task, refs)
+        return refs
+
+    def submit_call(self, actor: ActorRecord, method: str, nret: int, args: tuple,
+                    kwargs: dict, fn: Any = None) -> list[ObjectRef]:
+        name = f"{actor.label}.{method}"
+        payload, deps = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        refs = [ObjectRef(new_ref_id(), name, self) for _ in range(nret)]
+        task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor)
+        self._submit(task, refs)
+        return refs
+
+    def _submit(self, task: TaskRecord, refs: list[ObjectRef]) -> None:
+        finishes: list[Finish] = []
+        with self.lock:
+            self._check_open()
+            for ref in refs:
+                ref._task = task
+            self.tasks[task.tid] = task
+            actor = task.actor
+            if actor is not None:
+                if actor.state is ActorState.DEAD:
+                    self.tasks.pop(task.tid)
+                    finishes.extend(_finisher(r._finish_error, actor.error) for r in refs)
+                else:
+                    actor.queue.append(task)
+            self._track_deps(task, finishes)
+        _run(finishes)
+
+    def _track_deps(self, task: TaskRecord, out: list[Finish]) -> None:
+        pending = [r for r in task.deps.values() if not r.done()]
+        failed = next((r for r in task.deps.values() if r._state in _BAD), None)
+        if failed is not None:
+            self._fail_unsent(task, failed._error, out)
+            return
+        task.waiting = len(pending)
+        if not pending:
+            self._args_ready(task, out)
+            return
+        for ref in pending:
+            ref.add_done_callback(lambda r, t=task: self._on_dep_done(t, r))
+
+    def _on_dep_done(self, task: TaskRecord, ref: Ref) -> None:
+        finishes: list[Finish] = []
+        with self.lock:
+            if task.state is TaskState.WAITING:
+                if ref._state in _BAD:
+                    self._fail_unsent(task, ref._error, finishes)
+                else:
+                    task.waiting -= 1
+                    if task.waiting == 0:
+                        self._args_ready(task, finishes)
+        _run(finishes)
+
+    def _args_ready(self, task: TaskRecord, out: list[Finish]) -> None:
+        task.state = TaskState.QUEUED
+        if task.actor is not None:
+            self._pump(task.actor, out)
+        else:
+            self.ready.append(task)
+            self._dispatch(out)
+
+    def _fail_unsent(self, task: TaskRecord, err: BaseException, out: list[Finish]) -> None:
+        """An argument failed or was cancelled: the task fails with that error, unsent."""
+        task.state = TaskState.DONE
+        self.tasks.pop(task.tid, None)
+        if task.actor is not None:
+            if task in task.actor.queue:
+                task.actor.queue.remove(task)
+            self._pump(task.actor, out)
+        elif task in self.ready:
+            self.ready.remove(task)
+        if isinstance(err, TaskCancelledError):
+            out.extend(_finisher(r._finish_cancelled, err) for r in task.refs)
+        else:
+            out.extend(_finisher(r._finish_error, err) for r in task.refs)
+
+    def _dispatch(self, out: list[Finish]) -> None:
+        """Send ready function tasks to idle workers, in submission order."""
+        while self.ready and self.idle and self.ready[0].num_cpus <= self.free_cpus:
+            task = self.ready.popleft()
+            proc = self.idle.popleft()
+            self.free_cpus -= task.num_cpus
+            task.state, task.proc, proc.task = TaskState.SENT, proc, task
+            frames: list[Any] = [None]
+            args = task.args.to_wire(frames)
+            deps = {rid: _payload_of(r).to_wire(frames) for rid, r in task.deps.items()}
+            body = task.fn
+            blob = None if body.fn_id in proc.fn_ids else body.blob
+            proc.fn_ids.add(body.fn_id)
+            self._send(proc, (Msg.TASK, task.tid, body.fn_id, blob, args, deps,
+                              len(task.refs), task.name), frames)
+
+    def _pump(self, actor: ActorRecord, out: list[Finish]) -> None:
+        """Send an actor's queued calls in order, up to the first whose arguments are pending."""
+        if actor.state is not ActorState.ALIVE:
+            return
+        proc = actor.proc
+        while actor.queue and actor.queue[0].state is TaskState.QUEUED:
+            task = actor.queue.popleft()
+            if task.is_exit:
+                actor.exiting = True
+                self.tasks.pop(task.tid, None)
+                self._send(proc, (Msg.EXIT,))
+                continue
+            task.state, task.proc = TaskState.SENT, proc
+            actor.inflight[task.tid] = task
+            frames: list[Any] = [None]
+            args = task.args.to_wire(frames)
+            deps = {rid: _payload_of(r).to_wire(frames) for rid, r in task.deps.items()}
+            self._send(proc, (Msg.CALL, task.tid, task.method, args, deps, len(task.refs)),
+                       frames)
+
+    # -- actors -----------------------------------------------------------------------------
+    def create_actor(self, body: Any, options: dict[str, Any], args: tuple,
+                     kwargs: dict) -> ActorRecord:
+        label = body.name
+        name = options.get("name")
+        payload, deps = self.encode_args(args, kwargs, lambda: f"{label}.remote()",
+                                         body.cls.__init__)
+        actor = ActorRecord(new_ref_id(), name, label, body, payload, deps,
+                            max_concurrency=options["max_concurrency"],
+                            num_cpus=options["num_cpus"], max_restarts=options["max_restarts"])
+        with self.lock:
+            self._check_open()
+            if name is not None and name in self.named:
+                raise ValueError(f"an actor named {name!r} already exists.\n\n"
+                                 f"Use hr.get_actor({name!r}) to get a handle to it, or pick "
+                                 "another name.")
+            if actor.num_cpus > self.free_cpus:
+                raise ValueError(
+                    f"actor {label} asks for num_cpus={actor.num_cpus} but only "
+                    f"{self.free_cpus:g} of {self.num_cpus} CPUs are free.\n\nLower num_cpus, "
+                    "kill actors you no longer need, or hr.init(num_cpus=...) with more.")
+            self.free_cpus -= actor.num_cpus
+            self.actors[actor.aid] = actor
+            if name is not None:
+                self.named[name] = actor
+            actor.proc = self._spawn("actor", label)
+            actor.proc.actor = actor
+        return actor
+
+    def kill_actor(self, actor: ActorRecord, no_restart: bool = True) -> None:
+        with self.lock:
+            if actor.state is ActorState.DEAD:
+                return
+            if no_restart:
+                actor.killed = True
+                if actor.name is not None and self.named.get(actor.name) is actor:
+                    del self.named[actor.name]       # the name is free again at once
+            proc = actor.proc
+        _kill(proc.popen)
+
+    def release_actor(self, actor: ActorRecord) -> None:
+        """The last handle to an unnamed actor is gone: end it once its queue is done."""
+        finishes: list[Finish] = []
+        with self.lock:
+            if self.closed or actor.state is ActorState.DEAD or actor.name is not None:
+                return
+            marker = TaskRecord(new_ref_id(), f"{actor.label}.__exit__", [], None, {},
+                                actor=actor, is_exit=True)
+            marker.state = TaskState.QUEUED
+            self.tasks[marker.tid] = marker
+            actor.queue.append(marker)
+            self._pump(actor, finishes)
+        _run(finishes)
+
+    # -- objects ----------------------------------------------------------------------------
+    def put(self, value: Any) -> ObjectRef:
+        if isinstance(value, Ref):
+            raise TypeError("hr.put() of a ref is not allowed; pass the ref itself instead")
+        self._check_open()
+        payload = encode(value, owner_pid=self.pid, own=True, table=self.table)
+        ref = ObjectRef(new_ref_id(), "put", self)
+        ref._finish_payload(payload)
+        return ref
+
+    def cancel(self, ref: Ref, *, force: bool = False) -> None:
+        finishes: list[Finish] = []
+        with self.lock:
+            task = getattr(ref, "_task", None)
+            if task is None or task.state is TaskState.DONE or ref.done():
+                return
+            if force and task.actor is not None:
+                raise ValueError(f"force=True is not supported for actor calls ({task.name}); "
+                                 "use hr.kill(actor) to end the actor instead")
+            if task.state is not TaskState.SENT:
+                self._fail_unsent(task, TaskCancelledError(
+                    f"{task.name} ({ref.key}) was cancelled before it ran"), finishes)
+            elif force:
+                task.proc.forced_cancel = task.tid
+                _kill(task.proc.popen)
+            else:
+                self._send(task.proc, (Msg.CANCEL, task.tid), ctl=True)
+        _run(finishes)
+
+    def _cancel_refs(self, task: TaskRecord, out: list[Finish]) -> None:
+        err = TaskCancelledError(f"{task.name} ({task.refs[0].key}) was cancelled while running"
+                                 if task.refs else f"{task.name} was cancelled")
+        out.extend(_finisher(r._finish_cancelled, err) for r in task.refs)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the headrace runtime was shut down; call hr.init() again")
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """End every child, fail every pending ref, unlink every segment. Idempotent."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            procs = list(self.procs.values())
+            for proc in procs:
+                try:
+                    self._send(proc, (Msg.EXIT,))
+                except zmq.ZMQError:
+                    pass
+        os.write(self.wake_w, b"q")
+        self.io.join(2.0)
+        _reap(procs, _config.SHUTDOWN_GRACE_S)
+        finishes: list[Finish] = []
+        with self.lock:
+            err = ObjectLostError("the headrace runtime was shut down before this value was "
+                                  "computed; call hr.init() and submit the work again")
+            for task in self.tasks.values():
+                out = [_finisher(r._finish_error, err) for r in task.refs]
+                finishes.extend(out)
+            self.tasks.clear()
+            for proc in procs:
+                for sock in (proc.push, proc.ctl):
+                    if sock is not None:
+                        sock.close(linger=0)
+                if proc.pidfd is not None:
+                    _close_fd(proc.pidfd)
+        _run(finishes)
+        self.inbox.close(linger=0)
+        self.ctx.term()
+        if self.logs is not None:
+            self.logs.close()
+        for fd in (self.wake_r, self.wake_w):
+            _close_fd(fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        unlink_owned(self.pid)
+
+
+_BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
+_MAX_START_FAILURES = 3
+
+_HANDLERS: dict[int, Callable[..., None]] = {
+    Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,
+    Msg.RESULT: Runtime._on_result, Msg.ERROR: Runtime._on_error,
+    Msg.CANCELLED: Runtime._on_cancelled, Msg.INIT_FAILED: Runtime._on_init_failed,
+}
+
+
+def _finisher(method: Callable[[Any], Any], arg: Any) -> Finish:
+    return lambda: method(arg)
+
+
+def _run(finishes: list[Finish]) -> None:
+    for fn in finishes:
+        fn()
+
+
+def _payload_of(ref: Ref) -> Payload:
+    payload = ref._payload
+    if payload is None:          # a ref that finished with a plain value (a compiled DAG's)
+        raise TypeError(f"{ref.key} has no encoded value to send")
+    return payload
+
+
+def task_error(info: ErrorInfo) -> BaseException:
+    """Rebuild a remote exception as a TaskError that is also an instance of its class."""
+    cause_type = _try_unpickle(info.type_blob)
+    cause = _try_unpickle(info.exc_blob)
+    message = (f"{info.function_name} (pid {info.pid}) raised {info.type_name}: {info.message}")
+    return make_task_error(message, cause_type=cause_type if isinstance(cause_type, type)
+                           else None, cause=cause if isinstance(cause, BaseException) else None,
+                           function_name=info.function_name, traceback_str=info.traceback_str,
+                           pid=info.pid)
+
+
+def _try_unpickle(blob: bytes | None) -> Any:
+    if blob is None:
+        return None
+    try:
+        return cloudpickle.loads(blob)
+    except Exception:                  # noqa: BLE001 - a class the driver cannot import
+        return None
+
+
+def _death_reason(popen: subprocess.Popen) -> tuple[str, int | None, int | None]:
+    try:
+        code = popen.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        return "it stopped responding", None, None
+    if code < 0:
+        sig = -code
+        return f"killed by signal {signal.Signals(sig).name} ({sig})", None, sig
+    return f"exited with code {code}", code, None
+
+
+def _death_hint(sig: int | None, code: int | None) -> str:
+    if sig == signal.SIGKILL:
+        return ("SIGKILL usually comes from the kernel's OOM killer (check `dmesg`) or a "
+                "`kill -9`; reduce memory use or free memory.")
+    if sig is not None:
+        return "A signal ended the process; check what sent it (a crash in native code?)."
+    return ("The process called os._exit() or sys.exit(), or crashed in native code; "
+            "raise an exception instead to report an error.")
+
+
+def _bad_argument(args: tuple, kwargs: dict, call: str, fn: Any, exc: Exception) -> str:
+    """Name the first argument of a call that cannot be serialized."""
+    import inspect
+    names: list[str] = []
+    try:
+        params = list(inspect.signature(fn).parameters) if fn is not None else []
+    except (TypeError, ValueError):
+        params = []
+    if params and params[0] in ("self", "cls"):
+        params = params[1:]
+    for i, value in enumerate(args):
+        names.append(f"argument {params[i]!r} (position {i})" if i < len(params)
+                     else f"positional argument {i}")
+    labelled = list(zip(names, args, strict=True)) + [
+        (f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    deps: dict[str, Ref] = {}
+    for label, value in labelled:
+        try:
+            with capturing_refs(deps):
+                cloudpickle.dumps(value, protocol=5)
+        except Exception as inner:      # noqa: BLE001
+            return (f"{label} of {call} cannot be serialized: {type(value).__name__} "
+                    f"({type(inner).__name__}: {inner}).\n\nPass something picklable, e.g. "
+                    "create the object inside the task instead of passing it in.")
+    return f"the arguments of {call} cannot be serialized: {exc}"
+
+
+def _kill(popen: subprocess.Popen) -> None:
+    try:
+        popen.kill()
+    except ProcessLookupError:
+        pass
+
+
+def _reap(procs: list[Proc], grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.popen.poll() is None:
+            _kill(proc.popen)
+    for proc in procs:
+        try:
+            proc.popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

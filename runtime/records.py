@@ -1,0 +1,116 @@
+"""The driver's live records: child processes, tasks and actors (mutable, with __slots__).
+
+Each record keeps its state in one enum field; ``core.Runtime`` changes them under its lock.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections import deque
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import zmq
+
+    from .payload import Payload
+    from .refs import ObjectRef, Ref
+
+
+class ProcState(Enum):
+    STARTING = "starting"      # spawned, READY not yet received
+    READY = "ready"
+    DEAD = "dead"
+
+
+class TaskState(Enum):
+    WAITING = "waiting"        # some argument refs are still pending
+    QUEUED = "queued"          # arguments ready, not sent yet
+    SENT = "sent"              # in a child's inbox or running
+    DONE = "done"
+
+
+class ActorState(Enum):
+    STARTING = "starting"      # process spawned (or restarting); calls queue up
+    ALIVE = "alive"
+    DEAD = "dead"
+
+
+class Proc:
+    """One child process: a pooled task worker or an actor's home."""
+
+    __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
+                 "state", "fn_ids", "task", "actor", "forced_cancel")
+
+    def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
+        self.wid = wid
+        self.kind = kind                      # "task" | "actor"
+        self.label = label
+        self.popen = popen
+        self.pid = popen.pid
+        self.pidfd: int | None = None
+        self.push: zmq.Socket | None = None
+        self.ctl: zmq.Socket | None = None
+        self.send_lock = threading.Lock()
+        self.state = ProcState.STARTING
+        self.fn_ids: set[str] = set()         # functions this worker already has
+        self.task: TaskRecord | None = None   # the task a pooled worker runs
+        self.actor: ActorRecord | None = None
+        self.forced_cancel: str | None = None  # task id killed by hr.cancel(force=True)
+
+
+class TaskRecord:
+    """One ``.remote()`` call (function task, actor call, or the marker that ends an actor)."""
+
+    __slots__ = ("tid", "name", "refs", "fn", "method", "args", "deps", "waiting", "num_cpus",
+                 "state", "retries_left", "actor", "proc", "is_exit")
+
+    def __init__(self, tid: str, name: str, refs: list[ObjectRef], args: Payload | None,
+                 deps: dict[str, Ref], *, fn: Any = None, method: str | None = None,
+                 num_cpus: float = 0, retries_left: int = 0, actor: ActorRecord | None = None,
+                 is_exit: bool = False) -> None:
+        self.tid = tid
+        self.name = name
+        self.refs = refs
+        self.fn = fn                          # a FunctionBody for function tasks
+        self.method = method
+        self.args = args
+        self.deps = deps
+        self.waiting = 0
+        self.num_cpus = num_cpus
+        self.state = TaskState.WAITING
+        self.retries_left = retries_left
+        self.actor = actor
+        self.proc: Proc | None = None
+        self.is_exit = is_exit
+
+
+class ActorRecord:
+    """One actor: its class, constructor arguments, process, and ordered call queue."""
+
+    __slots__ = ("aid", "name", "label", "body", "init_args", "init_deps", "max_concurrency",
+                 "num_cpus", "restarts_left", "state", "proc", "queue", "inflight", "error",
+                 "init_error", "handles", "killed", "exiting", "__weakref__")
+
+    def __init__(self, aid: str, name: str | None, label: str, body: Any, init_args: Payload,
+                 init_deps: dict[str, Ref], *, max_concurrency: int, num_cpus: float,
+                 max_restarts: int) -> None:
+        self.aid = aid
+        self.name = name                      # the user's name (named actors) or None
+        self.label = label                    # the class name, for messages and log prefixes
+        self.body = body
+        self.init_args = init_args
+        self.init_deps = init_deps
+        self.max_concurrency = max_concurrency
+        self.num_cpus = num_cpus
+        self.restarts_left = max_restarts
+        self.state = ActorState.STARTING
+        self.proc: Proc | None = None
+        self.queue: deque[TaskRecord] = deque()        # submitted, not yet sent; in order
+        self.inflight: dict[str, TaskRecord] = {}      # sent to the process, not answered
+        self.error: BaseException | None = None        # why it is dead
+        self.init_error: BaseException | None = None
+        self.handles = 0
+        self.killed = False
+        self.exiting = False                  # its last handle went: it ends after its queue

@@ -1,0 +1,373 @@
+"""Refs: one contract (Ray ObjectRef + Dask Future + Serve DeploymentResponse) for every kind.
+
+In: a producer (the runtime's I/O thread, a compiled DAG's reader) that calls ``_finish_*`` once.
+Out: ``Ref`` (the contract) and ``ObjectRef``; ``CompiledDAGRef`` subclasses ``Ref`` too.
+Invariants: a ref's state moves PENDING -> READY | FAILED | CANCELLED once, through ``_advance``,
+under the module lock; final states are read any number of times from any thread; a timed-out wait
+leaves the ref PENDING, so a retry works; the value is cached on the ref until it is collected.
+
+  producer thread              ref                                 caller threads
+  _finish_value(payload) ─▶ state=READY, waiters woken ─▶ result()/get() ─▶ value (decoded once)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from enum import Enum
+from typing import Any
+
+from ..exceptions import GetTimeoutError, InternalError, TaskCancelledError
+from .deadline import Deadline, check_timeout
+
+log = logging.getLogger("headrace")
+
+
+class RefState(Enum):
+    PENDING = "pending"
+    READY = "finished"        # .value is the public `status` string
+    FAILED = "error"
+    CANCELLED = "cancelled"
+
+
+_NEXT = {RefState.PENDING: frozenset({RefState.READY, RefState.FAILED, RefState.CANCELLED})}
+_FINAL = frozenset({RefState.READY, RefState.FAILED, RefState.CANCELLED})
+_NO_VALUE = object()
+#: One lock for every ref's state: transitions are short and rare next to the work they report.
+_LOCK = threading.Lock()
+_SESSION = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_ref_id() -> str:
+    """A process-unique ref id (hex), cheap to make."""
+    return f"{_SESSION}{next(_COUNTER):016x}"
+
+
+class Ref:
+    """The contract every ref implements: result, exception, done, callbacks, futures, await.
+
+    Subclasses set ``_decode`` (payload -> value) where values arrive encoded, and ``_on_cancel``.
+    """
+
+    __slots__ = ("_id", "_name", "_state", "_value", "_payload", "_error", "_callbacks",
+                 "__weakref__")
+
+    def __init__(self, ref_id: str, name: str) -> None:
+        self._id = ref_id
+        self._name = name
+        self._state = RefState.PENDING
+        self._value: Any = _NO_VALUE
+        self._payload: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Ref], Any]] | None = None
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """A Dask-like key: ``<function name>-<hex id>``."""
+        return f"{self._name}-{self._id}"
+
+    def hex(self) -> str:
+        return self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other._id == self._id
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: status: {self._state.value}, key: {self.key}>"
+
+    def __reduce__(self) -> Any:
+        deps = getattr(_CAPTURE, "deps", None)
+        if deps is None:
+            raise TypeError(
+                f"{type(self).__name__} {self.key} cannot be pickled on its own.\n\n"
+                "Pass refs as arguments of .remote() or execute() calls (they are resolved "
+                "first, also inside lists, tuples and dicts), or pass hr.get(ref) instead.")
+        deps[self._id] = self
+        return (_resolve_ref, (self._id,))
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """``"pending" | "finished" | "error" | "cancelled"``."""
+        return self._state.value
+
+    def done(self) -> bool:
+        """Whether the ref is in a final state (finished, error or cancelled)."""
+        return self._state in _FINAL
+
+    def cancelled(self) -> bool:
+        return self._state is RefState.CANCELLED
+
+    def cancel(self, force: bool = False) -> bool:
+        """Ask for the producing task to be cancelled; False if the ref is already final."""
+        if self.done():
+            return False
+        self._on_cancel(force)
+        return True
+
+    def _on_cancel(self, force: bool) -> None:
+        self._finish_cancelled(TaskCancelledError(f"{self.key} was cancelled"))
+
+    # -- producer side: each moves PENDING to a final state once ---------------------------
+    def _finish_payload(self, payload: Any) -> bool:
+        return self._finish(RefState.READY, payload=payload)
+
+    def _finish_value(self, value: Any) -> bool:
+        return self._finish(RefState.READY, value=value)
+
+    def _finish_error(self, error: BaseException) -> bool:
+        return self._finish(RefState.FAILED, error=error)
+
+    def _finish_cancelled(self, error: BaseException) -> bool:
+        return self._finish(RefState.CANCELLED, error=error)
+
+    def _finish(self, new: RefState, *, value: Any = _NO_VALUE, payload: Any = None,
+                error: BaseException | None = None) -> bool:
+        with _LOCK:
+            if self._state is not RefState.PENDING:
+                return False              # a late result after cancel or death: dropped
+            self._advance(new)
+            self._value, self._payload, self._error = value, payload, error
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            _run_callback(fn, self)
+        return True
+
+    def _advance(self, new: RefState) -> None:      # caller holds _LOCK
+        if new not in _NEXT.get(self._state, frozenset()):
+            raise InternalError(f"ref {self.key}: {self._state.name} -> {new.name} is not allowed"
+                                "; this is a bug in headrace; please report it")
+        self._state = new
+
+    # -- consumer side ----------------------------------------------------------------------
+    def add_done_callback(self, fn: Callable[[Ref], Any]) -> None:
+        """Call ``fn(ref)`` once the ref is final (at once, here, if it already is).
+
+        Callbacks run on the thread that finishes the ref: keep them short and non-blocking.
+        """
+        with _LOCK:
+            if self._state is RefState.PENDING:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)
+
+    def _remove_done_callback(self, fn: Callable[[Ref], Any]) -> None:
+        with _LOCK:
+            if self._callbacks is not None:
+                try:
+                    self._callbacks.remove(fn)
+                except ValueError:
+                    pass
+
+    def _wait(self, deadline: Deadline) -> bool:
+        """Block until final or the deadline; True if final."""
+        if self._state is not RefState.PENDING:
+            return True
+        if deadline.remaining_s() == 0:
+            return False
+        event = threading.Event()
+        setter = _event_setter(event)
+        self.add_done_callback(setter)
+        try:
+            event.wait(deadline.remaining_s())
+        finally:
+            if not event.is_set():
+                self._remove_done_callback(setter)
+        return self._state is not RefState.PENDING
+
+    def _outcome(self) -> Any:
+        """The value of a final ref, or raise its error."""
+        state = self._state
+        if state is RefState.READY:
+            value = self._value
+            if value is _NO_VALUE:
+                value = self._decode_payload()
+            return value
+        if state is RefState.PENDING:
+            raise InternalError(f"{self.key} read while pending; this is a bug in headrace")
+        raise self._error  # type: ignore[misc]
+
+    def _decode_payload(self) -> Any:
+        with _LOCK:
+            if self._value is not _NO_VALUE:
+                return self._value
+            payload = self._payload
+        try:
+            value = self._decode(payload)
+        except BaseException as exc:
+            with _LOCK:
+                self._state = RefState.FAILED      # decoding failed: the error is the outcome
+                self._error = exc
+            raise
+        with _LOCK:
+            self._value = value        # the payload stays: it is what ships to other tasks
+        return value
+
+    def _decode(self, payload: Any) -> Any:
+        return payload
+
+    def result(self, timeout: float | None = None, *, timeout_s: float | None = None) -> Any:
+        """Return the value, waiting up to ``timeout`` seconds (Serve spells it ``timeout_s``).
+
+        Raises:
+            GetTimeoutError: the value did not arrive in time; the ref stays usable.
+            TaskError: the task raised; TaskCancelledError: it was cancelled.
+        """
+        deadline = Deadline(_pick_timeout(timeout, timeout_s))
+        if not self._wait(deadline):
+            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+        return self._outcome()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error the ref ended with, or None if it has a value; waits like ``result``."""
+        deadline = Deadline(check_timeout(timeout))
+        if not self._wait(deadline):
+            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+        if self._state is RefState.READY:
+            try:
+                self._outcome()
+            except BaseException as exc:   # a value that fails to decode is this ref's error
+                return exc
+            return None
+        return self._error
+
+    def traceback(self, timeout: float | None = None) -> str | None:
+        """The remote traceback text of the ref's error, or None."""
+        exc = self.exception(timeout)
+        if exc is None:
+            return None
+        return getattr(exc, "traceback_str", None) or _format_local(exc)
+
+    def future(self) -> concurrent.futures.Future:
+        """A ``concurrent.futures.Future`` that completes with this ref."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+
+        def finish(ref: Ref) -> None:
+            try:
+                fut.set_result(ref._outcome())
+            except BaseException as exc:    # noqa: BLE001 - the ref's error is the future's
+                fut.set_exception(exc)
+        self.add_done_callback(finish)
+        return fut
+
+    def as_future(self) -> asyncio.Future:
+        """An asyncio future on the running event loop that completes with this ref."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def finish(ref: Ref) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, fut, ref)
+            except RuntimeError:               # the loop is closed: nobody is waiting any more
+                pass
+        self.add_done_callback(finish)
+        return fut
+
+    def __await__(self) -> Any:
+        return self.as_future().__await__()
+
+
+_CAPTURE = threading.local()
+
+
+@contextlib.contextmanager
+def capturing_refs(deps: dict[str, Ref]) -> Iterator[None]:
+    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id."""
+    _CAPTURE.deps = deps
+    try:
+        yield
+    finally:
+        _CAPTURE.deps = None
+
+
+@contextlib.contextmanager
+def resolving_refs(values: dict[str, Any]) -> Iterator[None]:
+    """While unpickling in this block, a ref's id becomes its value from ``values``."""
+    _CAPTURE.values = values
+    try:
+        yield
+    finally:
+        _CAPTURE.values = None
+
+
+def _resolve_ref(ref_id: str) -> Any:
+    values = getattr(_CAPTURE, "values", None)
+    if values is None or ref_id not in values:
+        raise TypeError(f"ref {ref_id} arrived without its value; this is a bug in headrace")
+    return values[ref_id]
+
+
+def _settle(fut: asyncio.Future, ref: Ref) -> None:
+    if fut.done():
+        return
+    try:
+        fut.set_result(ref._outcome())
+    except BaseException as exc:            # noqa: BLE001
+        fut.set_exception(exc)
+
+
+def _event_setter(event: threading.Event) -> Callable[[Ref], None]:
+    return lambda _ref: event.set()
+
+
+def _run_callback(fn: Callable[[Ref], Any], ref: Ref) -> None:
+    try:
+        fn(ref)
+    except Exception:                       # noqa: BLE001 - a user's callback must not kill us
+        log.exception("done callback %r of %s raised", fn, ref.key)
+
+
+def _pick_timeout(timeout: float | None, timeout_s: float | None) -> float | None:
+    if timeout is not None and timeout_s is not None:
+        raise TypeError("pass timeout or timeout_s, not both")
+    return check_timeout(timeout if timeout_s is None else timeout_s,
+                         "timeout" if timeout_s is None else "timeout_s")
+
+
+def _timeout_message(deadline: Deadline, pending: int, total: int) -> str:
+    return (f"get timed out after {deadline.timeout_s:g} s: {pending} of {total} "
+            f"ref{'s' if total != 1 else ''} still pending")
+
+
+def _format_local(exc: BaseException) -> str:
+    import traceback
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class ObjectRef(Ref):
+    """A handle to the result of a ``.remote()`` call or an ``hr.put``.
+
+    Holds the encoded value (inline bytes or shared-memory buffers) and decodes it on first read;
+    the segments behind it are unlinked once the last ref to them is collected.
+    """
+
+    __slots__ = ("_runtime", "_task")
+
+    def __init__(self, ref_id: str, name: str, runtime: Any = None) -> None:
+        super().__init__(ref_id, name)
+        self._runtime = runtime
+        self._task: Any = None          # the producing task record while it is pending
+
+    def _on_cancel(self, force: bool) -> None:
+        if self._runtime is None:
+            super()._on_cancel(force)
+        else:
+            self._runtime.cancel(self, force=force)
+
+    def _decode(self, payload: Any) -> Any:
+        return payload.decode()

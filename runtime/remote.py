@@ -1,0 +1,252 @@
+"""``@hr.remote``: remote functions, actor classes, actor handles and their methods.
+
+In: a user's function or class and options. Out: ``RemoteFunction`` / ``ActorClass`` whose
+``.remote()`` submits to the runtime and returns ``ObjectRef``s / an ``ActorHandle``.
+Invariants: a function or class is cloudpickled once, at its first ``.remote()``; options are
+checked when given, so a typo fails where it was written; a method the class lacks raises
+``AttributeError`` before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .records import ActorRecord
+
+_FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
+_ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
+_ids = itertools.count(1)
+
+
+def _runtime() -> Any:
+    from .api import _auto_runtime       # the api module owns the process-wide runtime
+    return _auto_runtime()
+
+
+def _check_options(kind: str, allowed: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for a {kind}; "
+                         f"valid options are {', '.join(sorted(allowed))}")
+    opts = {**allowed, **given}
+    for key in ("num_returns", "max_concurrency"):
+        if key in given and (not isinstance(opts[key], int) or opts[key] < 1):
+            raise ValueError(f"{key} must be an int >= 1, got {opts[key]!r}")
+    for key in ("max_retries", "max_restarts"):
+        if key in given and (not isinstance(opts[key], int) or opts[key] < 0):
+            raise ValueError(f"{key} must be an int >= 0, got {opts[key]!r}")
+    if "num_cpus" in given and (not isinstance(opts["num_cpus"], (int, float))
+                                or opts["num_cpus"] < 0):
+        raise ValueError(f"num_cpus must be a number >= 0, got {opts['num_cpus']!r}")
+    if opts["name"] is not None and not isinstance(opts["name"], str):
+        raise TypeError(f"name must be a str, got {type(opts['name']).__name__}")
+    return opts
+
+
+class FunctionBody:
+    """A function shared by a RemoteFunction and its ``.options()`` copies; pickled once."""
+
+    __slots__ = ("fn", "name", "fn_id", "_blob")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        self.fn_id = f"f{next(_ids)}"
+        self._blob: bytes | None = None
+
+    @property
+    def blob(self) -> bytes:
+        if self._blob is None:
+            from ..channels.serialization import dumps_function
+            self._blob = dumps_function(self.fn)
+        return self._blob
+
+
+class RemoteFunction:
+    """A function made remote: ``f.remote(*args)`` runs it on a pooled worker process."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any] | None = None,
+                 body: FunctionBody | None = None) -> None:
+        self._body = body or FunctionBody(fn)
+        self._options = _check_options("remote function", _FUNCTION_OPTIONS, options or {})
+        functools.update_wrapper(self, fn)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit a call; returns an ObjectRef (a list of them when ``num_returns > 1``)."""
+        rt = _runtime()
+        _check_cpus(rt, self._options["num_cpus"], self._body.name)
+        refs = rt.submit_task(self._body, self._options, args, kwargs)
+        return refs[0] if self._options["num_returns"] == 1 else refs
+
+    def options(self, **options: Any) -> RemoteFunction:
+        """A copy with some options changed (``num_returns``, ``num_cpus``, ``name``, ...)."""
+        return RemoteFunction(self._body.fn, {**self._given(), **options}, self._body)
+
+    def _given(self) -> dict[str, Any]:
+        return {k: v for k, v in self._options.items() if v != _FUNCTION_OPTIONS[k]}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"remote function {self._body.name!r} cannot be called directly; "
+                        f"use {self._body.name}.remote(...) instead")
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self._body.name}>"
+
+
+def _check_cpus(rt: Any, num_cpus: float, name: str) -> None:
+    if num_cpus > rt.num_cpus:
+        raise ValueError(f"{name} asks for num_cpus={num_cpus:g} but the runtime has "
+                         f"{rt.num_cpus} CPUs, so it could never run.\n\nLower num_cpus or "
+                         "hr.init(num_cpus=...) with more.")
+
+
+class ActorBody:
+    """An actor class shared by an ActorClass and its ``.options()`` copies; pickled once."""
+
+    __slots__ = ("cls", "name", "methods", "_blob")
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.name = cls.__name__
+        self.methods = {name: getattr(fn, "__headrace_num_returns__", 1)
+                        for name, fn in inspect.getmembers(cls, callable)
+                        if not name.startswith("__") or name == "__call__"}
+        self._blob: bytes | None = None
+
+    @property
+    def blob(self) -> bytes:
+        if self._blob is None:
+            from ..channels.serialization import dumps_function
+            self._blob = dumps_function(self.cls)
+        return self._blob
+
+
+class ActorClass:
+    """A class made remote: ``Cls.remote(*args)`` starts an actor in its own process."""
+
+    def __init__(self, cls: type, options: dict[str, Any] | None = None,
+                 body: ActorBody | None = None) -> None:
+        self._body = body or ActorBody(cls)
+        self._options = _check_options("actor class", _ACTOR_OPTIONS, options or {})
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Start the actor; calls may be submitted at once (they wait for it to start)."""
+        record = _runtime().create_actor(self._body, self._options, args, kwargs)
+        return ActorHandle(record)
+
+    def options(self, **options: Any) -> ActorClass:
+        given = {k: v for k, v in self._options.items() if v != _ACTOR_OPTIONS[k]}
+        return ActorClass(self._body.cls, {**given, **options}, self._body)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor class {self._body.name!r} cannot be instantiated directly; "
+                        f"use {self._body.name}.remote(...) instead")
+
+    def __repr__(self) -> str:
+        return f"<ActorClass {self._body.name}>"
+
+
+class ActorHandle:
+    """A handle to a live actor; ``handle.method.remote(...)`` calls it in submission order.
+
+    When the last handle to an unnamed actor is collected, the actor finishes the calls already
+    submitted and exits. Named actors live until ``hr.kill`` or ``hr.shutdown``.
+    """
+
+    def __init__(self, record: ActorRecord) -> None:
+        self._record = record
+        record.handles += 1
+        self._finalizer = weakref.finalize(self, _drop_handle, weakref.ref(record))
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        body = self._record.body
+        if name.startswith("_") and name != "__call__" or name not in body.methods:
+            raise AttributeError(
+                f"actor class {body.name!r} has no method {name!r}; it has "
+                f"{', '.join(sorted(m for m in body.methods if not m.startswith('_'))) or 'none'}")
+        return ActorMethod(self, name, body.methods[name])
+
+    def __repr__(self) -> str:
+        r = self._record
+        return f"<ActorHandle {r.label}{f' name={r.name!r}' if r.name else ''} id={r.aid}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"actor handle {self!r} cannot be passed to another task or actor: calling an actor "
+            "from inside a worker is not supported yet.\n\nCall it from the driver and pass "
+            "the resulting refs instead (they are resolved before the call).")
+
+
+def _drop_handle(record_ref: weakref.ref) -> None:
+    record = record_ref()
+    if record is None:
+        return
+    record.handles -= 1
+    if record.handles == 0:
+        from .api import _current_runtime
+        rt = _current_runtime()
+        if rt is not None:
+            rt.release_actor(record)
+
+
+class ActorMethod:
+    """One method of one actor: ``.remote(...)`` and ``.options(num_returns=...)``."""
+
+    __slots__ = ("_handle", "_name", "_num_returns")
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        record = self._handle._record
+        fn = getattr(record.body.cls, self._name, None)
+        refs = _runtime().submit_call(record, self._name, self._num_returns, args, kwargs, fn)
+        return refs[0] if self._num_returns == 1 else refs
+
+    def options(self, *, num_returns: int | None = None) -> ActorMethod:
+        nret = self._num_returns if num_returns is None else num_returns
+        _check_options("actor method", {"num_returns": 1, "name": None},
+                       {"num_returns": nret})
+        return ActorMethod(self._handle, self._name, nret)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor method {self._name!r} cannot be called directly; "
+                        f"use .{self._name}.remote(...) instead")
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Make a function or class remote: ``@hr.remote`` or ``@hr.remote(num_cpus=2)``."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("@hr.remote takes a function or class, or only keyword options: "
+                        "@hr.remote(num_cpus=1)")
+    return lambda target: _make_remote(target, options)
+
+
+def _make_remote(target: Any, options: dict[str, Any]) -> Any:
+    if inspect.isclass(target):
+        return ActorClass(target, options)
+    if callable(target):
+        return RemoteFunction(target, options)
+    raise TypeError(f"@hr.remote expects a function or a class, got {type(target).__name__}")
+
+
+def method(*, num_returns: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare an actor method's options: ``@hr.method(num_returns=2)``."""
+    _check_options("actor method", {"num_returns": 1, "name": None}, {"num_returns": num_returns})
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__headrace_num_returns__ = num_returns     # type: ignore[attr-defined]
+        return fn
+    return mark

@@ -1,0 +1,287 @@
+"""A child process: a pooled task worker, or the home of one actor.
+
+In: a ``WorkerSpec`` (environment variable), then control messages. Out: results and errors.
+Invariants: the main thread receives and runs calls in arrival order (an actor with
+``max_concurrency > 1`` hands them to a thread pool instead); a control thread receives CANCEL and
+watches the driver, exiting when it dies; every reply goes through ``_send`` under one lock.
+
+  driver ──TASK/CALL──▶ inbox ─▶ main thread: decode args ─▶ fn(*args) ─▶ encode ─▶ outbox ─▶ driver
+  driver ──CANCEL────▶ ctl   ─▶ control thread: SIGUSR2 to the main thread (or async exception)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import ctypes
+import faulthandler
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from . import protocol
+from .output import install_prefixed_output
+from .payload import Payload, SegmentTable, encode, from_wire
+from .protocol import ErrorInfo, Msg, WorkerSpec
+from .refs import resolving_refs
+
+SPEC_ENV = "HEADRACE_WORKER_SPEC"
+
+
+def main() -> None:
+    spec: WorkerSpec = pickle.loads(base64.b64decode(os.environ.pop(SPEC_ENV)))
+    for path in reversed(spec.sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    Worker(spec).run()
+
+
+class _Cancelled(BaseException):
+    """Raised into a running call by the control thread; BaseException so `except Exception`
+    in user code does not swallow it."""
+
+
+class Worker:
+    """One child process; ``run()`` returns when the driver says EXIT."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.pid = os.getpid()
+        self.label = spec.label
+        self.ctx = zmq.Context()
+        self.inbox = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid), True)
+        self.ctl = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".ctl"),
+                                True)
+        self.outbox = self._socket(zmq.PUSH, protocol.endpoint(spec.session_dir, "driver"), False)
+        self.send_lock = threading.Lock()
+        self.state_lock = threading.Lock()
+        self.table = SegmentTable()
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.instance: Any = None
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.running: dict[int, str] = {}           # thread ident -> task id
+        self.cancelled: set[str] = set()            # asked to cancel before they started
+        self.interrupt: str | None = None           # task id the main thread should drop
+        self.main_ident = threading.get_ident()
+        install_prefixed_output(lambda: self.label, self.pid)
+        _setup_logging(spec.logging_level)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        signal.signal(signal.SIGUSR2, self._on_interrupt)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the driver, not to us
+        threading.Thread(target=self._control_loop, name="headrace-control", daemon=True).start()
+        self._send((Msg.READY, spec.wid, self.pid))
+
+    def _socket(self, kind: int, address: str, bind: bool) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        (sock.bind if bind else sock.connect)(address)
+        return sock
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        handlers = {Msg.TASK: self._on_task, Msg.CALL: self._on_call,
+                    Msg.INIT_ACTOR: self._on_init_actor}
+        while True:
+            header, frames = protocol.recv(self.inbox)
+            if header[0] == Msg.EXIT:
+                break
+            handlers[header[0]](header, frames)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.outbox.close(linger=2000)
+        os._exit(0)     # NOTE: skip interpreter teardown: user threads must not keep us alive
+
+    def _on_task(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        _, tid, fn_id, fn_blob, args_desc, deps, nret, label = header
+        fn = self.functions.get(fn_id)
+        if fn is None:
+            fn = self.functions[fn_id] = cloudpickle.loads(fn_blob)
+        self.label = label
+        self._run(tid, label, fn, args_desc, deps, frames, nret)
+
+    def _on_call(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        _, tid, method, args_desc, deps, nret = header
+        name = f"{self.spec.label}.{method}"
+        fn = getattr(self.instance, method)
+        if self.pool is None:
+            self._run(tid, name, fn, args_desc, deps, frames, nret)
+        else:
+            self.pool.submit(self._run, tid, name, fn, args_desc, deps, frames, nret)
+
+    def _on_init_actor(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        _, cls_blob, args_desc, deps, max_concurrency, label = header
+        try:
+            cls = cloudpickle.loads(cls_blob)
+            args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
+            self.instance = cls(*args, **kwargs)
+        except BaseException as exc:          # noqa: BLE001 - reported, then this actor ends
+            self._send((Msg.INIT_FAILED, self.spec.wid,
+                        error_info(exc, f"{label}.__init__", self.pid)))
+            sys.stderr.flush()
+            self.outbox.close(linger=2000)
+            os._exit(1)
+        if max_concurrency > 1:
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
+                                                              thread_name_prefix=label)
+        self._send((Msg.ACTOR_READY, self.spec.wid))
+
+    # -- one call ---------------------------------------------------------------------------
+    def _run(self, tid: str, name: str, fn: Callable[..., Any], args_desc: Any, deps: Any,
+             frames: list[Any], nret: int) -> None:
+        # One flat piece on purpose: every branch ends in exactly one reply to the driver.
+        me = threading.get_ident()
+        with self.state_lock:
+            if tid in self.cancelled:
+                self.cancelled.discard(tid)
+                self._send((Msg.CANCELLED, self.spec.wid, tid))
+                return
+            self.running[me] = tid
+        try:
+            try:
+                args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
+                value = fn(*args, **kwargs)
+                if asyncio.iscoroutine(value):
+                    value = self._await(value)
+            finally:
+                with self.state_lock:
+                    self.running.pop(me, None)
+                    if self.interrupt == tid:
+                        self.interrupt = None
+        except _Cancelled:
+            self._send((Msg.CANCELLED, self.spec.wid, tid))
+            return
+        except BaseException as exc:          # noqa: BLE001 - the user's error is the result
+            self._send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
+            return
+        self._reply_value(tid, name, value, nret)
+
+    def _reply_value(self, tid: str, name: str, value: Any, nret: int) -> None:
+        try:
+            values = [value] if nret == 1 else _split_returns(value, nret, name)
+            frames: list[Any] = [None]
+            descs = [self._encode(v).to_wire(frames) for v in values]
+        except BaseException as exc:          # noqa: BLE001
+            info = error_info(exc, name, self.pid,
+                              prefix=f"could not serialize the return value of {name}: ")
+            self._send((Msg.ERROR, self.spec.wid, tid, info))
+            return
+        self._send((Msg.RESULT, self.spec.wid, tid, descs), frames)
+
+    def _encode(self, value: Any) -> Payload:
+        return encode(value, owner_pid=self.spec.driver_pid, own=False, table=self.table)
+
+    def _decode_args(self, args_desc: Any, deps: dict[str, Any],
+                     frames: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any], list[Payload]]:
+        payloads = [from_wire(d, frames, self.table, owner=False) for d in deps.values()]
+        values = {rid: p.decode() for rid, p in zip(deps, payloads, strict=True)}
+        args_payload = from_wire(args_desc, frames, self.table, owner=False)
+        with resolving_refs(values):
+            args, kwargs = args_payload.decode()
+        payloads.append(args_payload)
+        return args, kwargs, payloads     # the payloads keep their segments mapped
+
+    def _await(self, coro: Any) -> Any:
+        with self.state_lock:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="headrace-asyncio",
+                                 daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
+        with self.send_lock:
+            protocol.send(self.outbox, header, frames)
+
+    # -- cancellation -----------------------------------------------------------------------
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupt is not None and self.running.get(self.main_ident) == self.interrupt:
+            self.interrupt = None
+            raise _Cancelled()
+
+    def _cancel(self, tid: str) -> None:
+        with self.state_lock:
+            thread = next((t for t, running in self.running.items() if running == tid), None)
+            if thread is None:
+                self.cancelled.add(tid)
+            elif thread == self.main_ident:
+                self.interrupt = tid
+                signal.pthread_kill(thread, signal.SIGUSR2)
+            else:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
+                                                           ctypes.py_object(_Cancelled))
+
+    def _control_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        driver_fd = _pidfd(self.spec.driver_pid)
+        if driver_fd is not None:
+            poller.register(driver_fd, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(1000))
+            if self.ctl in events:
+                header, _ = protocol.recv(self.ctl)
+                if header[0] == Msg.CANCEL:
+                    self._cancel(header[1])
+            if (driver_fd is not None and driver_fd in events) or \
+                    os.getppid() != self.spec.driver_pid:
+                os._exit(1)                   # the driver is gone: nobody wants our results
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _split_returns(value: Any, nret: int, name: str) -> list[Any]:
+    try:
+        values = list(value)
+    except TypeError:
+        raise ValueError(f"{name} was declared with num_returns={nret} but returned a "
+                         f"{type(value).__name__}, which is not iterable") from None
+    if len(values) != nret:
+        raise ValueError(f"{name} was declared with num_returns={nret} but returned "
+                         f"{len(values)} values")
+    return values
+
+
+def error_info(exc: BaseException, name: str, pid: int, prefix: str = "") -> ErrorInfo:
+    """Describe ``exc`` for the driver, pickling what can be pickled."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ErrorInfo(function_name=name, type_name=type(exc).__qualname__,
+                     message=prefix + str(exc), traceback_str=tb, pid=pid,
+                     type_blob=_try_pickle(type(exc)), exc_blob=_try_pickle(exc))
+
+
+def _try_pickle(obj: Any) -> bytes | None:
+    try:
+        blob = cloudpickle.dumps(obj, protocol=5)
+        cloudpickle.loads(blob)             # refuse what would not come back either
+        return blob
+    except Exception:                       # noqa: BLE001
+        return None
+
+
+def _setup_logging(level: int) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)

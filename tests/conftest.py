@@ -1,0 +1,92 @@
+"""Fixtures every test gets: no_hang (a deadline per test), no_leaks (per module), fake_clock."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("HEADRACE_CHECKS", "1")
+
+import headrace as hr  # noqa: E402  (after HEADRACE_CHECKS is set)
+from headrace.channels.segments import owned_segments  # noqa: E402
+from headrace.runtime.deadline import FakeClock  # noqa: E402
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """Direct children of ``pid`` (default: this process), from /proc."""
+    pid = pid or os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def signal_children(sig: int, *, then: int | None = None, grace_s: float = 0.5) -> None:
+    for pid in child_pids():
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    if then is not None:
+        time.sleep(grace_s)
+        for pid in child_pids():
+            try:
+                os.kill(pid, then)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def no_hang(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Turn a stuck test into a failure that explains itself: dump stacks, kill the children.
+
+    Killing children on purpose: a death must wake every blocked get(), so a test still stuck
+    after that has found a bug.
+    """
+    marker = request.node.get_closest_marker("deadline_s")
+    limit_s = marker.args[0] if marker else 30.0
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        faulthandler.dump_traceback(all_threads=True)   # children dump theirs on SIGUSR1
+        signal_children(signal.SIGUSR1, then=signal.SIGKILL, grace_s=0.5)
+
+    timer = threading.Timer(limit_s, expire)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+    assert not fired.is_set(), f"ran past its {limit_s} s deadline; stacks are dumped above"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaks() -> Iterator[None]:
+    """After each module: shut down, then no child process and no segment of ours is left."""
+    yield
+    hr.shutdown()
+    deadline = time.monotonic() + 5
+    while child_pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child_pids() == [], f"child processes left behind: {child_pids()}"
+    assert owned_segments(os.getpid()) == [], "shared-memory segments left in /dev/shm"
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[None]:
+    """A runtime with two task workers for the module (shut down by no_leaks)."""
+    if not hr.is_initialized():
+        hr.init(num_cpus=2)
+    yield
