@@ -131,7 +131,7 @@ def get_actor(name: str) -> Any:
     if record is None:
         raise ValueError(f"no live actor is named {name!r}; create one with "
                          f"Cls.options(name={name!r}).remote()")
-    return ActorHandle(record)
+    return ActorHandle(record, rt)
 
 
 # -- get / wait / gather ----------------------------------------------------------------------

@@ -218,6 +218,7 @@ class Runtime:
     def _on_init_failed(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
         if proc.actor is not None:
             proc.actor.init_error = task_error(header[2])
+            self._send(proc, (Msg.EXIT,))     # its death then fails every call, saying why
 
     def _answered(self, proc: Proc, tid: str, out: list[Finish]) -> TaskRecord | None:
         """Retire a task the child answered; frees its worker or actor slot."""
@@ -296,7 +297,7 @@ class Runtime:
         if actor.killed:
             text = "it was killed by hr.kill()"
         elif actor.init_error is not None:
-            text = f"its __init__ raised {actor.init_error.cause_type.__name__}: " \
+            text = f"its __init__ raised " \
                    f"{actor.init_error.traceback_str.rstrip().splitlines()[-1]}"
         err = ActorDiedError(
             f"actor {actor.name or actor.label!r} (pid {proc.pid}) died: {text}.\n\n"

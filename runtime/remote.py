@@ -139,8 +139,8 @@ class ActorClass:
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         """Start the actor; calls may be submitted at once (they wait for it to start)."""
-        record = _runtime().create_actor(self._body, self._options, args, kwargs)
-        return ActorHandle(record)
+        rt = _runtime()
+        return ActorHandle(rt.create_actor(self._body, self._options, args, kwargs), rt)
 
     def options(self, **options: Any) -> ActorClass:
         given = {k: v for k, v in self._options.items() if v != _ACTOR_OPTIONS[k]}
@@ -161,10 +161,11 @@ class ActorHandle:
     submitted and exits. Named actors live until ``hr.kill`` or ``hr.shutdown``.
     """
 
-    def __init__(self, record: ActorRecord) -> None:
+    def __init__(self, record: ActorRecord, runtime: Any) -> None:
         self._record = record
         record.handles += 1
-        self._finalizer = weakref.finalize(self, _drop_handle, weakref.ref(record))
+        self._finalizer = weakref.finalize(self, _drop_handle, weakref.ref(record),
+                                           weakref.ref(runtime))
 
     def __getattr__(self, name: str) -> ActorMethod:
         body = self._record.body
@@ -185,16 +186,13 @@ class ActorHandle:
             "the resulting refs instead (they are resolved before the call).")
 
 
-def _drop_handle(record_ref: weakref.ref) -> None:
-    record = record_ref()
+def _drop_handle(record_ref: weakref.ref, runtime_ref: weakref.ref) -> None:
+    record, rt = record_ref(), runtime_ref()
     if record is None:
         return
     record.handles -= 1
-    if record.handles == 0:
-        from .api import _current_runtime
-        rt = _current_runtime()
-        if rt is not None:
-            rt.release_actor(record)
+    if record.handles == 0 and rt is not None:
+        rt.release_actor(record)
 
 
 class ActorMethod:

@@ -79,7 +79,10 @@ class Worker:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the driver, not to us
-        threading.Thread(target=self._control_loop, name="headrace-control", daemon=True).start()
+        self.init_failed = False
+        self.control = threading.Thread(target=self._control_loop, name="headrace-control",
+                                        daemon=True)
+        self.control.start()
         self._send((Msg.READY, spec.wid, self.pid))
 
     def _socket(self, kind: int, address: str, bind: bool) -> zmq.Socket:
@@ -101,10 +104,21 @@ class Worker:
             handlers[header[0]](header, frames)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=False)
+        self._exit(0)
+
+    def _exit(self, code: int) -> None:
+        """Flush replies (bounded by the linger time), then end the process at once."""
         sys.stdout.flush()
         sys.stderr.flush()
+        stop = self.ctx.socket(zmq.PUSH)
+        stop.connect(protocol.endpoint(self.spec.session_dir, self.spec.wid + ".ctl"))
+        protocol.send(stop, (Msg.EXIT,))
+        stop.close(linger=1000)
+        self.control.join(1.0)
+        self.inbox.close(linger=0)
         self.outbox.close(linger=2000)
-        os._exit(0)     # NOTE: skip interpreter teardown: user threads must not keep us alive
+        self.ctx.term()     # returns once the replies are out (or the linger time is up)
+        os._exit(code)      # NOTE: skip interpreter teardown: user threads must not keep us alive
 
     def _on_task(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         _, tid, fn_id, fn_blob, args_desc, deps, nret, label = header
@@ -115,6 +129,8 @@ class Worker:
         self._run(tid, label, fn, args_desc, deps, frames, nret)
 
     def _on_call(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        if self.init_failed:
+            return              # the driver fails it: the actor is dead, and it says why
         _, tid, method, args_desc, deps, nret = header
         name = f"{self.spec.label}.{method}"
         fn = getattr(self.instance, method)
@@ -129,12 +145,11 @@ class Worker:
             cls = cloudpickle.loads(cls_blob)
             args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
             self.instance = cls(*args, **kwargs)
-        except BaseException as exc:          # noqa: BLE001 - reported, then this actor ends
+        except BaseException as exc:          # noqa: BLE001 - reported; the driver ends us
+            self.init_failed = True
             self._send((Msg.INIT_FAILED, self.spec.wid,
                         error_info(exc, f"{label}.__init__", self.pid)))
-            sys.stderr.flush()
-            self.outbox.close(linger=2000)
-            os._exit(1)
+            return
         if max_concurrency > 1:
             self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
                                                               thread_name_prefix=label)
@@ -235,6 +250,9 @@ class Worker:
             events = dict(poller.poll(1000))
             if self.ctl in events:
                 header, _ = protocol.recv(self.ctl)
+                if header[0] == Msg.EXIT:
+                    self.ctl.close(linger=0)
+                    return
                 if header[0] == Msg.CANCEL:
                     self._cancel(header[1])
             if (driver_fd is not None and driver_fd in events) or \

@@ -1,0 +1,188 @@
+"""Timing helpers shared by the suites: alternating rounds, median/p99, host facts, result files.
+
+In: zero-argument callables, one per implementation, each doing one operation of a case.
+Out: ``Record``s (one per case and implementation), printed as progress lines and written to
+``bench/results/<suite>.json`` (a list of records), ``<suite>.host.json`` and ``<suite>.md``.
+Invariants (STYLE 8): every implementation is warmed up first; rounds alternate between them,
+rotating who goes first, so that drift hits all of them; a missing or failing peer gets a row with
+a note instead of crashing the run; ratios are always taken within one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+VERSIONED = ("headrace", "numpy", "cloudpickle", "pyzmq", "pyarrow", "ray", "dask", "distributed")
+
+
+@dataclass
+class Record:
+    """One row of a suite's results: a case measured for one implementation."""
+
+    case: str
+    impl: str
+    median_us: float | None
+    p99_us: float | None
+    gbps: float | None = None
+    n: int = 0
+    note: str | None = None
+
+
+@dataclass
+class Target:
+    """A goal from the issue, judged on this run's figures (``passed`` None: not judgeable)."""
+
+    name: str
+    passed: bool | None
+    detail: str
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of ``samples`` (``q`` in [0, 1]); the p99 of 100 samples is the max."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarize(case: str, impl: str, samples_s: Sequence[float], *, nbytes: int | None = None,
+              note: str | None = None) -> Record:
+    """Turn per-operation seconds into a Record; ``nbytes`` per operation gives GB/s."""
+    med = statistics.median(samples_s)
+    gbps = nbytes / med / 1e9 if nbytes and med > 0 else None
+    return Record(case, impl, med * 1e6, quantile(samples_s, 0.99) * 1e6, gbps, len(samples_s),
+                  note)
+
+
+def missing(case: str, impl: str, note: str) -> Record:
+    """A row for an implementation that could not be measured (not installed, failed, skipped)."""
+    return Record(case, impl, None, None, None, 0, note)
+
+
+def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int, warmup: int,
+              round_budget_s: float) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time every callable in alternating rounds.
+
+    Args:
+        fns: Implementation name -> one operation of the case.
+        rounds: Rounds; each round runs every implementation once, the first one rotating.
+        per_round: Operations per implementation and round, at most.
+        warmup: Untimed operations per implementation before the first round.
+        round_budget_s: An implementation stops its round early after this many seconds
+            (it always does at least one operation), so slow peers cannot stretch the run.
+
+    Returns:
+        (seconds per operation for each implementation, error text for those that raised).
+        An implementation that raises is dropped from later rounds and keeps no samples.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+
+    def run(name: str, count: int, timed: bool) -> None:
+        fn, clock, start = fns[name], time.perf_counter, time.perf_counter()
+        for _ in range(count):
+            t0 = clock()
+            fn()
+            t1 = clock()
+            if timed:
+                samples[name].append(t1 - t0)
+                if t1 - start > round_budget_s:
+                    return
+
+    names = list(fns)
+    for r in range(-1, rounds):              # round -1 is the warm-up
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in errors:
+                continue
+            try:
+                run(name, warmup if r < 0 else per_round, timed=r >= 0)
+            except Exception as exc:  # noqa: BLE001 - a failing peer becomes a row, not a crash
+                errors[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                samples[name] = []
+    return samples, errors
+
+
+def progress(suite: str, rec: Record) -> None:
+    """Print the one-line progress report of a record."""
+    if rec.median_us is None:
+        line = f"{rec.note}"
+    else:
+        line = f"median {rec.median_us:.1f} us p99 {rec.p99_us:.1f} us (n={rec.n})"
+        if rec.gbps is not None:
+            line += f", {rec.gbps:.2f} GB/s"
+    print(f"[{suite}] {rec.case} {rec.impl}: {line}", flush=True)
+
+
+def host_facts() -> dict[str, object]:
+    """CPU model, core counts, Python, OS and library versions of this host."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for dist in VERSIONED:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions}
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def case_table(records: Sequence[Record], base: str = "headrace") -> list[str]:
+    """Markdown lines of one case: median, p99, GB/s and ratios against ``base``."""
+    ref = next((r for r in records if r.impl == base and r.median_us), None)
+    lines = [f"| impl | median µs | p99 µs | GB/s | impl / {base} | {base} / impl | n | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        ok = ref is not None and r.median_us
+        lines.append(
+            f"| {r.impl} | {_fmt(r.median_us)} | {_fmt(r.p99_us)} | {_fmt(r.gbps, 2)} "
+            f"| {_fmt(r.median_us / ref.median_us, 2) if ok else '–'} "
+            f"| {_fmt(ref.median_us / r.median_us, 2) if ok else '–'} | {r.n} | {r.note or ''} |")
+    return lines
+
+
+def write_results(suite: str, records: Sequence[Record], host: dict[str, object],
+                  targets: Sequence[Target], *, quick: bool) -> Path:
+    """Write ``<suite>.json``, ``<suite>.host.json`` and ``<suite>.md``; return the .md path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{suite}.json").write_text(
+        json.dumps([asdict(r) for r in records], indent=1) + "\n", encoding="utf-8")
+    (RESULTS_DIR / f"{suite}.host.json").write_text(
+        json.dumps({**host, "quick": quick}, indent=1) + "\n", encoding="utf-8")
+    versions = ", ".join(f"{k} {v}" for k, v in host["versions"].items() if v)  # type: ignore
+    md = [f"# bench: {suite}{' (--quick)' if quick else ''}", "",
+          f"- host: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), "
+          f"{host['platform']}",
+          f"- python {host['python']}; {versions}",
+          f"- run: {host['date_utc']}. Ratios below 1.0 in the `headrace / impl` column mean "
+          "headrace is faster. Compare ratios, not microseconds, across hosts.", "",
+          "## Targets", "", "| target | result | detail |", "|---|---|---|"]
+    for t in targets:
+        verdict = "n/a" if t.passed is None else ("PASS" if t.passed else "FAIL")
+        md.append(f"| {t.name} | {verdict} | {t.detail} |")
+    for case in dict.fromkeys(r.case for r in records):
+        md += ["", f"## {case}", "", *case_table([r for r in records if r.case == case])]
+    path = RESULTS_DIR / f"{suite}.md"
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,255 @@
+"""The runtime suite: actor and task round trips, a 100 MB put/echo/get, and import time.
+
+Cases and implementations, all measured in one run with every runtime started once and kept up
+while rounds alternate between them (STYLE 8):
+
+- ``actor_call``: call an actor method returning 1 and get it: headrace, ray, dask, mp-pipe.
+- ``task``: submit a function returning 1 and get it: headrace, ray, dask, mp-pipe.
+- ``put_get_100mb``: put a 100 MB array, pass the ref to an actor that returns it, get it back:
+  headrace, ray; memcpy (``np.copyto`` into a preallocated array) is the reference bandwidth.
+- ``import_headrace``: ``python -c "import headrace"`` minus ``python -c pass``, fresh processes.
+
+``mp-pipe`` (a child process echoing over ``multiprocessing.Pipe``) is the floor for round trips.
+Ray and Dask are imported lazily; a missing one gets rows saying "not installed".
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .common import Record, Target, alternate, host_facts, missing, progress, summarize
+from .common import write_results
+
+SUITE = "runtime"
+NUM_CPUS = 2
+BIG_BYTES = 100_000_000
+TIMEOUT_S = 60.0                      # bound on every single get: a hang becomes a failed row
+CASES: dict[str, tuple[str, ...]] = {
+    "actor_call": ("headrace", "ray", "dask", "mp-pipe"),
+    "task": ("headrace", "ray", "dask", "mp-pipe"),
+    "put_get_100mb": ("headrace", "ray", "memcpy"),
+}
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Iteration counts: small round trips, the 100 MB case, and fresh-interpreter imports."""
+
+    rounds: int
+    per_round: int
+    warmup: int
+    budget_s: float
+    big_rounds: int
+    big_per_round: int
+    imports: int
+
+
+FULL = Counts(rounds=10, per_round=300, warmup=50, budget_s=1.5, big_rounds=8, big_per_round=3,
+              imports=10)
+QUICK = Counts(rounds=4, per_round=100, warmup=20, budget_s=0.5, big_rounds=4, big_per_round=1,
+               imports=5)
+
+
+class Echo:
+    """The actor of every runtime (wrapped by each one's ``remote``)."""
+
+    def ping(self) -> int:
+        return 1
+
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def one() -> int:
+    """The task of every runtime."""
+    return 1
+
+
+def _pipe_child(conn: Any) -> None:
+    """mp-pipe's child: answer "ping" with 1, call a function sent to it, stop on None."""
+    while (msg := conn.recv()) is not None:
+        conn.send(1 if msg == "ping" else msg())
+
+
+class Impls:
+    """Starts each implementation once, hands out one operation per case, stops them all."""
+
+    def __init__(self, big: np.ndarray) -> None:
+        self.big = big
+        self.ops: dict[tuple[str, str], Callable[[], object]] = {}
+        self.notes: dict[str, str] = {}          # impl -> why it has no rows
+        self.stops: list[Callable[[], None]] = []
+
+    def start(self, name: str, starter: Callable[[], None]) -> None:
+        """Run ``starter``; an ImportError means "not installed", anything else "setup failed"."""
+        try:
+            starter()
+        except ImportError as exc:
+            self.notes[name] = f"not installed ({exc.name or exc})"
+        except Exception as exc:  # noqa: BLE001 - a broken peer becomes a row, not a crash
+            self.notes[name] = f"setup failed: {type(exc).__name__}: {exc}"[:200]
+        print(f"[{SUITE}] started {name}: {self.notes.get(name, 'ok')}", flush=True)
+
+    def stop(self) -> None:
+        for stop in reversed(self.stops):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                print(f"[{SUITE}] stop failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def mp_pipe(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_pipe_child, args=(child,), daemon=True)
+        proc.start()
+
+        def call(msg: Any) -> Any:
+            parent.send(msg)
+            if not parent.poll(TIMEOUT_S):
+                raise TimeoutError("mp-pipe child did not answer")
+            return parent.recv()
+
+        def stop() -> None:
+            parent.send(None)
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        self.stops.append(stop)
+        assert call("ping") == 1
+        self.ops["actor_call", "mp-pipe"] = lambda: call("ping")
+        self.ops["task", "mp-pipe"] = lambda: call(one)
+
+    def headrace(self) -> None:
+        import headrace as hr
+        hr.init(num_cpus=NUM_CPUS, log_to_driver=False)
+        self.stops.append(hr.shutdown)
+        actor, fn, big = hr.remote(Echo).remote(), hr.remote(one), self.big
+        assert hr.get(actor.ping.remote(), timeout=TIMEOUT_S) == 1
+
+        def put_get() -> None:
+            out = hr.get(actor.echo.remote(hr.put(big)), timeout=TIMEOUT_S)
+            assert out.nbytes == big.nbytes
+        self.ops["actor_call", "headrace"] = lambda: hr.get(actor.ping.remote(), timeout=TIMEOUT_S)
+        self.ops["task", "headrace"] = lambda: hr.get(fn.remote(), timeout=TIMEOUT_S)
+        self.ops["put_get_100mb", "headrace"] = put_get
+
+    def ray(self) -> None:
+        import ray
+        ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+        self.stops.append(ray.shutdown)
+        actor, fn, big = ray.remote(Echo).remote(), ray.remote(one), self.big
+        assert ray.get(actor.ping.remote(), timeout=TIMEOUT_S) == 1
+
+        def put_get() -> None:
+            out = ray.get(actor.echo.remote(ray.put(big)), timeout=TIMEOUT_S)
+            assert out.nbytes == big.nbytes
+        self.ops["actor_call", "ray"] = lambda: ray.get(actor.ping.remote(), timeout=TIMEOUT_S)
+        self.ops["task", "ray"] = lambda: ray.get(fn.remote(), timeout=TIMEOUT_S)
+        self.ops["put_get_100mb", "ray"] = put_get
+
+    def dask(self) -> None:
+        from dask.distributed import Client, LocalCluster
+        cluster = LocalCluster(processes=True, n_workers=NUM_CPUS, threads_per_worker=1,
+                               dashboard_address=None)
+        client = Client(cluster)
+        self.stops.append(lambda: (client.close(), cluster.close()))
+        actor = client.submit(Echo, actor=True).result(timeout=TIMEOUT_S)
+        assert actor.ping().result(timeout=TIMEOUT_S) == 1
+        self.ops["actor_call", "dask"] = lambda: actor.ping().result(timeout=TIMEOUT_S)
+        self.ops["task", "dask"] = lambda: client.submit(one, pure=False).result(TIMEOUT_S)
+
+    def memcpy(self) -> None:
+        dst, big = np.empty_like(self.big), self.big
+        self.ops["put_get_100mb", "memcpy"] = lambda: np.copyto(dst, big)
+
+
+def measure_import(n: int) -> Record:
+    """``import headrace`` in a fresh interpreter minus an empty one, paired and alternated."""
+    with tempfile.TemporaryDirectory() as cwd:     # away from any source tree on sys.path
+        def launch(code: str) -> Callable[[], object]:
+            return lambda: subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True)
+        samples, errors = alternate({"headrace": launch("import headrace"), "pass": launch("pass")},
+                                    rounds=n, per_round=1, warmup=1, round_budget_s=float("inf"))
+    if errors:
+        return missing("import_headrace", "headrace", next(iter(errors.values())))
+    diffs = [a - b for a, b in zip(samples["headrace"], samples["pass"])]
+    return summarize("import_headrace", "headrace", diffs, note="minus `python -c pass`")
+
+
+def judge(records: list[Record]) -> list[Target]:
+    """The issue's targets, judged on this run's records."""
+    by = {(r.case, r.impl): r for r in records}
+
+    def ratio(case: str, num: str, den: str, *, gbps: bool = False) -> float | None:
+        a, b = by.get((case, num)), by.get((case, den))
+        if a is None or b is None or a.median_us is None or b.median_us is None:
+            return None
+        return a.gbps / b.gbps if gbps and a.gbps and b.gbps else a.median_us / b.median_us
+
+    targets = []
+    for case in ("actor_call", "task"):
+        r = ratio(case, "headrace", "ray")
+        targets.append(Target(f"headrace {case} median <= 0.2x ray's", None if r is None
+                              else r <= 0.2, "ray not measured" if r is None else f"{r:.2f}x"))
+    r = ratio("put_get_100mb", "headrace", "memcpy", gbps=True)
+    targets.append(Target("headrace put_get_100mb GB/s >= 0.5x memcpy GB/s", None if r is None
+                          else r >= 0.5, "not measured" if r is None else f"{r:.2f}x memcpy"))
+    imp = by.get(("import_headrace", "headrace"))
+    ok = imp is not None and imp.median_us is not None
+    targets.append(Target("import headrace < 0.3 s", imp.median_us < 3e5 if ok else None,
+                          f"{imp.median_us / 1e6:.3f} s" if ok else "not measured"))
+    return targets
+
+
+def run(quick: bool = False) -> list[Record]:
+    """Run the suite, print progress, write ``bench/results/runtime.{json,host.json,md}``.
+
+    Args:
+        quick: Use the QUICK counts (about half a minute on 2 cores) instead of FULL.
+
+    Returns:
+        The records written to ``runtime.json``.
+    """
+    counts = QUICK if quick else FULL
+    host = host_facts()
+    print(f"[{SUITE}] {host['cpu']}, {host['cores']} cores, python {host['python']}"
+          f"{', quick' if quick else ''}", flush=True)
+    impls = Impls(np.full(BIG_BYTES // 8, 1.0))
+    records: list[Record] = []
+    try:
+        for name, starter in (("mp-pipe", impls.mp_pipe), ("memcpy", impls.memcpy),
+                              ("dask", impls.dask), ("headrace", impls.headrace),
+                              ("ray", impls.ray)):
+            impls.start(name, starter)
+        for case, names in CASES.items():
+            big = case == "put_get_100mb"
+            fns = {n: impls.ops[case, n] for n in names if (case, n) in impls.ops}
+            samples, errors = alternate(
+                fns, rounds=counts.big_rounds if big else counts.rounds,
+                per_round=counts.big_per_round if big else counts.per_round,
+                warmup=2 if big else counts.warmup, round_budget_s=counts.budget_s * (4 if big else 1))
+            for name in names:
+                note = impls.notes.get(name) or errors.get(name)
+                rec = (missing(case, name, note) if note or not samples.get(name) else
+                       summarize(case, name, samples[name], nbytes=BIG_BYTES if big else None))
+                records.append(rec)
+                progress(SUITE, rec)
+    finally:
+        impls.stop()
+    records.append(measure_import(counts.imports))
+    progress(SUITE, records[-1])
+    mem = next((r for r in records if r.impl == "memcpy" and r.gbps), None)
+    for r in records:
+        if r.case == "put_get_100mb" and r.impl != "memcpy" and r.gbps and mem:
+            r.note = f"{r.gbps / mem.gbps:.2f}x memcpy GB/s"
+    path = write_results(SUITE, records, host, judge(records), quick=quick)
+    print(f"[{SUITE}] wrote {path.parent / SUITE}.json and {path}", flush=True)
+    return records

@@ -1,0 +1,93 @@
+"""hr.cancel: queued tasks never run, running ones are interrupted, force kills the worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import headrace as hr
+
+pytestmark = pytest.mark.usefixtures("runtime")
+
+
+@hr.remote
+def sleeper(s):
+    time.sleep(s)
+    return s
+
+
+@hr.remote
+def spin(s):
+    end = time.monotonic() + s
+    while time.monotonic() < end:
+        pass
+    return s
+
+
+@hr.remote
+def echo(x):
+    return x
+
+
+def test_cancel_running_task_interrupts_it() -> None:
+    ref = sleeper.remote(30)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    hr.cancel(ref)
+    with pytest.raises(hr.TaskCancelledError, match="was cancelled while running"):
+        hr.get(ref, timeout=5)
+    assert time.monotonic() - t0 < 1.0 and ref.cancelled() and ref.status == "cancelled"
+    assert hr.get(echo.remote(1), timeout=10) == 1
+
+
+def test_cancel_queued_task_never_runs() -> None:
+    blockers = [sleeper.remote(1.0) for _ in range(2)]     # both workers busy
+    queued = echo.remote("never")
+    assert queued.cancel() is True
+    with pytest.raises(hr.TaskCancelledError, match="was cancelled before it ran"):
+        hr.get(queued, timeout=5)
+    assert hr.get(blockers, timeout=10) == [1.0, 1.0]
+
+
+def test_force_cancel_kills_a_busy_worker_and_it_is_replaced() -> None:
+    ref = spin.remote(30)
+    time.sleep(0.3)
+    hr.cancel(ref, force=True)
+    with pytest.raises(hr.TaskCancelledError):
+        hr.get(ref, timeout=5)
+    assert hr.get([echo.remote(i) for i in range(4)], timeout=10) == [0, 1, 2, 3]
+
+
+def test_cancel_propagates_to_dependent_tasks() -> None:
+    up = sleeper.remote(30)
+    down = echo.remote(up)
+    time.sleep(0.2)
+    hr.cancel(up)
+    with pytest.raises(hr.TaskCancelledError):
+        hr.get(down, timeout=5)
+
+
+def test_cancel_finished_ref_is_a_no_op() -> None:
+    ref = echo.remote(1)
+    assert hr.get(ref, timeout=10) == 1
+    assert ref.cancel() is False
+    hr.cancel(ref)
+    assert hr.get(ref, timeout=1) == 1
+
+
+def test_cancel_actor_call_queued_behind_a_running_one() -> None:
+    @hr.remote
+    class Busy:
+        def sleep(self, s):
+            time.sleep(s)
+            return s
+    b = Busy.remote()
+    first, second = b.sleep.remote(0.5), b.sleep.remote(0.1)
+    time.sleep(0.2)
+    hr.cancel(second)
+    assert hr.get(first, timeout=10) == 0.5
+    with pytest.raises(hr.TaskCancelledError):
+        hr.get(second, timeout=10)
+    with pytest.raises(ValueError, match="force=True is not supported for actor calls"):
+        hr.cancel(b.sleep.remote(0.1), force=True)
