@@ -100,7 +100,7 @@ def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: i
                     return
 
     names = list(fns)
-    for r in range(-1, rounds):              # round -1 is the warm-up
+    for r in range(-1, rounds if names else -1):              # round -1 is the warm-up
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in errors:
                 continue
@@ -172,11 +172,11 @@ def write_results(suite: str, records: Sequence[Record], host: dict[str, object]
         json.dumps({**host, "quick": quick}, indent=1) + "\n", encoding="utf-8")
     versions = ", ".join(f"{k} {v}" for k, v in host["versions"].items() if v)  # type: ignore
     md = [f"# bench: {suite}{' (--quick)' if quick else ''}", "",
-          f"- host: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), "
-          f"{host['platform']}",
+          (f"- host: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), "
+           f"{host['platform']}"),
           f"- python {host['python']}; {versions}",
-          f"- run: {host['date_utc']}. Ratios below 1.0 in the `headrace / impl` column mean "
-          "headrace is faster. Compare ratios, not microseconds, across hosts.", "",
+          (f"- run: {host['date_utc']}. Ratios below 1.0 in the `headrace / impl` column mean "
+           "headrace is faster. Compare ratios, not microseconds, across hosts."), "",
           "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in targets:
         verdict = "n/a" if t.passed is None else ("PASS" if t.passed else "FAIL")

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import Record, Target, alternate, host_facts, missing, progress, summarize
-from .common import write_results
+from . import common
+from .common import Record, Target, alternate, missing, progress, summarize
 
 SUITE = "runtime"
 NUM_CPUS = 2
@@ -54,7 +54,7 @@ class Counts:
 
 FULL = Counts(rounds=10, per_round=300, warmup=50, budget_s=1.5, big_rounds=8, big_per_round=3,
               imports=10)
-QUICK = Counts(rounds=4, per_round=100, warmup=20, budget_s=0.5, big_rounds=4, big_per_round=1,
+QUICK = Counts(rounds=4, per_round=100, warmup=20, budget_s=0.5, big_rounds=4, big_per_round=2,
                imports=5)
 
 
@@ -219,7 +219,7 @@ def run(quick: bool = False) -> list[Record]:
         The records written to ``runtime.json``.
     """
     counts = QUICK if quick else FULL
-    host = host_facts()
+    host = common.host_facts()
     print(f"[{SUITE}] {host['cpu']}, {host['cores']} cores, python {host['python']}"
           f"{', quick' if quick else ''}", flush=True)
     impls = Impls(np.full(BIG_BYTES // 8, 1.0))
@@ -235,7 +235,8 @@ def run(quick: bool = False) -> list[Record]:
             samples, errors = alternate(
                 fns, rounds=counts.big_rounds if big else counts.rounds,
                 per_round=counts.big_per_round if big else counts.per_round,
-                warmup=2 if big else counts.warmup, round_budget_s=counts.budget_s * (4 if big else 1))
+                warmup=2 if big else counts.warmup,
+                round_budget_s=counts.budget_s * (4 if big else 1))
             for name in names:
                 note = impls.notes.get(name) or errors.get(name)
                 rec = (missing(case, name, note) if note or not samples.get(name) else
@@ -250,6 +251,6 @@ def run(quick: bool = False) -> list[Record]:
     for r in records:
         if r.case == "put_get_100mb" and r.impl != "memcpy" and r.gbps and mem:
             r.note = f"{r.gbps / mem.gbps:.2f}x memcpy GB/s"
-    path = write_results(SUITE, records, host, judge(records), quick=quick)
+    path = common.write_results(SUITE, records, host, judge(records), quick=quick)
     print(f"[{SUITE}] wrote {path.parent / SUITE}.json and {path}", flush=True)
     return records

@@ -30,9 +30,23 @@ def echo(x):
     return x
 
 
-def test_cancel_running_task_interrupts_it() -> None:
-    ref = sleeper.remote(30)
-    time.sleep(0.3)
+@hr.remote
+def sleep_after_mark(path, s):
+    open(path, "w").close()
+    time.sleep(s)
+    return s
+
+
+def _wait_for(path, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+
+
+def test_cancel_running_task_interrupts_it(tmp_path) -> None:
+    ref = sleep_after_mark.remote(str(tmp_path / "started"), 30)
+    _wait_for(tmp_path / "started")
     t0 = time.monotonic()
     hr.cancel(ref)
     with pytest.raises(hr.TaskCancelledError, match="was cancelled while running"):
