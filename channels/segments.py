@@ -54,6 +54,31 @@ class Segment:
         return cls(name, size, mm, owner)
 
     @classmethod
+    def create_from(cls, parts: list[tuple[int, memoryview]], size: int, name: str | None = None,
+                    *, owner: bool = True) -> Segment:
+        """Create a segment holding ``parts`` (offset, bytes), mapped read-only.
+
+        Written with pwrite, which fills fresh tmpfs pages without a page fault per page
+        (about 2x faster than writing through a new mapping on virtual machines).
+        """
+        name = name or segment_name()
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            for offset, data in parts:
+                done = 0
+                while done < data.nbytes:
+                    done += os.pwrite(fd, data[done:], offset + done)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size \
+                else mmap.mmap(-1, 1)
+        except BaseException:
+            os.close(fd)
+            _unlink(name)
+            raise
+        os.close(fd)
+        return cls(name, size, mm, owner)
+
+    @classmethod
     def open(cls, name: str, *, writable: bool = False, owner: bool = False) -> Segment:
         """Map an existing segment; raises FileNotFoundError if the name is gone."""
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR if writable else os.O_RDONLY)

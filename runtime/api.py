@@ -208,15 +208,24 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
             pending = [r for r in pending if r._state is RefState.PENDING]
             if not pending:
                 return
-            remaining = deadline.remaining_s()
-            if remaining == 0:
+            if deadline.remaining_s() == 0:
                 still = sum(r._state is RefState.PENDING for r in items)
                 raise GetTimeoutError(_timeout_message(deadline, still, len(items)))
-            event.wait(remaining)
+            wait_event(event, pending, deadline)
             event.clear()
     finally:
         for ref in watched:
             ref._remove_done_callback(setter)
+
+
+def wait_event(event: threading.Event, refs: list[Ref], deadline: Deadline) -> None:
+    """Block until ``event`` is set or the deadline, reading replies here if a ref needs it."""
+    for ref in refs:
+        rt = getattr(ref, "_runtime", None)
+        if rt is not None and not rt.inbox.closed:
+            rt.inbox.wait_until(event.is_set, deadline)
+            return
+    event.wait(deadline.remaining_s())
 
 
 def _raise_first_error(refs: list[Ref]) -> None:
@@ -247,10 +256,9 @@ def wait(refs: list[Ref], *, num_returns: int = 1, timeout: float | None = None,
         ref.add_done_callback(setter)
     try:
         while sum(r.done() for r in items) < num_returns:
-            remaining = deadline.remaining_s()
-            if remaining == 0:
+            if deadline.remaining_s() == 0:
                 break
-            event.wait(remaining)
+            wait_event(event, [r for r in watched if not r.done()], deadline)
             event.clear()
     finally:
         for ref in watched:

@@ -35,6 +35,7 @@ from ..channels.segments import sweep_dead_owners, unlink_owned
 from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError, make_task_error)
 from . import protocol
+from .inbox import Inbox
 from .output import LogForwarder
 from .payload import Payload, SegmentTable, encode, from_wire
 from .protocol import ErrorInfo, Msg, WorkerSpec
@@ -58,10 +59,11 @@ class Runtime:
         self.logging_level = logging_level
         self.dir = tempfile.mkdtemp(prefix=f"headrace-{self.pid}-")
         self.ctx = zmq.Context()
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.RCVHWM, 0)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.bind(protocol.endpoint(self.dir, "driver"))
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(protocol.endpoint(self.dir, "driver"))
+        self.inbox = Inbox(sock, self._handle, self.wake_io)
         self.lock = threading.RLock()
         self.table = SegmentTable()
         self.procs: dict[str, Proc] = {}
@@ -123,27 +125,51 @@ class Runtime:
             protocol.send(sock, header, frames)
 
     # -- the I/O thread ---------------------------------------------------------------------
+    def wake_io(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except OSError:                 # closed at shutdown
+            pass
+
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        """Watch children's pidfds and the wake pipe; read the inbox while no user thread does."""
+        inbox = self.inbox
+        inbox.io_ident = threading.get_ident()
+        full, side = zmq.Poller(), zmq.Poller()
+        full.register(inbox.sock, zmq.POLLIN)
+        for poller in (full, side):
+            poller.register(self.wake_r, zmq.POLLIN)
         by_fd: dict[int, Proc] = {}
         while not self.closed:
-            for what, _ in poller.poll():
-                if what is self.inbox:
-                    self._drain()
-                elif what == self.wake_r:
-                    os.read(self.wake_r, 4096)
-                    self._watch_new(poller, by_fd)
-                else:
-                    poller.unregister(what)
-                    proc = by_fd.pop(what)
-                    proc.pidfd = None
-                    os.close(what)
-                    self._drain(settle_s=0.005)    # messages it sent before dying come first
-                    self._on_death(proc)
+            holding = inbox.users_idle() and inbox.lock.acquire(blocking=False)
+            try:
+                for what, _ in (full if holding else side).poll(None if holding else 2):
+                    if what is inbox.sock:
+                        inbox.drain()
+                    elif what == self.wake_r:
+                        os.read(self.wake_r, 4096)
+                        self._watch_new((full, side), by_fd)
+                    else:
+                        proc = by_fd.pop(what)
+                        for poller in (full, side):
+                            poller.unregister(what)
+                        proc.pidfd = None
+                        os.close(what)
+                        # What it sent before dying is handled first, so its last results
+                        # are not failed by its death.
+                        if holding:
+                            inbox.drain(settle_s=0.005)
+                        elif inbox.take_for_io():
+                            try:
+                                inbox.drain(settle_s=0.005)
+                            finally:
+                                inbox.lock.release()
+                        self._on_death(proc)
+            finally:
+                if holding:
+                    inbox.lock.release()
 
-    def _watch_new(self, poller: zmq.Poller, by_fd: dict[int, Proc]) -> None:
+    def _watch_new(self, pollers: tuple[zmq.Poller, ...], by_fd: dict[int, Proc]) -> None:
         with self.lock:
             new, self.new_pidfds = self.new_pidfds, []
         for proc in new:
@@ -154,19 +180,8 @@ class Runtime:
                 continue
             proc.pidfd = fd
             by_fd[fd] = proc
-            poller.register(fd, zmq.POLLIN)
-
-    def _drain(self, settle_s: float = 0.0) -> None:
-        deadline = time.monotonic() + settle_s
-        while True:
-            try:
-                header, frames = protocol.recv(self.inbox, zmq.NOBLOCK)
-            except zmq.Again:
-                left_ms = (deadline - time.monotonic()) * 1000
-                if left_ms <= 0 or not self.inbox.poll(max(1, int(left_ms))):
-                    return
-                continue
-            self._handle(header, frames)
+            for poller in pollers:
+                poller.register(fd, zmq.POLLIN)
 
     def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         finishes: list[Finish] = []
@@ -575,7 +590,8 @@ class Runtime:
                     self._send(proc, (Msg.EXIT,))
                 except zmq.ZMQError:
                     pass
-        os.write(self.wake_w, b"q")
+        self.inbox.closed = True
+        self.wake_io()
         self.io.join(2.0)
         _reap(procs, _config.SHUTDOWN_GRACE_S)
         finishes: list[Finish] = []
@@ -593,8 +609,10 @@ class Runtime:
                 if proc.pidfd is not None:
                     _close_fd(proc.pidfd)
         _run(finishes)
-        self.inbox.close(linger=0)
-        self.ctx.term()
+        if self.inbox.lock.acquire(timeout=1.0):     # receivers leave within one poll slice
+            self.inbox.sock.close(linger=0)
+            self.inbox.lock.release()
+        self.ctx.destroy(linger=0)
         if self.logs is not None:
             self.logs.close()
         for fd in (self.wake_r, self.wake_w):

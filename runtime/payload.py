@@ -139,12 +139,11 @@ def _copy_into_segment(raws: list[memoryview], owner_pid: int, own: bool,
     for raw in raws:
         offsets.append(size)
         size += -(-raw.nbytes // _ALIGN) * _ALIGN
-    seg = Segment.create(size, segment_name(owner_pid), owner=own)
-    view = seg.buf
+    seg = Segment.create_from(list(zip(offsets, raws, strict=True)), size,
+                              segment_name(owner_pid), owner=own)
     for raw, offset, i in zip(raws, offsets, where, strict=True):
-        view[offset:offset + raw.nbytes] = raw
         specs[i] = (seg.name, offset, raw.nbytes)
-        buffers[i] = view[offset:offset + raw.nbytes].toreadonly()
+        buffers[i] = seg.buf[offset:offset + raw.nbytes]
     return seg
 
 

@@ -140,9 +140,13 @@ class Ref:
             self._advance(new)
             self._value, self._payload, self._error = value, payload, error
             callbacks, self._callbacks = self._callbacks, None
+            self._release_producer()
         for fn in callbacks or ():
             _run_callback(fn, self)
         return True
+
+    def _release_producer(self) -> None:
+        """Drop links to whatever produced the value (no cycles keep segments alive)."""
 
     def _advance(self, new: RefState) -> None:      # caller holds _LOCK
         if new not in _NEXT.get(self._state, frozenset()):
@@ -368,6 +372,17 @@ class ObjectRef(Ref):
             super()._on_cancel(force)
         else:
             self._runtime.cancel(self, force=force)
+
+    def _release_producer(self) -> None:
+        self._task = None        # NOTE: TaskRecord.refs points back here: break the cycle
+
+    def _wait(self, deadline: Deadline) -> bool:
+        if self._state is not RefState.PENDING:
+            return True
+        rt = self._runtime
+        if rt is None or rt.inbox.closed:
+            return super()._wait(deadline)
+        return rt.inbox.wait_until(self.done, deadline)   # read the reply on this thread
 
     def _decode(self, payload: Any) -> Any:
         return payload.decode()
