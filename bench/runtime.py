@@ -180,7 +180,7 @@ def measure_import(n: int) -> Record:
                                     rounds=n, per_round=1, warmup=1, round_budget_s=float("inf"))
     if errors:
         return missing("import_headrace", "headrace", next(iter(errors.values())))
-    diffs = [a - b for a, b in zip(samples["headrace"], samples["pass"])]
+    diffs = [a - b for a, b in zip(samples["headrace"], samples["pass"], strict=True)]
     return summarize("import_headrace", "headrace", diffs, note="minus `python -c pass`")
 
 

@@ -343,7 +343,7 @@ def _rebuild(obj: Any, errors: str) -> Any:
 def _gather_iter(items: Iterator[Any], errors: str, timeout: float | None) -> Iterator[Any]:
     for item in items:
         value = gather(item, errors=errors, timeout=timeout)
-        if errors == "skip" and isinstance(item, Ref) and not item._state is RefState.READY:
+        if errors == "skip" and isinstance(item, Ref) and item._state is not RefState.READY:
             continue
         yield value
 

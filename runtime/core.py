@@ -698,7 +698,7 @@ def _bad_argument(args: tuple, kwargs: dict, call: str, fn: Any, exc: Exception)
         params = []
     if params and params[0] in ("self", "cls"):
         params = params[1:]
-    for i, value in enumerate(args):
+    for i in range(len(args)):
         names.append(f"argument {params[i]!r} (position {i})" if i < len(params)
                      else f"positional argument {i}")
     labelled = list(zip(names, args, strict=True)) + [

@@ -24,7 +24,7 @@ def test_owner_unlinks_when_collected_and_mapping_outlives_the_name() -> None:
     name = seg.name
     seg.buf[:5] = b"hello"
     reader = Segment.open(name)
-    assert bytes(reader.buf[:5]) == b"hello" and not reader.buf.readonly is False
+    assert bytes(reader.buf[:5]) == b"hello" and reader.buf.readonly
     view = reader.buf[:5]
     del seg
     gc.collect()
