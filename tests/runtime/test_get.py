@@ -13,13 +13,9 @@ import pytest
 import headrace as hr
 from headrace.exceptions import RefsTypeError
 
+from .remotes import slow
+
 pytestmark = pytest.mark.usefixtures("runtime")
-
-
-@hr.remote
-def slow(x, delay_s=0.0):
-    time.sleep(delay_s)
-    return x
 
 
 @hr.remote
