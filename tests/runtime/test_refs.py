@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import re
 import threading
-import time
 
 import pytest
 
