@@ -4,7 +4,7 @@
 HeadraceError
 ├─ TaskError            also an instance of the user's exception class
 ├─ ActorDiedError       WorkerCrashedError   ObjectLostError   TaskCancelledError
-├─ GetTimeoutError      also a builtin TimeoutError
+├─ GetTimeoutError      ChannelTimeoutError   (both also a builtin TimeoutError)
 ├─ DAGCompileError      PipelineFullError    ChannelClosedError   WouldBlock (*_nowait)
 └─ InternalError        "this is a bug in headrace; please report it"
 ```
@@ -164,6 +164,10 @@ class PipelineFullError(HeadraceError):
 
 class ChannelClosedError(HeadraceError):
     """The channel was closed (the compiled DAG was torn down) while waiting on it."""
+
+
+class ChannelTimeoutError(HeadraceError, TimeoutError):
+    """A channel ``read``/``write`` did not complete within its ``timeout_s``."""
 
 
 class WouldBlock(HeadraceError):

@@ -1,0 +1,410 @@
+"""The shared-memory ring channel: one POSIX shm segment, one writer, n readers, futex sync.
+
+In: values written by one process (or thread). Out: each value, in order, to each of
+``n_readers`` readers in any processes that can map ``/dev/shm``.
+Layout: a header (``channels._native`` word map: write sequence, per-reader sequences and pids,
+per-slot unread/views counts, closed flag, futex words, a broken-reason text), then ``capacity``
+slots of ``slot_bytes``. A slot holds a 64-byte frame header (``channels.codec``) and the payload.
+Invariants:
+- The writer reuses a slot only when its unread count is 0 (every reader has read it): that is the
+  backpressure. If zero-copy views of the slot's payload are still alive (its views count > 0),
+  the writer does not wait for them: it spills the value, so holding views never blocks a
+  pipeline and never sees its bytes overwritten.
+- Payloads of at least ``COPY_MAX`` bytes are read zero-copy (read-only Arrow buffers, numpy
+  arrays over them); a release token counts the views and gives the slot back when the last dies.
+  Smaller payloads are copied out, so they never pin a slot.
+- A payload larger than a slot spills into a segment of its own (owned by the writer). The writer
+  reuses a spill segment once every reader is done with it and keeps at most one idle (the ring
+  "grows" to the largest value in flight); the others are unlinked as soon as the readers are done.
+- ``sync``: "spin" spins, "block" sleeps in the kernel at once, "auto" spins up to ``spin_us``
+  then sleeps, and stops spinning after an idle wait, so an idle channel burns no CPU.
+- A blocked endpoint wakes every 100 ms to check that its peers' processes still exist; a dead
+  peer marks the channel broken. The runtime can do it at once with ``mark_broken``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+import numpy as np
+
+from .._config import INLINE_MAX_BYTES
+from . import _native as nat
+from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
+from .codec import (HEADER, HEADER_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL, T_TRUE,
+                    decode, encode, read_header)
+from .segments import Segment, _unlink, is_alive
+
+_MAGIC = 0x31435248          # "HRC1"
+_VERSION = 1
+_MASK = 0xFFFFFFFF
+_REASON_BYTES = 256
+_SLICE_NS = 100_000_000      # how often a blocked endpoint checks its peers
+_IDLE_FACTOR = 4             # "auto": a wait longer than this many spin windows means idle
+COPY_MAX = INLINE_MAX_BYTES  # payloads below this are copied out of the slot
+SPIN_US = 50.0               # default spin window of "auto"
+_SPILL_HEAD = 64             # a spill segment: refs word, then a frame header, then the payload
+_SPILL_GRAIN = 1 << 20
+_I64_MIN, _I64_MAX = -(2 ** 63), 2 ** 63 - 1
+_BITS, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
+_OPS: dict[str, Any] = {}    # the compiled hot ops (channels._native.entry_points), loaded once
+
+
+def _ops() -> dict[str, Any]:
+    if not _OPS:
+        _OPS.update(nat.entry_points())
+    return _OPS
+
+
+def _pid_gone(pid: int) -> bool:
+    if pid == 0 or pid == os.getpid():
+        return False
+    if not is_alive(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"     # a zombie is dead too
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+class _Pin:
+    """Release token: alive while any zero-copy view of a slot or spill payload is alive."""
+
+    __slots__ = ("h", "pins", "word", "keep")
+
+    def __init__(self, h: np.ndarray, pins: np.ndarray, word: int, keep: Any) -> None:
+        self.h, self.pins, self.word, self.keep = h, pins, word, keep
+
+    def __del__(self) -> None:
+        try:
+            _OPS["release"](self.h, self.pins, self.word)
+        except Exception:   # noqa: BLE001 - interpreter shutdown: the mapping goes with us
+            pass
+
+
+class ShmChannel(Channel):
+    """A shared-memory ring channel. The constructor creates (and owns) the segment.
+
+    Args:
+        n_readers: readers that each get every value (1..64).
+        capacity: ring slots: how many values may be in flight before ``write`` blocks.
+        slot_bytes: payload bytes per slot; larger values spill (never an error).
+        sync: "auto" (spin up to ``spin_us``, then sleep), "spin" or "block".
+        spin_us: the spin window of "auto".
+    """
+
+    kind = "shm"
+
+    def __init__(self, n_readers: int = 1, capacity: int = 8, slot_bytes: int = 1 << 20, *,
+                 sync: str = "auto", spin_us: float = SPIN_US) -> None:
+        if not 1 <= n_readers <= nat.MAX_READERS:
+            raise ValueError(f"n_readers must be in 1..{nat.MAX_READERS}, not {n_readers}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, not {capacity}")
+        if slot_bytes < 0:
+            raise ValueError(f"slot_bytes must be >= 0, not {slot_bytes}")
+        slot_size = (HEADER_BYTES + slot_bytes + 63) & ~63
+        head = (nat.header_words(capacity) * 4 + _REASON_BYTES + 4095) & ~4095
+        seg = Segment.create(head + capacity * slot_size)
+        h = np.frombuffer(seg.mmap, np.uint32, nat.header_words(capacity))
+        h[nat.N_SLOTS], h[nat.N_READERS] = capacity, n_readers
+        h[nat.SLOT_SIZE_LO], h[nat.SLOT_SIZE_HI] = slot_size & _MASK, slot_size >> 32
+        h[nat.VERSION] = _VERSION
+        nat.store(h, nat.MAGIC, _MAGIC)
+        self._setup(seg, None, sync, spin_us, owner=True)
+
+    def _setup(self, seg: Segment, role: int | None, sync: str, spin_us: float,
+               owner: bool) -> None:
+        if sync not in ("auto", "spin", "block"):
+            raise ValueError(f"sync must be 'auto', 'spin' or 'block', not {sync!r}")
+        self._seg = seg
+        self._owner = owner
+        capacity = int(np.frombuffer(seg.mmap, np.uint32, nat.N_SLOTS + 1)[nat.N_SLOTS])
+        self._h = h = np.frombuffer(seg.mmap, np.uint32, nat.header_words(capacity))
+        if h[nat.MAGIC] != _MAGIC or h[nat.VERSION] != _VERSION:
+            raise ValueError(f"{seg.name} is not a headrace channel of version {_VERSION}")
+        self._mv = seg.buf
+        self._m64 = np.frombuffer(seg.mmap, np.uint64, seg.size // 8)
+        self._addr = h.ctypes.data
+        self._ops = _ops()
+        self._n = capacity
+        self._n_readers = int(h[nat.N_READERS])
+        self._slot_size = int(h[nat.SLOT_SIZE_LO]) | int(h[nat.SLOT_SIZE_HI]) << 32
+        self._reason_off = nat.header_words(capacity) * 4
+        self._slot0 = seg.size - capacity * self._slot_size
+        self._sync, self._spin_us = sync, spin_us
+        spin_max = int(spin_us * 1000) if sync == "auto" else _SLICE_NS if sync == "spin" else 0
+        self._st = st = np.zeros(nat.ST_WORDS, np.int64)
+        st[nat.ST_SPIN] = st[nat.ST_SPIN_MAX] = spin_max
+        st[nat.ST_IDLE_NS] = _IDLE_FACTOR * spin_max if sync == "auto" else 0
+        st[nat.ST_SLOT0], st[nat.ST_SLOT_SIZE] = self._slot0, self._slot_size
+        self.role = role
+        self._stats = {"bytes": 0, "spills": 0}
+        self._spills: list[tuple[Segment, np.ndarray]] = []     # writer: its spill segments
+        self._spill_cache: tuple[str, Segment, np.ndarray] | None = None    # reader: last map
+        if role == WRITER:
+            nat.store(h, nat.WRITER_PID, os.getpid())
+            st[nat.ST_SEQ] = nat.load(h, nat.WRITE_SEQ)
+        elif role is not None:
+            nat.store(h, nat.READER_PIDS + role, os.getpid())
+            st[nat.ST_SEQ] = nat.load(h, nat.READER_SEQ + 16 * role)
+
+    # endpoints ---------------------------------------------------------------------------
+    def writer(self) -> ShmChannel:
+        return self._endpoint(WRITER)
+
+    def reader(self, index: int = 0) -> ShmChannel:
+        if not 0 <= index < self._n_readers:
+            raise IndexError(f"reader index {index} out of range for {self._n_readers} readers")
+        return self._endpoint(index)
+
+    def _endpoint(self, role: int) -> ShmChannel:
+        ep = object.__new__(ShmChannel)
+        ep._setup(self._seg, role, self._sync, self._spin_us, owner=self._owner)
+        return ep
+
+    def __reduce__(self) -> Any:
+        return _attach, (self._seg.name, self.role, self._sync, self._spin_us)
+
+    @property
+    def name(self) -> str:
+        return self._seg.name
+
+    # writing -----------------------------------------------------------------------------
+    def write(self, value: Any, timeout_s: float | None = None) -> None:
+        if self.role != WRITER:
+            self._check_role("writer")
+        budget = _SLICE_NS if timeout_s is None else min(timeout_ns(timeout_s), _SLICE_NS)
+        t = type(value)
+        if t is int and _I64_MIN <= value <= _I64_MAX:
+            self._run(self._ops["write_scalar"],
+                      (self._h, self._m64, self._st, T_INT, value), budget, timeout_s, "write")
+            return
+        if t is float:
+            self._run(self._ops["write_float"],
+                      (self._h, self._m64, self._st, T_FLOAT, value), budget, timeout_s, "write")
+            return
+        enc = encode(value)             # a TypeError here leaves the channel untouched
+        self._run(self._ops["write_wait"], (self._h, self._st), budget, timeout_s, "write")
+        slot = int(self._st[nat.ST_SEQ]) % self._n
+        off = self._slot0 + slot * self._slot_size
+        size = enc.size
+        if size > self._slot_size - HEADER_BYTES or self._h[nat.SLOTS + 16 * slot + nat.VIEWS]:
+            name = self._write_spill(enc)
+            self._mv[off + HEADER.size:off + HEADER.size + len(name)] = name
+            tag, aux, size, bits = T_SPILL, 0, len(name), 0
+        else:
+            if size:
+                enc.write_payload(self._mv[off + HEADER_BYTES:off + HEADER_BYTES + size])
+            tag, aux, bits = enc.tag, enc.aux, enc.scalar
+            self._stats["bytes"] += size
+        self._ops["write_commit"](self._h, self._m64, self._st, tag, aux, size, bits)
+
+    def _write_spill(self, enc: Any) -> bytes:
+        """Put the value in a spill segment; returns the segment's name for the slot."""
+        need = _SPILL_HEAD + HEADER_BYTES + enc.size
+        seg, sh = self._take_spill(need)
+        enc.pack_header(seg.buf, _SPILL_HEAD)
+        start = _SPILL_HEAD + HEADER_BYTES
+        enc.write_payload(seg.buf[start:start + enc.size])
+        nat.store(sh, 0, self._n_readers)
+        self._stats["spills"] += 1
+        self._stats["bytes"] += enc.size
+        return seg.name.encode()
+
+    def _take_spill(self, need: int) -> tuple[Segment, np.ndarray]:
+        """A free spill segment of at least ``need`` bytes; frees idle ones beyond one."""
+        free = [e for e in self._spills if nat.load(e[1], 0) == 0]
+        fit = [e for e in free if e[0].size >= need]
+        chosen = min(fit, key=lambda e: e[0].size) if fit else None
+        keep = chosen or (max(free, key=lambda e: e[0].size) if free else None)
+        for entry in free:
+            if entry is not keep and entry is not chosen:
+                self._drop_spill(entry)
+        if chosen is None:
+            if keep is not None:        # too small for this value: replace it
+                self._drop_spill(keep)
+            seg = Segment.create((need + _SPILL_GRAIN - 1) // _SPILL_GRAIN * _SPILL_GRAIN)
+            chosen = (seg, np.frombuffer(seg.mmap, np.uint32, 16))
+            self._spills.append(chosen)
+        return chosen
+
+    def _drop_spill(self, entry: tuple[Segment, np.ndarray]) -> None:
+        self._spills = [e for e in self._spills if e is not entry]
+        entry[0].unlink()
+
+    # reading -----------------------------------------------------------------------------
+    def read(self, timeout_s: float | None = None) -> Any:
+        if self.role is None or self.role < 0:
+            self._check_role("reader")
+        budget = _SLICE_NS if timeout_s is None else min(timeout_ns(timeout_s), _SLICE_NS)
+        h = self._h
+        rc, tag, aux, size, bits = self._run(self._ops["read_wait"],
+                                             (h, self._m64, self._st, self.role), budget,
+                                             timeout_s, "read")
+        if tag == T_INT:
+            return bits
+        if tag <= T_FLOAT:              # header-only values were consumed by read_wait
+            return None if tag == T_NONE else True if tag == T_TRUE else False \
+                if tag == T_FALSE else _FLOAT.unpack(_BITS.pack(bits))[0]
+        slot = int(self._st[nat.ST_SEQ]) % self._n
+        off = self._slot0 + slot * self._slot_size
+        commit = self._ops["read_commit"]
+        if tag == T_SPILL:
+            name = bytes(self._mv[off + HEADER.size:off + HEADER.size + size]).decode()
+            commit(h, self._st, self.role, False)
+            return self._read_spill(name)
+        start = off + HEADER_BYTES
+        self._stats["bytes"] += size
+        if size < COPY_MAX:
+            payload = bytearray(self._mv[start:start + size])
+            commit(h, self._st, self.role, False)
+            return decode(tag, aux, bits, payload)
+        commit(h, self._st, self.role, True)
+        return self._decode_pinned(tag, aux, bits, self._addr + start, size,
+                                   _Pin(h, h, nat.SLOTS + 16 * slot + nat.VIEWS, self._seg))
+
+    def _read_spill(self, name: str) -> Any:
+        cached = self._spill_cache
+        if cached is not None and cached[0] == name:
+            seg, sh = cached[1], cached[2]
+        else:
+            try:
+                seg = Segment.open(name, writable=True)
+            except FileNotFoundError:
+                raise closed_error(self, f"its spill segment {name} is gone "
+                                         "(the writer closed the channel or died)") from None
+            sh = np.frombuffer(seg.mmap, np.uint32, 16)
+            self._spill_cache = (name, seg, sh)
+        tag, aux, size, scalar = read_header(seg.buf, _SPILL_HEAD)
+        start = _SPILL_HEAD + HEADER_BYTES
+        self._stats["bytes"] += size
+        if size < COPY_MAX:
+            payload = bytearray(seg.buf[start:start + size])
+            self._unpin_spill(sh, name)
+            return decode(tag, aux, scalar, payload)
+        return self._decode_pinned(tag, aux, scalar, sh.ctypes.data + start, size,
+                                   _SpillPin(self._h, sh, 0, seg))
+
+    def _unpin_spill(self, sh: np.ndarray, name: str) -> None:
+        self._ops["release"](self._h, sh, 0)
+        if self._h[nat.CLOSED] and nat.load(sh, 0) == 0:
+            _unlink(name)               # the writer may be gone: the last reader cleans up
+
+    @staticmethod
+    def _decode_pinned(tag: int, aux: int, scalar: Any, address: int, size: int,
+                       pin: Any) -> Any:
+        import pyarrow as pa
+        return decode(tag, aux, scalar, pa.foreign_buffer(address, size, base=pin))
+
+    # waiting -----------------------------------------------------------------------------
+    def _run(self, op: Any, args: tuple, budget: int, timeout_s: float | None,
+             what: str) -> Any:
+        """Call a blocking op; on a timed-out slice, check peers and go on until the deadline."""
+        res = op(*args, budget)
+        rc = res if type(res) is int else res[0]
+        if rc == 1:
+            return res
+        total = timeout_ns(timeout_s)
+        deadline = None if total < 0 else time.monotonic_ns() + total - budget
+        while True:
+            if rc == -1:
+                raise closed_error(self, self._reason())
+            if rc == 1:
+                return res
+            now = time.monotonic_ns()
+            if deadline is not None and now >= deadline:
+                raise timeout_error(self, what, timeout_s)
+            self._check_peers()
+            budget = _SLICE_NS if deadline is None else min(_SLICE_NS, deadline - now)
+            res = op(*args, budget)
+            rc = res if type(res) is int else res[0]
+
+    def _check_peers(self) -> None:
+        h = self._h
+        if self.role == WRITER:
+            peers = [(f"reader {i}", int(h[nat.READER_PIDS + i])) for i in range(self._n_readers)]
+        else:
+            peers = [("writer", int(h[nat.WRITER_PID]))]
+        for what, pid in peers:
+            if _pid_gone(pid):
+                self.mark_broken(f"the {what} process (pid {pid}) died")
+                return
+
+    # closing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._shut(1, None)
+
+    def mark_broken(self, reason: str) -> None:
+        self._shut(2, reason)
+
+    def _shut(self, code: int, reason: str | None) -> None:
+        h = self._h
+        if reason and not h[nat.CLOSED]:
+            raw = reason.encode()[:_REASON_BYTES - 1]
+            self._mv[self._reason_off:self._reason_off + len(raw) + 1] = raw + b"\0"
+        nat.close(h, code)
+        for entry in [e for e in self._spills if nat.load(e[1], 0) == 0]:
+            self._drop_spill(entry)     # spills still unread stay for their readers
+        self._spill_cache = None
+        if self._owner:
+            self._seg.unlink()
+
+    def _reason(self) -> str | None:
+        if self._h[nat.CLOSED] != 2:
+            return None
+        raw = bytes(self._mv[self._reason_off:self._reason_off + _REASON_BYTES])
+        return raw.split(b"\0", 1)[0].decode(errors="replace") or "a peer process died"
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._h[nat.CLOSED])
+
+    def statistics(self) -> dict[str, Any]:
+        h = self._h
+        reader_seqs = [int(h[nat.READER_SEQ + 16 * i]) for i in range(self._n_readers)]
+        written = int(h[nat.WRITE_SEQ])
+        st = self._st
+        return {"kind": self.kind, "role": self.role, "n_readers": self._n_readers,
+                "capacity": self._n, "slot_bytes": self._slot_size - HEADER_BYTES,
+                "sync": self._sync, "closed": self.closed, "name": self._seg.name,
+                "written": written,
+                "backlog": max(((written - s) & _MASK) for s in reader_seqs),
+                "spill_segments": len(self._spills), "values": int(st[nat.ST_VALUES]),
+                "waits": int(st[nat.ST_WAITS]), **self._stats}
+
+    def __repr__(self) -> str:
+        role = "owner" if self.role is None else "writer" if self.role == WRITER \
+            else f"reader {self.role}"
+        return f"<ShmChannel {self._seg.name} {role}, {self._n_readers} readers>"
+
+
+class _SpillPin(_Pin):
+    """A release token for a spill segment: the last reader unlinks it if the channel closed."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        try:
+            _OPS["release"](self.h, self.pins, self.word)
+            if self.h[nat.CLOSED] and nat.load(self.pins, 0) == 0:
+                _unlink(self.keep.name)
+        except Exception:   # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _attach(name: str, role: int | None, sync: str, spin_us: float) -> ShmChannel:
+    """Open an endpoint of an existing channel (unpickling lands here)."""
+    try:
+        seg = Segment.open(name, writable=True)
+    except FileNotFoundError:
+        from ..exceptions import ChannelClosedError
+        raise ChannelClosedError(f"shared-memory channel {name} no longer exists "
+                                 "(its owner closed it or exited)") from None
+    ep = object.__new__(ShmChannel)
+    ep._setup(seg, role, sync, spin_us, owner=False)
+    return ep

@@ -1,0 +1,170 @@
+"""The shm ring: zero-copy reads never see their bytes overwritten; spills; sync modes."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from headrace.channels import _native as nat
+from headrace.channels.segments import owned_segments
+from headrace.channels.shm import COPY_MAX, ShmChannel
+from headrace.exceptions import ChannelClosedError, ChannelTimeoutError
+
+
+def ours() -> list[str]:
+    return owned_segments(os.getpid())
+
+
+@pytest.fixture
+def ring() -> ShmChannel:
+    ch = ShmChannel(n_readers=1, capacity=2, slot_bytes=1 << 20)
+    yield ch
+    ch.close()
+
+
+def test_large_payloads_are_zero_copy_and_read_only(ring: ShmChannel) -> None:
+    w, r = ring.writer(), ring.reader(0)
+    w.write(np.arange(COPY_MAX, dtype=np.uint8), timeout_s=1)
+    view = r.read(timeout_s=1)
+    assert not view.flags.writeable and not view.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        view[0] = 1
+    small = np.arange(10)
+    w.write(small, timeout_s=1)
+    copied = r.read(timeout_s=1)
+    assert copied.flags.writeable                   # small values are copied out
+    np.testing.assert_array_equal(copied, small)
+
+
+def test_held_views_are_never_overwritten_while_the_writer_laps_the_ring(ring: ShmChannel) -> None:
+    w, r = ring.writer(), ring.reader(0)
+    held = []
+    for k in range(6):                               # three laps of a two-slot ring
+        w.write(np.full(100_000, k, dtype=np.int64), timeout_s=1)     # 800 kB: in a slot
+        held.append(r.read(timeout_s=1))
+    for lap in range(20):                            # keep writing while the views are held
+        w.write(np.full(100_000, 100 + lap, dtype=np.int64), timeout_s=1)
+        assert r.read(timeout_s=1)[0] == 100 + lap
+    for k, view in enumerate(held):
+        assert (view == k).all(), f"view {k} was overwritten"
+    stats = w.statistics()
+    assert stats["spills"] > 0                       # the writer spilled instead of overwriting
+    del held, view
+    gc.collect()
+    spills = w.statistics()["spills"]
+    for k in range(4):                               # views gone: slots are used again
+        w.write(np.full(100_000, k, dtype=np.int64), timeout_s=1)
+        assert r.read(timeout_s=1)[0] == k
+    assert w.statistics()["spills"] == spills
+
+
+def test_a_view_counts_until_its_last_derived_array_dies(ring: ShmChannel) -> None:
+    w, r = ring.writer(), ring.reader(0)
+    w.write(np.arange(50_000, dtype=np.float64).reshape(100, 500), timeout_s=1)
+    slot_views = nat.SLOTS + nat.VIEWS
+    arr = r.read(timeout_s=1)
+    column = arr[:, 3]                               # a derived view keeps the slot pinned
+    del arr
+    gc.collect()
+    assert ring._h[slot_views] == 1
+    assert column[2] == 1003.0
+    del column
+    gc.collect()
+    assert ring._h[slot_views] == 0
+
+
+def test_a_value_larger_than_a_slot_spills_and_the_spill_is_freed() -> None:
+    ch = ShmChannel(n_readers=2, capacity=2, slot_bytes=4096)
+    try:
+        w, r0, r1 = ch.writer(), ch.reader(0), ch.reader(1)
+        before = set(ours())
+        big = np.arange(1_000_000)
+        w.write(big, timeout_s=1)
+        assert w.statistics()["spills"] == 1
+        spill = set(ours()) - before
+        assert len(spill) == 1
+        a, b = r0.read(timeout_s=1), r1.read(timeout_s=1)
+        np.testing.assert_array_equal(a, big)
+        np.testing.assert_array_equal(b, big)
+        w.write(big + 1, timeout_s=1)                # readers still hold views: a second spill
+        assert len(set(ours()) - before) == 2
+        np.testing.assert_array_equal(r0.read(timeout_s=1), big + 1)
+        np.testing.assert_array_equal(r1.read(timeout_s=1), big + 1)
+        del a, b
+        gc.collect()
+        w.write(big + 2, timeout_s=1)                # free spills are reused; at most one idle
+        assert len(set(ours()) - before) <= 2
+        np.testing.assert_array_equal(r0.read(timeout_s=1), big + 2)
+        np.testing.assert_array_equal(r1.read(timeout_s=1), big + 2)
+        gc.collect()
+        w.write("small", timeout_s=1)
+        assert w.statistics()["spill_segments"] <= 1
+        assert r0.read(timeout_s=1) == r1.read(timeout_s=1) == "small"
+        w.close()                                    # the writer frees its idle spills
+        assert set(ours()) - before == set()
+    finally:
+        ch.close()
+    assert ours() == []
+
+
+def test_an_unread_spill_survives_the_writer_closing() -> None:
+    ch = ShmChannel(capacity=2, slot_bytes=1024)
+    w, r = ch.writer(), ch.reader(0)
+    w.write(b"x" * 100_000, timeout_s=1)
+    w.close()
+    assert r.read(timeout_s=1) == b"x" * 100_000
+    with pytest.raises(ChannelClosedError):
+        r.read(timeout_s=1)
+    del w, r, ch
+    gc.collect()
+    assert ours() == []
+
+
+@pytest.mark.parametrize("sync", ["spin", "block", "auto"])
+def test_every_sync_mode_moves_values_and_times_out(sync: str) -> None:
+    ch = ShmChannel(capacity=2, sync=sync)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        for i in range(100):
+            w.write(i, timeout_s=1)
+            assert r.read(timeout_s=1) == i
+        with pytest.raises(ChannelTimeoutError):
+            r.read(timeout_s=0.05)
+    finally:
+        ch.close()
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="sync must be 'auto', 'spin' or 'block', not 'fast'"):
+        ShmChannel(sync="fast")
+    with pytest.raises(ValueError, match="n_readers must be in 1..64, not 65"):
+        ShmChannel(n_readers=65)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        ShmChannel(capacity=0)
+    assert ours() == []
+
+
+def test_an_endpoint_of_a_closed_and_unlinked_channel_cannot_attach() -> None:
+    ch = ShmChannel()
+    blob = pickle.dumps(ch.reader(0))
+    ch.close()
+    with pytest.raises(ChannelClosedError, match="no longer exists"):
+        pickle.loads(blob)
+
+
+def test_the_owner_unlinks_on_close_and_endpoints_stay_usable_until_then() -> None:
+    ch = ShmChannel()
+    name = ch.name
+    assert name in ours()
+    w = pickle.loads(pickle.dumps(ch.writer()))      # an attached (non-owner) endpoint
+    r = ch.reader(0)
+    w.write("x", timeout_s=1)
+    assert r.read(timeout_s=1) == "x"
+    w.close()                                        # a non-owner close: flag only
+    assert name in ours()
+    ch.close()
+    assert name not in ours()
