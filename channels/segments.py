@@ -14,6 +14,7 @@ import mmap
 import os
 import secrets
 import weakref
+from typing import Any
 
 from .._config import SHM_PREFIX
 
@@ -45,7 +46,7 @@ class Segment:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
-            mm = _map(fd, size, writable=True)
+            mm = _map(fd, size, writable=True, populate=True)
         except BaseException:
             os.close(fd)
             _unlink(name)
@@ -55,8 +56,8 @@ class Segment:
 
     @classmethod
     def create_from(cls, parts: list[tuple[int, memoryview]], size: int, name: str | None = None,
-                    *, owner: bool = True) -> Segment:
-        """Create a segment holding ``parts`` (offset, bytes), mapped read-only.
+                    *, owner: bool = True, writable: bool = False) -> Segment:
+        """Create a segment holding ``parts`` (offset, bytes), mapped read-only unless asked.
 
         Written with pwrite, which fills fresh tmpfs pages without a page fault per page
         (about 2x faster than writing through a new mapping on virtual machines).
@@ -69,7 +70,8 @@ class Segment:
                 done = 0
                 while done < data.nbytes:
                     done += os.pwrite(fd, data[done:], offset + done)
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size \
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot) if size \
                 else mmap.mmap(-1, 1)
         except BaseException:
             os.close(fd)
@@ -84,15 +86,23 @@ class Segment:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR if writable else os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            mm = _map(fd, size, writable=writable)
+            mm = _map(fd, size, writable=writable, populate=False)
         finally:
             os.close(fd)
         return cls(name, size, mm, owner)
 
-    def take_ownership(self) -> None:
-        """Make this object unlink the name when it is garbage-collected."""
-        if self._finalizer is None:
-            self._finalizer = weakref.finalize(self, _unlink, self.name)
+    def take_ownership(self, on_free: Any = None) -> None:
+        """Make this object free the name when it is garbage-collected.
+
+        ``on_free(name, size, mmap)`` replaces the plain unlink (a pool may keep the segment);
+        it must not hold this object.
+        """
+        if self._finalizer is not None:
+            if on_free is None:
+                return
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _unlink, self.name) if on_free is None \
+            else weakref.finalize(self, on_free, self.name, self.size, self.mmap)
 
     def disown(self) -> None:
         """Hand the name to someone else: this object will not unlink it."""
@@ -111,11 +121,11 @@ class Segment:
         return f"Segment({self.name!r}, {self.size} bytes)"
 
 
-def _map(fd: int, size: int, *, writable: bool) -> mmap.mmap:
+def _map(fd: int, size: int, *, writable: bool, populate: bool) -> mmap.mmap:
     if size == 0:
         return mmap.mmap(-1, 1)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return mmap.mmap(fd, size, flags=flags, prot=prot)
 
 

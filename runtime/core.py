@@ -37,7 +37,7 @@ from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
 from . import protocol
 from .inbox import Inbox
 from .output import LogForwarder
-from .payload import Payload, SegmentTable, encode, from_wire
+from .payload import Payload, SegmentPool, SegmentTable, encode, from_wire
 from .protocol import ErrorInfo, Msg, WorkerSpec
 from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState
 from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
@@ -65,7 +65,7 @@ class Runtime:
         sock.bind(protocol.endpoint(self.dir, "driver"))
         self.inbox = Inbox(sock, self._handle, self.wake_io)
         self.lock = threading.RLock()
-        self.table = SegmentTable()
+        self.table = SegmentTable(pool=SegmentPool())
         self.procs: dict[str, Proc] = {}
         self.idle: deque[Proc] = deque()
         self.ready: deque[TaskRecord] = deque()      # function tasks with their args ready
@@ -618,6 +618,7 @@ class Runtime:
         for fd in (self.wake_r, self.wake_w):
             _close_fd(fd)
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.table.pool.clear()
         unlink_owned(self.pid)
 
 
