@@ -17,5 +17,9 @@ CHECKS = os.environ.get("HEADRACE_CHECKS", "") not in ("", "0")
 #: Verbose internal logging; read once here, never on a hot path.
 DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
 
+#: After this many calls, an actor's calls and results move to shared-memory rings (zmq carries
+#: the rest); attaching costs the actor a one-off numba load, in the background. 0: never.
+ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
+
 #: How long shutdown() waits for children to exit on their own before SIGKILL.
 SHUTDOWN_GRACE_S = 0.3

@@ -37,6 +37,7 @@ _clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32
 
 # Header words (uint32 indices). Hot words sit on their own 64-byte cache line.
 MAGIC, VERSION, N_SLOTS, N_READERS, SLOT_SIZE_LO, SLOT_SIZE_HI, WRITER_PID = range(7)
+READING = 8                     # a reader announces it is reading now (see ShmChannel.reading)
 WRITE_SEQ = 16                  # values published so far (wraps at 2**32; compared by difference)
 RD_NOTIFY, RD_WAITERS = 32, 33  # readers sleep on RD_NOTIFY
 WR_NOTIFY, WR_WAITERS = 48, 49  # the writer sleeps on WR_NOTIFY

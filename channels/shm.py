@@ -335,6 +335,26 @@ class ShmChannel(Channel):
                 self.mark_broken(f"the {what} process (pid {pid}) died")
                 return
 
+    def announce_reading(self, active: bool) -> None:
+        """Reader: say whether a thread is reading this channel right now.
+
+        A writer that finds no reader active (``reader_is_active``) after a write can notify the
+        reading side out of band. Both sides use sequentially consistent atomics, so a value
+        written just as the reader leaves is seen by one of them: the reader re-checks the
+        channel after announcing it left.
+        """
+        nat.store(self._h, nat.READING, 1 if active else 0)
+
+    def reader_is_active(self) -> bool:
+        return bool(nat.load(self._h, nat.READING))
+
+    def backlog(self) -> int:
+        """Values written that the slowest reader has not consumed yet."""
+        h = self._h
+        written = int(h[nat.WRITE_SEQ])
+        return max((written - int(h[nat.READER_SEQ + 16 * i])) & _MASK
+                   for i in range(self._n_readers))
+
     # closing -----------------------------------------------------------------------------
     def close(self) -> None:
         self._shut(1, None)
@@ -366,14 +386,11 @@ class ShmChannel(Channel):
 
     def statistics(self) -> dict[str, Any]:
         h = self._h
-        reader_seqs = [int(h[nat.READER_SEQ + 16 * i]) for i in range(self._n_readers)]
-        written = int(h[nat.WRITE_SEQ])
         st = self._st
         return {"kind": self.kind, "role": self.role, "n_readers": self._n_readers,
                 "capacity": self._n, "slot_bytes": self._slot_size - HEADER_BYTES,
                 "sync": self._sync, "closed": self.closed, "name": self._seg.name,
-                "written": written,
-                "backlog": max(((written - s) & _MASK) for s in reader_seqs),
+                "written": int(h[nat.WRITE_SEQ]), "backlog": self.backlog(),
                 "spill_segments": len(self._spills), "values": int(st[nat.ST_VALUES]),
                 "waits": int(st[nat.ST_WAITS]), **self._stats}
 

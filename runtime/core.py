@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import logging
 import pickle
 import shutil
 import signal
@@ -37,6 +38,7 @@ from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
 from . import protocol
 from .inbox import Inbox
 from .output import LogForwarder
+from .lane import DriverLane
 from .payload import Payload, SegmentPool, SegmentTable, encode, from_wire
 from .protocol import ErrorInfo, Msg, WorkerSpec
 from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState
@@ -44,6 +46,7 @@ from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
 from .worker import SPEC_ENV
 
 _WORKER_CMD = "from headrace.runtime.worker import main; main()"
+logger = logging.getLogger(__name__)
 Finish = Callable[[], Any]
 
 
@@ -117,7 +120,11 @@ class Runtime:
             setattr(proc, attr, sock)
 
     def _send(self, proc: Proc, header: tuple[Any, ...], frames: list[Any] | None = None,
-              ctl: bool = False) -> None:
+              ctl: bool = False, lane_timeout_s: float = 0.0) -> None:
+        if proc.lane is not None and not ctl:
+            if proc.state is not ProcState.DEAD:
+                proc.lane.send(header, frames, timeout_s=lane_timeout_s)
+            return
         sock = proc.ctl if ctl else proc.push
         if sock is None or proc.state is ProcState.DEAD:
             return
@@ -164,6 +171,10 @@ class Runtime:
                                 inbox.drain(settle_s=0.005)
                             finally:
                                 inbox.lock.release()
+                        if proc.lane is not None:
+                            proc.lane.drain_dead(f"the actor process (pid {proc.pid}) died")
+                        if proc.pending_lane is not None:
+                            proc.pending_lane.close()
                         self._on_death(proc)
             finally:
                 if holding:
@@ -184,6 +195,11 @@ class Runtime:
                 poller.register(fd, zmq.POLLIN)
 
     def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        if header[0] == Msg.DOORBELL:
+            proc = self.procs.get(header[1])
+            if proc is not None and proc.lane is not None:
+                proc.lane.doorbell()
+            return
         finishes: list[Finish] = []
         with self.lock:
             proc = self.procs.get(header[1])
@@ -204,7 +220,7 @@ class Runtime:
         args = actor.init_args.to_wire(frames_out)
         deps = {rid: _payload_of(r).to_wire(frames_out) for rid, r in actor.init_deps.items()}
         self._send(proc, (Msg.INIT_ACTOR, actor.body.blob, args, deps, actor.max_concurrency,
-                          actor.label), frames_out)
+                          actor.label), frames_out, lane_timeout_s=_LANE_SEND_S)
         actor.state = ActorState.ALIVE
         self._pump(actor, out)
 
@@ -233,7 +249,8 @@ class Runtime:
     def _on_init_failed(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
         if proc.actor is not None:
             proc.actor.init_error = task_error(header[2])
-            self._send(proc, (Msg.EXIT,))     # its death then fails every call, saying why
+            # its death then fails every call, saying why
+            self._send(proc, (Msg.EXIT,), lane_timeout_s=_LANE_SEND_S)
 
     def _answered(self, proc: Proc, tid: str, out: list[Finish]) -> TaskRecord | None:
         """Retire a task the child answered; frees its worker or actor slot."""
@@ -243,6 +260,8 @@ class Runtime:
         task.state = TaskState.DONE
         if task.actor is not None:
             task.actor.inflight.pop(tid, None)
+            if task.actor.queue:                # a full call ring may have held calls back
+                self._pump(task.actor, out)
         elif proc.task is task:
             proc.task = None
             self.free_cpus += task.num_cpus
@@ -470,20 +489,56 @@ class Runtime:
         if actor.state is not ActorState.ALIVE:
             return
         proc = actor.proc
+        lane = proc.lane
         while actor.queue and actor.queue[0].state is TaskState.QUEUED:
-            task = actor.queue.popleft()
+            task = actor.queue[0]
             if task.is_exit:
+                if lane is not None and not lane.send((Msg.EXIT,)):
+                    return                      # the call ring is full: after the next result
+                actor.queue.popleft()
                 actor.exiting = True
                 self.tasks.pop(task.tid, None)
-                self._send(proc, (Msg.EXIT,))
+                if lane is None:
+                    self._send(proc, (Msg.EXIT,))
                 continue
-            task.state, task.proc = TaskState.SENT, proc
-            actor.inflight[task.tid] = task
             frames: list[Any] = [None]
             args = task.args.to_wire(frames)
             deps = {rid: _payload_of(r).to_wire(frames) for rid, r in task.deps.items()}
-            self._send(proc, (Msg.CALL, task.tid, task.method, args, deps, len(task.refs)),
-                       frames)
+            header = (Msg.CALL, task.tid, task.method, args, deps, len(task.refs))
+            if lane is not None:
+                if not lane.send(header, frames):
+                    return                      # the call ring is full: after the next result
+            else:
+                self._send(proc, header, frames)
+            actor.queue.popleft()
+            task.state, task.proc = TaskState.SENT, proc
+            actor.inflight[task.tid] = task
+            proc.calls += 1
+            if proc.calls == _config.ACTOR_LANE_AFTER:
+                threading.Thread(target=self._open_lane, args=(proc,), daemon=True,
+                                 name="headrace-lane").start()
+
+    def _open_lane(self, proc: Proc) -> None:
+        """Background: make the rings (the first time loads numba), hand them to the actor."""
+        try:
+            lane = DriverLane(self._handle)
+        except Exception:       # noqa: BLE001 - no lane: the actor keeps using zmq
+            logger.exception("could not create the shared-memory lane of %s", proc.label)
+            return
+        with self.lock:
+            if proc.state is ProcState.DEAD or self.closed:
+                lane.close()
+                return
+            proc.pending_lane = lane
+            self._send(proc, (Msg.LANE, pickle.dumps(lane.worker_ends())))
+
+    def _on_lane_ready(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
+        """The actor attached its rings: later calls go there, after a last SWITCH on zmq."""
+        lane, proc.pending_lane = proc.pending_lane, None
+        if lane is None:
+            return
+        self._send(proc, (Msg.SWITCH,))
+        proc.lane = lane
 
     # -- actors -----------------------------------------------------------------------------
     def create_actor(self, body: Any, options: dict[str, Any], args: tuple,
@@ -618,17 +673,23 @@ class Runtime:
         for fd in (self.wake_r, self.wake_w):
             _close_fd(fd)
         shutil.rmtree(self.dir, ignore_errors=True)
+        for proc in procs:
+            for lane in (proc.lane, proc.pending_lane):
+                if lane is not None:
+                    lane.close()
         self.table.pool.clear()
         unlink_owned(self.pid)
 
 
 _BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
+_LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor drains it fast
 _MAX_START_FAILURES = 3
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,
     Msg.RESULT: Runtime._on_result, Msg.ERROR: Runtime._on_error,
     Msg.CANCELLED: Runtime._on_cancelled, Msg.INIT_FAILED: Runtime._on_init_failed,
+    Msg.LANE_READY: Runtime._on_lane_ready,
 }
 
 

@@ -26,6 +26,8 @@ class Msg(IntEnum):
     CALL = 3            # (kind, task_id, method, args_desc, deps, nret)
     EXIT = 4            # (kind,)
     CANCEL = 5          # (kind, task_id)             on the control socket
+    LANE = 6            # (kind, ends_blob)           attach shm rings (in the background)
+    SWITCH = 7          # (kind,)                     the last message on zmq: read the ring
     # child -> driver
     READY = 10          # (kind, wid, pid)
     RESULT = 11         # (kind, wid, task_id, [desc, ...])
@@ -33,6 +35,8 @@ class Msg(IntEnum):
     CANCELLED = 13      # (kind, wid, task_id)
     INIT_FAILED = 14    # (kind, wid, ErrorInfo)
     ACTOR_READY = 15    # (kind, wid)
+    DOORBELL = 16       # (kind, wid)          an actor wrote its result ring while nobody read
+    LANE_READY = 17     # (kind, wid)          the rings are attached: switch calls to them
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,8 @@ class Proc:
     """One child process: a pooled task worker or an actor's home."""
 
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
-                 "state", "fn_ids", "task", "actor", "forced_cancel")
+                 "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
+                 "calls")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -58,6 +59,9 @@ class Proc:
         self.task: TaskRecord | None = None   # the task a pooled worker runs
         self.actor: ActorRecord | None = None
         self.forced_cancel: str | None = None  # task id killed by hr.cancel(force=True)
+        self.lane: Any = None                 # an actor's shm call/result rings (DriverLane)
+        self.pending_lane: Any = None         # rings made, the actor not attached yet
+        self.calls = 0                        # calls sent to this actor
 
 
 class TaskRecord:

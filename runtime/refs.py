@@ -382,6 +382,13 @@ class ObjectRef(Ref):
         rt = self._runtime
         if rt is None or rt.inbox.closed:
             return super()._wait(deadline)
+        task = self._task
+        proc = task.proc if task is not None else None
+        if proc is not None and proc.lane is not None and \
+                threading.get_ident() != rt.inbox.io_ident:
+            done = proc.lane.wait_until(self.done, deadline)    # the actor's result ring
+            if done is not None:
+                return done
         return rt.inbox.wait_until(self.done, deadline)   # read the reply on this thread
 
     def _decode(self, payload: Any) -> Any:

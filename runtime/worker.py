@@ -31,6 +31,8 @@ import zmq
 
 from . import protocol
 from .output import install_prefixed_output
+from ..exceptions import ChannelClosedError
+from .lane import WorkerLane
 from .payload import Payload, SegmentTable, encode, from_wire
 from .protocol import ErrorInfo, Msg, WorkerSpec
 from .refs import resolving_refs
@@ -83,6 +85,8 @@ class Worker:
         self.control = threading.Thread(target=self._control_loop, name="headrace-control",
                                         daemon=True)
         self.control.start()
+        self.lane: WorkerLane | None = None         # replies go here once attached
+        self.receive: Callable[[], tuple[tuple, list]] = lambda: protocol.recv(self.inbox)
         self._send((Msg.READY, spec.wid, self.pid))
 
     def _socket(self, kind: int, address: str, bind: bool) -> zmq.Socket:
@@ -96,9 +100,13 @@ class Worker:
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> None:
         handlers = {Msg.TASK: self._on_task, Msg.CALL: self._on_call,
-                    Msg.INIT_ACTOR: self._on_init_actor}
+                    Msg.INIT_ACTOR: self._on_init_actor, Msg.LANE: self._on_lane,
+                    Msg.SWITCH: self._on_switch}
         while True:
-            header, frames = protocol.recv(self.inbox)
+            try:
+                header, frames = self.receive()
+            except ChannelClosedError:      # the driver is gone (or tore this actor down)
+                break
             if header[0] == Msg.EXIT:
                 break
             handlers[header[0]](header, frames)
@@ -220,7 +228,32 @@ class Worker:
 
     def _send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
         with self.send_lock:
-            protocol.send(self.outbox, header, frames)
+            if self.lane is not None:
+                self.lane.send(header, frames)
+            else:
+                protocol.send(self.outbox, header, frames)
+
+    def _on_lane(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        """Attach the shm rings on a thread (numba loads there), then tell the driver."""
+        def attach() -> None:
+            try:
+                lane = WorkerLane(pickle.loads(header[1]), self._ring_doorbell)
+            except BaseException:           # noqa: BLE001 - no lane: calls stay on zmq
+                logging.getLogger(__name__).exception("could not attach the shm lane")
+                return
+            with self.send_lock:
+                self.lane = lane
+                protocol.send(self.outbox, (Msg.LANE_READY, self.spec.wid))
+        threading.Thread(target=attach, name="headrace-lane", daemon=True).start()
+
+    def _on_switch(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        """The driver's last zmq message: from now on calls come through the ring."""
+        if self.lane is not None:
+            self.receive = self.lane.recv
+
+    def _ring_doorbell(self) -> None:
+        """Under ``send_lock``: the driver is not reading our result ring; tell it to."""
+        protocol.send(self.outbox, (Msg.DOORBELL, self.spec.wid))
 
     # -- cancellation -----------------------------------------------------------------------
     def _on_interrupt(self, signum: int, frame: Any) -> None:

@@ -1,0 +1,180 @@
+"""Actor lanes: two shared-memory rings between the driver and one actor process.
+
+In: control messages (``header``, frames) as ``protocol`` defines them. Out: the same messages on
+the other side, without zmq's I/O threads in the way (a call round trip costs two futex hand-offs,
+or none while the peer is still spinning).
+Invariants:
+- The call ring carries INIT_ACTOR, CALL and EXIT to the actor, in submission order; the driver
+  writes it only under the runtime lock and never blocks on it (a full ring keeps calls queued).
+- The result ring carries the actor's replies. A driver thread that waits for an actor call reads
+  it itself (``wait_until``), announcing so in the ring; after each reply the actor checks the
+  announcement and, when nobody reads, rings the doorbell (a tiny zmq message to the driver's
+  inbox), so callbacks, futures and ``done()`` see results without anyone waiting in ``get()``.
+- Before a death is handled, the driver drains what the actor wrote before dying.
+
+  driver ─ CALL ─▶ [call ring] ─▶ actor main thread ─▶ fn ─▶ [result ring] ─▶ thread in get()
+                                                                └─ nobody reading? DOORBELL (zmq)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..channels.shm import ShmChannel
+from ..exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
+from .deadline import Deadline
+
+CAPACITY = 32                   # messages in flight each way before the driver queues calls
+SLOT_BYTES = 16 * 1024          # larger messages spill (their big buffers are in segments anyway)
+SPIN_US = float(os.environ.get("HEADRACE_LANE_SPIN_US", "500"))   # see ShmChannel "auto"
+_DOORBELL_GRACE_S = 50e-6       # an actor waits this long for a reader before ringing
+_SLICE_S = 0.05                 # a reading thread re-checks its condition at least this often
+_CONTENDED_S = 0.001            # a second waiter polls its condition while another one reads
+
+
+def _pack(header: tuple[Any, ...], frames: list[Any] | None) -> tuple[Any, ...]:
+    tail = [pickle.PickleBuffer(f) for f in frames[1:]] if frames else []
+    return header, tail
+
+
+def _unpack(message: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Any]]:
+    header, tail = message
+    return header, [None, *tail]
+
+
+class DriverLane:
+    """The driver's end: writes calls, reads results (one reading thread at a time)."""
+
+    def __init__(self, handle: Callable[[tuple, list], None]) -> None:
+        self.calls = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US)
+        self.results = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US)
+        self._call_w = self.calls.writer()
+        self._result_r = self.results.reader(0)
+        self._handle = handle
+        self.lock = threading.Lock()        # held by the thread reading the result ring
+        self._doorbell = False
+
+    def worker_ends(self) -> tuple[ShmChannel, ShmChannel]:
+        """The actor's endpoints (picklable): call reader, result writer."""
+        return self.calls.reader(0), self.results.writer()
+
+    def send(self, header: tuple[Any, ...], frames: list[Any] | None = None,
+             timeout_s: float = 0) -> bool:
+        """Write a message to the actor; False if the ring stayed full for ``timeout_s``."""
+        try:
+            self._call_w.write(_pack(header, frames), timeout_s=timeout_s)
+        except ChannelTimeoutError:
+            return False
+        except ChannelClosedError:
+            return True                     # the actor is gone: its death fails the call
+        return True
+
+    def wait_until(self, cond: Callable[[], bool], deadline: Deadline) -> bool | None:
+        """Read replies on this thread until ``cond()``; None if the lane can no longer help."""
+        while not cond():
+            if self.results.closed:
+                return None
+            if self.lock.acquire(blocking=False):
+                try:
+                    self._read(cond, deadline)
+                finally:
+                    self.lock.release()
+                self._after_release()
+                if self.results.closed and not cond():
+                    return None
+            else:                           # another thread reads: it may finish our ref
+                remaining = deadline.remaining_s()
+                if remaining == 0:
+                    return cond()
+                if self.lock.acquire(timeout=_CONTENDED_S if remaining is None
+                                     else min(_CONTENDED_S, remaining)):
+                    self.lock.release()
+            if deadline.remaining_s() == 0:
+                return cond()
+        return True
+
+    def _read(self, cond: Callable[[], bool], deadline: Deadline) -> None:
+        reader = self._result_r
+        reader.announce_reading(True)
+        try:
+            while not cond():
+                remaining = deadline.remaining_s()
+                if remaining == 0:
+                    return
+                try:
+                    message = reader.read(timeout_s=_SLICE_S if remaining is None
+                                          else min(_SLICE_S, remaining))
+                except ChannelTimeoutError:
+                    continue
+                except ChannelClosedError:
+                    return
+                self._handle(*_unpack(message))
+        finally:
+            reader.announce_reading(False)
+            self._drain()                   # what came in as we left: the actor saw us reading
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self._result_r.read_nowait()
+            except (WouldBlock, ChannelClosedError):
+                return
+            self._handle(*_unpack(message))
+
+    def doorbell(self) -> None:
+        """The actor wrote while nobody read: drain now, or have the reading thread do it."""
+        self._doorbell = True
+        self._after_release()
+
+    def _after_release(self) -> None:
+        while self._doorbell and self.lock.acquire(blocking=False):
+            try:
+                self._doorbell = False
+                self._drain()
+            finally:
+                self.lock.release()
+
+    def drain_dead(self, reason: str, timeout_s: float = 1.0) -> None:
+        """The actor died: wake any reader, then handle everything it wrote before dying."""
+        self.results.mark_broken(reason)
+        self.calls.mark_broken(reason)
+        if self.lock.acquire(timeout=timeout_s):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
+
+    def close(self) -> None:
+        self.calls.close()
+        self.results.close()
+
+
+class WorkerLane:
+    """The actor's end: reads calls, writes replies (and rings the doorbell when nobody reads)."""
+
+    def __init__(self, ends: tuple[ShmChannel, ShmChannel],
+                 doorbell: Callable[[], None]) -> None:
+        self._calls, self._results = ends
+        self._doorbell = doorbell
+
+    def recv(self) -> tuple[tuple[Any, ...], list[Any]]:
+        """The next message; raises ChannelClosedError when the driver is gone."""
+        return _unpack(self._calls.read())
+
+    def send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
+        results = self._results
+        results.write(_pack(header, frames))
+        if results.reader_is_active():
+            return
+        # The driver often starts reading a moment later (it is still submitting): give it
+        # that moment before paying for a doorbell, which wakes its I/O thread.
+        until = time.perf_counter() + _DOORBELL_GRACE_S
+        while time.perf_counter() < until:
+            if results.reader_is_active() or results.backlog() == 0:
+                return
+        self._doorbell()
