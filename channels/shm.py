@@ -34,8 +34,8 @@ import numpy as np
 from .._config import INLINE_MAX_BYTES
 from . import _native as nat
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
-from .codec import (HEADER, HEADER_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL, T_TRUE,
-                    decode, encode, read_header)
+from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
+                    T_TRUE, decode, encode, read_header)
 from .segments import Segment, _unlink, is_alive
 
 _MAGIC = 0x31435248          # "HRC1"
@@ -188,6 +188,16 @@ class ShmChannel(Channel):
             self._run(self._ops["write_float"],
                       (self._h, self._m64, self._st, T_FLOAT, value), budget, timeout_s, "write")
             return
+        if t is bytes and len(value) <= self._slot_size - HEADER_BYTES:
+            self._run(self._ops["write_wait"], (self._h, self._st), budget, timeout_s, "write")
+            slot = int(self._st[nat.ST_SEQ]) % self._n
+            if not self._h[nat.SLOTS + 16 * slot + nat.VIEWS]:     # else: spill, below
+                start = self._slot0 + slot * self._slot_size + HEADER_BYTES
+                self._mv[start:start + len(value)] = value
+                self._stats["bytes"] += len(value)
+                self._ops["write_commit"](self._h, self._m64, self._st, T_BYTES, 0,
+                                          len(value), 0)
+                return
         enc = encode(value)             # a TypeError here leaves the channel untouched
         self._run(self._ops["write_wait"], (self._h, self._st), budget, timeout_s, "write")
         slot = int(self._st[nat.ST_SEQ]) % self._n
@@ -260,6 +270,10 @@ class ShmChannel(Channel):
             return self._read_spill(name)
         start = off + HEADER_BYTES
         self._stats["bytes"] += size
+        if tag == T_BYTES:              # bytes are always copied out: they own their memory
+            value = self._mv[start:start + size].tobytes()
+            commit(h, self._st, self.role, False)
+            return value
         if size < COPY_MAX:
             payload = bytearray(self._mv[start:start + size])
             commit(h, self._st, self.role, False)

@@ -32,18 +32,20 @@ from .deadline import Deadline
 CAPACITY = 32                   # messages in flight each way before the driver queues calls
 SLOT_BYTES = 16 * 1024          # larger messages spill (their big buffers are in segments anyway)
 SPIN_US = float(os.environ.get("HEADRACE_LANE_SPIN_US", "500"))   # see ShmChannel "auto"
-_DOORBELL_GRACE_S = 50e-6       # an actor waits this long for a reader before ringing
+_GRACE_S = 300e-6               # how long an actor waits for a reader before ringing...
+_PROBE_EVERY = 16               # ...or, while readers keep not coming, only every 16th time
 _SLICE_S = 0.05                 # a reading thread re-checks its condition at least this often
 _CONTENDED_S = 0.001            # a second waiter polls its condition while another one reads
 
 
-def _pack(header: tuple[Any, ...], frames: list[Any] | None) -> tuple[Any, ...]:
+def _pack(header: tuple[Any, ...], frames: list[Any] | None) -> bytes:
+    """One message as bytes: a plain pickle (inline frames are small; large data is in segments)."""
     tail = [pickle.PickleBuffer(f) for f in frames[1:]] if frames else []
-    return header, tail
+    return pickle.dumps((header, tail), protocol=5)
 
 
-def _unpack(message: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Any]]:
-    header, tail = message
+def _unpack(message: bytes) -> tuple[tuple[Any, ...], list[Any]]:
+    header, tail = pickle.loads(message)
     return header, [None, *tail]
 
 
@@ -161,6 +163,8 @@ class WorkerLane:
                  doorbell: Callable[[], None]) -> None:
         self._calls, self._results = ends
         self._doorbell = doorbell
+        self._grace_s = _GRACE_S        # 0 while the driver keeps not reading (fire and forget)
+        self._sent = 0
 
     def recv(self) -> tuple[tuple[Any, ...], list[Any]]:
         """The next message; raises ChannelClosedError when the driver is gone."""
@@ -169,12 +173,17 @@ class WorkerLane:
     def send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
         results = self._results
         results.write(_pack(header, frames))
+        self._sent += 1
         if results.reader_is_active():
             return
         # The driver often starts reading a moment later (it is still submitting): give it
-        # that moment before paying for a doorbell, which wakes its I/O thread.
-        until = time.perf_counter() + _DOORBELL_GRACE_S
+        # that moment before paying for a doorbell, which wakes its I/O thread. When it keeps
+        # not coming (calls fired and forgotten), ring at once, probing now and then.
+        grace = self._grace_s or (_GRACE_S if self._sent % _PROBE_EVERY == 0 else 0.0)
+        until = time.perf_counter() + grace
         while time.perf_counter() < until:
             if results.reader_is_active() or results.backlog() == 0:
+                self._grace_s = _GRACE_S
                 return
+        self._grace_s = 0.0
         self._doorbell()
