@@ -10,6 +10,7 @@ from __future__ import annotations
 #: Suite name -> module (imported lazily) exposing ``run(quick: bool) -> list[Record]``.
 SUITES: dict[str, str] = {
     "runtime": "bench.runtime",
+    "channels": "bench.channels",
 }
 
 __all__ = ["SUITES"]

@@ -70,7 +70,9 @@ def missing(case: str, impl: str, note: str) -> Record:
 
 
 def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int, warmup: int,
-              round_budget_s: float) -> tuple[dict[str, list[float]], dict[str, str]]:
+              round_budget_s: float,
+              hooks: dict[str, tuple[Callable[[], None], Callable[[], None]]] | None = None,
+              ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time every callable in alternating rounds.
 
     Args:
@@ -80,6 +82,9 @@ def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: i
         warmup: Untimed operations per implementation before the first round.
         round_budget_s: An implementation stops its round early after this many seconds
             (it always does at least one operation), so slow peers cannot stretch the run.
+        hooks: Implementation name -> (before, after), called untimed around each of its rounds
+            (the warm-up included): e.g. to wake a peer process that must not spin while the
+            other implementations run. A hook that raises fails the implementation.
 
     Returns:
         (seconds per operation for each implementation, error text for those that raised).
@@ -99,17 +104,26 @@ def alternate(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: i
                 if t1 - start > round_budget_s:
                     return
 
-    names = list(fns)
+    names, hooks = list(fns), hooks or {}
     for r in range(-1, rounds if names else -1):              # round -1 is the warm-up
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in errors:
                 continue
+            before, after = hooks.get(name, (_nothing, _nothing))
             try:
-                run(name, warmup if r < 0 else per_round, timed=r >= 0)
+                before()
+                try:
+                    run(name, warmup if r < 0 else per_round, timed=r >= 0)
+                finally:
+                    after()
             except Exception as exc:  # noqa: BLE001 - a failing peer becomes a row, not a crash
                 errors[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 samples[name] = []
     return samples, errors
+
+
+def _nothing() -> None:
+    pass
 
 
 def progress(suite: str, rec: Record) -> None:
@@ -162,9 +176,19 @@ def case_table(records: Sequence[Record], base: str = "headrace") -> list[str]:
     return lines
 
 
+_LEGEND = ("Ratios below 1.0 in the `headrace / impl` column mean headrace is faster. "
+           "Compare ratios, not microseconds, across hosts.")
+
+
 def write_results(suite: str, records: Sequence[Record], host: dict[str, object],
-                  targets: Sequence[Target], *, quick: bool) -> Path:
-    """Write ``<suite>.json``, ``<suite>.host.json`` and ``<suite>.md``; return the .md path."""
+                  targets: Sequence[Target], *, quick: bool,
+                  table: Callable[[Sequence[Record]], list[str]] = case_table,
+                  legend: str | None = None) -> Path:
+    """Write ``<suite>.json``, ``<suite>.host.json`` and ``<suite>.md``; return the .md path.
+
+    ``table`` turns the records of one case into its Markdown lines (default: ``case_table``);
+    ``legend`` replaces the sentence that explains its ratio columns.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{suite}.json").write_text(
         json.dumps([asdict(r) for r in records], indent=1) + "\n", encoding="utf-8")
@@ -175,14 +199,13 @@ def write_results(suite: str, records: Sequence[Record], host: dict[str, object]
           (f"- host: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), "
            f"{host['platform']}"),
           f"- python {host['python']}; {versions}",
-          (f"- run: {host['date_utc']}. Ratios below 1.0 in the `headrace / impl` column mean "
-           "headrace is faster. Compare ratios, not microseconds, across hosts."), "",
+          f"- run: {host['date_utc']}. {legend or _LEGEND}", "",
           "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in targets:
         verdict = "n/a" if t.passed is None else ("PASS" if t.passed else "FAIL")
         md.append(f"| {t.name} | {verdict} | {t.detail} |")
     for case in dict.fromkeys(r.case for r in records):
-        md += ["", f"## {case}", "", *case_table([r for r in records if r.case == case])]
+        md += ["", f"## {case}", "", *table([r for r in records if r.case == case])]
     path = RESULTS_DIR / f"{suite}.md"
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     return path
