@@ -69,7 +69,8 @@ def _timed(fn, n: int) -> list[float]:
 def _line(name: str, samples: list[float]) -> str:
     samples = sorted(samples)
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return f"  {name:<34} median {statistics.median(samples) * 1e6:9.1f} us   p99 {p99 * 1e6:9.1f} us"
+    median = statistics.median(samples)
+    return f"  {name:<34} median {median * 1e6:9.1f} us   p99 {p99 * 1e6:9.1f} us"
 
 
 def main(argv: list[str]) -> int:
@@ -95,12 +96,15 @@ def main(argv: list[str]) -> int:
     echo = Echo.remote()
     hr.get(echo.echo.remote(0), timeout=30)
     hr.get(ping.remote(0), timeout=30)
-    big = hr.put(np.zeros(100_000_000 // 8))
+    array = np.zeros(100_000_000 // 8)
+    big = hr.put(array)
     print("\nper-call timings:")
     print(_line("task round trip (ping.remote)", _timed(lambda: hr.get(ping.remote(1)), n)))
     print(_line("actor call round trip (echo)", _timed(lambda: hr.get(echo.echo.remote(1)), n)))
-    print(_line("100 MB numpy into an actor and back",
+    print(_line("100 MB ref to an actor and back",
                 _timed(lambda: hr.get(echo.echo.remote(big)), 10 if quick else 30)))
+    print(_line("100 MB put, to an actor, get back",
+                _timed(lambda: hr.get(echo.echo.remote(hr.put(array))), 10 if quick else 30)))
     hr.shutdown()
     return 0
 
