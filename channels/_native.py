@@ -3,8 +3,10 @@
 In: a ``uint32`` numpy array over a channel header (shared by several processes) and word indices.
 Out: waits that spin for a while, then sleep in the kernel; publish/release/close that wake
 sleepers only when someone sleeps.
-Invariants: every function is ``@njit(nogil=True, cache=True)``, so waiting never holds the GIL
-and the machine code is compiled once per install, not per process. libc's ``syscall`` and
+Invariants: every function is ``@njit(cache=True)``, compiled once per install, not per process.
+Ops that may wait are ``nogil`` (waiting never holds the GIL); ops that never wait keep the GIL,
+and each waiting op has a ``*_try`` twin that keeps it too: releasing the GIL for nothing lets
+another thread take it, and getting it back can cost milliseconds (a convoy). libc's ``syscall`` and
 ``clock_gettime`` are declared as external symbols (not ctypes pointers), which keeps the cache
 valid. This module imports numba: import it lazily (``import headrace`` never does).
 Wake-up protocol (no lost wake-ups): a waiter increments the waiters word, then reads the notify
@@ -172,6 +174,8 @@ def _wait_adapt(h, st, word, value, equal, notify, waiters, budget):
     """``wait`` with the endpoint's spin window; "auto" stops spinning after an idle wait."""
     if _ready(h, word, value, equal):
         return 1
+    if budget == 0:
+        return -1 if _load(h, CLOSED) != 0 else 0
     st[ST_WAITS] += 1
     start = now_ns()
     rc = wait(h, word, value, equal, notify, waiters, st[ST_SPIN], budget)
@@ -233,7 +237,7 @@ def write_float(h, m64, st, tag, value, budget):
     return rc
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def write_commit(h, m64, st, tag, aux, size, bits):
     """Writer: the payload is in place (slot or spill); write the header and publish."""
     word, idx = _slot(h, st, st[ST_SEQ])
@@ -262,7 +266,7 @@ def read_wait(h, m64, st, reader, budget):
     return 1, np.int64(tag), np.int64(head >> np.uint64(32)), size, bits
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def read_commit(h, st, reader, keep_view):
     """Reader: done with the current slot (``keep_view``: zero-copy views of it stay alive)."""
     seq = st[ST_SEQ]
@@ -273,7 +277,7 @@ def read_commit(h, st, reader, keep_view):
     consume(h, word, reader, nxt, keep_view)
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def publish(h, slot_word, n_readers):
     """Writer: the slot at ``slot_word`` is written; make it visible to ``n_readers`` readers."""
     _store(h, slot_word + UNREAD, np.uint32(n_readers))
@@ -281,7 +285,7 @@ def publish(h, slot_word, n_readers):
     _wake(h, RD_NOTIFY, RD_WAITERS)
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def consume(h, slot_word, reader, seq, keep_view):
     """Reader ``reader`` is done with the slot at ``slot_word`` and now stands at ``seq``.
 
@@ -295,36 +299,56 @@ def consume(h, slot_word, reader, seq, keep_view):
         _wake(h, WR_NOTIFY, WR_WAITERS)
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def release(h, pins, word):
     """A zero-copy view counted at ``pins[word]`` died; wake the writer if it was the last."""
     if _fetch_add(pins, word, _MINUS_ONE) == 1:
         _wake(h, WR_NOTIFY, WR_WAITERS)
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def load(h, word):
     return _load(h, word)
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def store(h, word, value):
     _store(h, word, np.uint32(value))
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def add(h, word, delta):
     """Atomic ``h[word] += delta`` (delta may be negative); returns the previous value."""
     return _fetch_add(h, word, np.uint32(delta & 0xFFFFFFFF))
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True)
 def close(h, code):
     """Mark the channel closed (1) or broken (2), the first code wins; wake everyone."""
     if _load(h, CLOSED) == 0:
         _store(h, CLOSED, np.uint32(code))
     _wake(h, RD_NOTIFY, RD_WAITERS)
     _wake(h, WR_NOTIFY, WR_WAITERS)
+
+
+@njit(cache=True)
+def write_wait_try(h, st, budget):
+    return write_wait(h, st, 0)
+
+
+@njit(cache=True)
+def write_scalar_try(h, m64, st, tag, bits, budget):
+    return write_scalar(h, m64, st, tag, bits, 0)
+
+
+@njit(cache=True)
+def write_float_try(h, m64, st, tag, value, budget):
+    return write_float(h, m64, st, tag, value, 0)
+
+
+@njit(cache=True)
+def read_wait_try(h, m64, st, reader, budget):
+    return read_wait(h, m64, st, reader, 0)
 
 
 def entry_points() -> dict[str, object]:
@@ -346,6 +370,10 @@ def entry_points() -> dict[str, object]:
         "read_wait": (read_wait, (h, m64, st, 0, 0)),
         "read_commit": (read_commit, (h, st, 0, False)),
         "release": (release, (h, h, SLOTS + VIEWS)),
+        "write_wait_try": (write_wait_try, (h, st, 0)),
+        "write_scalar_try": (write_scalar_try, (h, m64, st, 4, 7, 0)),
+        "write_float_try": (write_float_try, (h, m64, st, 5, 1.5, 0)),
+        "read_wait_try": (read_wait_try, (h, m64, st, 0, 0)),
     }
     h[SLOTS + VIEWS] = 1
     out = {}

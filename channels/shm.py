@@ -181,15 +181,15 @@ class ShmChannel(Channel):
         budget = _SLICE_NS if timeout_s is None else min(timeout_ns(timeout_s), _SLICE_NS)
         t = type(value)
         if t is int and _I64_MIN <= value <= _I64_MAX:
-            self._run(self._ops["write_scalar"],
+            self._run("write_scalar",
                       (self._h, self._m64, self._st, T_INT, value), budget, timeout_s, "write")
             return
         if t is float:
-            self._run(self._ops["write_float"],
+            self._run("write_float",
                       (self._h, self._m64, self._st, T_FLOAT, value), budget, timeout_s, "write")
             return
         if t is bytes and len(value) <= self._slot_size - HEADER_BYTES:
-            self._run(self._ops["write_wait"], (self._h, self._st), budget, timeout_s, "write")
+            self._run("write_wait", (self._h, self._st), budget, timeout_s, "write")
             slot = int(self._st[nat.ST_SEQ]) % self._n
             if not self._h[nat.SLOTS + 16 * slot + nat.VIEWS]:     # else: spill, below
                 start = self._slot0 + slot * self._slot_size + HEADER_BYTES
@@ -199,7 +199,7 @@ class ShmChannel(Channel):
                                           len(value), 0)
                 return
         enc = encode(value)             # a TypeError here leaves the channel untouched
-        self._run(self._ops["write_wait"], (self._h, self._st), budget, timeout_s, "write")
+        self._run("write_wait", (self._h, self._st), budget, timeout_s, "write")
         slot = int(self._st[nat.ST_SEQ]) % self._n
         off = self._slot0 + slot * self._slot_size
         size = enc.size
@@ -253,7 +253,7 @@ class ShmChannel(Channel):
             self._check_role("reader")
         budget = _SLICE_NS if timeout_s is None else min(timeout_ns(timeout_s), _SLICE_NS)
         h = self._h
-        rc, tag, aux, size, bits = self._run(self._ops["read_wait"],
+        rc, tag, aux, size, bits = self._run("read_wait",
                                              (h, self._m64, self._st, self.role), budget,
                                              timeout_s, "read")
         if tag == T_INT:
@@ -316,13 +316,22 @@ class ShmChannel(Channel):
         return decode(tag, aux, scalar, pa.foreign_buffer(address, size, base=pin))
 
     # waiting -----------------------------------------------------------------------------
-    def _run(self, op: Any, args: tuple, budget: int, timeout_s: float | None,
+    def _run(self, op: str, args: tuple, budget: int, timeout_s: float | None,
              what: str) -> Any:
-        """Call a blocking op; on a timed-out slice, check peers and go on until the deadline."""
-        res = op(*args, budget)
+        """Call a blocking op; on a timed-out slice, check peers and go on until the deadline.
+
+        The op's ``_try`` twin goes first: it keeps the GIL, and most calls need no wait.
+        """
+        res = self._ops[op + "_try"](*args, 0)
         rc = res if type(res) is int else res[0]
         if rc == 1:
             return res
+        wait = self._ops[op]
+        if rc == 0 and budget > 0:
+            res = wait(*args, budget)
+            rc = res if type(res) is int else res[0]
+            if rc == 1:
+                return res
         total = timeout_ns(timeout_s)
         deadline = None if total < 0 else time.monotonic_ns() + total - budget
         while True:
@@ -335,7 +344,7 @@ class ShmChannel(Channel):
                 raise timeout_error(self, what, timeout_s)
             self._check_peers()
             budget = _SLICE_NS if deadline is None else min(_SLICE_NS, deadline - now)
-            res = op(*args, budget)
+            res = wait(*args, budget)
             rc = res if type(res) is int else res[0]
 
     def _check_peers(self) -> None:

@@ -22,8 +22,8 @@ from headrace.exceptions import ChannelClosedError, ChannelTimeoutError, RemoteT
 
 from . import peers
 
-KINDS = ["inproc", "shm"]
-CROSS = ["shm"]
+KINDS = ["inproc", "shm", "socket"]
+CROSS = ["shm", "socket"]
 SPAWN = mp.get_context("spawn")
 
 

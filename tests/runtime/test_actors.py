@@ -138,8 +138,8 @@ def test_exception_in_init_kills_actor_with_cause() -> None:
         def f(self):
             return 1
     b = Broken.remote()
-    with pytest.raises(hr.ActorDiedError, match=r"^actor 'Broken' \(pid \d+\) died: its "
-                                                r"__init__ raised RuntimeError: bad config") as info:
+    pattern = r"^actor 'Broken' \(pid \d+\) died: its __init__ raised RuntimeError: bad config"
+    with pytest.raises(hr.ActorDiedError, match=pattern) as info:
         hr.get(b.f.remote(), timeout=10)
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(hr.ActorDiedError):
