@@ -1,9 +1,27 @@
-"""Functions run in child processes by the channel tests (importable, so 'spawn' can find them)."""
+"""Helpers of the channel tests, and functions run in child processes (importable for 'spawn')."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` on a thread; the dict gets 'value' or 'error' and 'at' (monotonic end time)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:   # noqa: BLE001 - handed to the test
+            out["error"] = exc
+        out["at"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
 
 
 def echo(reader: Any, writer: Any, count: int) -> None:

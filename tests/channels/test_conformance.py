@@ -21,6 +21,7 @@ from headrace.channels.shm import ShmChannel
 from headrace.exceptions import ChannelClosedError, ChannelTimeoutError, RemoteTraceback, WouldBlock
 
 from . import peers
+from .peers import in_thread
 
 KINDS = ["inproc", "shm", "socket"]
 CROSS = ["shm", "socket"]
@@ -47,22 +48,6 @@ def factory() -> Iterator[Callable[..., Channel]]:
     yield build
     for ch in made:
         ch.close()
-
-
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``fn`` on a thread; the dict gets 'value' or 'error' and 'at' (monotonic end time)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:   # noqa: BLE001 - handed to the test
-            out["error"] = exc
-        out["at"] = time.monotonic()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,6 +19,8 @@ from headrace.channels.inproc import InProcChannel
 from headrace.channels.socket import CurveAuth, HMACAuth, SocketChannel
 from headrace.exceptions import ChannelClosedError, ChannelTimeoutError
 
+from .peers import in_thread
+
 SPAWN = mp.get_context("spawn")
 LOGGER = "headrace.channels.socket"
 
@@ -72,22 +74,6 @@ def channels() -> Iterator[Callable[..., SocketChannel]]:
     yield make
     for ch in made:
         ch.close()
-
-
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``fn`` on a thread; the dict gets 'value' or 'error', and 'at' (monotonic end)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:   # noqa: BLE001 - handed to the test
-            out["error"] = exc
-        out["at"] = time.monotonic()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
