@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,18 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
+
+
+def error_when_killed(pid: int, blocked: Callable[[], Any], within_s: float = 2.0) -> Any:
+    """Run ``blocked`` on a thread, SIGKILL ``pid``: the error it woke with, soon enough."""
+    thread, out = in_thread(blocked)
+    time.sleep(0.2)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(10)
+    assert "error" in out, out
+    assert out["at"] - killed_at < within_s
+    return out["error"]
 
 
 def echo(reader: Any, writer: Any, count: int) -> None:
