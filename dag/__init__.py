@@ -1,1 +1,8 @@
-"""DAG nodes and tracing (``bind()``, ``InputNode``, ``MultiOutputNode``): see issue 6."""
+"""DAG nodes and tracing: ``bind()``, ``InputNode``, ``MultiOutputNode``, ``trace`` -> ``DagIR``."""
+
+from .ir import DagIR, NodeArg, Op, OpKind, run_local, trace
+from .nodes import (ClassMethodNode, DAGNode, FunctionNode, InputAttributeNode, InputNode,
+                    MultiOutputNode)
+
+__all__ = ["ClassMethodNode", "DAGNode", "DagIR", "FunctionNode", "InputAttributeNode",
+           "InputNode", "MultiOutputNode", "NodeArg", "Op", "OpKind", "run_local", "trace"]

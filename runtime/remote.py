@@ -83,6 +83,11 @@ class RemoteFunction:
         refs = rt.submit_task(self._body, self._options, args, kwargs)
         return refs[0] if self._options["num_returns"] == 1 else refs
 
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        """A DAG node calling this function; args may be nodes, constants, or both nested."""
+        from ..dag.nodes import FunctionNode
+        return FunctionNode(self._body, self._options, args, kwargs)
+
     def options(self, **options: Any) -> RemoteFunction:
         """A copy with some options changed (``num_returns``, ``num_cpus``, ``name``, ...)."""
         return RemoteFunction(self._body.fn, {**self._given(), **options}, self._body)
@@ -210,6 +215,13 @@ class ActorMethod:
         fn = getattr(record.body.cls, self._name, None)
         refs = _runtime().submit_call(record, self._name, self._num_returns, args, kwargs, fn)
         return refs[0] if self._num_returns == 1 else refs
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        """A DAG node calling this method of this actor (in submission order, like .remote)."""
+        from ..dag.nodes import ClassMethodNode
+        record = self._handle._record
+        return ClassMethodNode(self._handle, record.aid, record.label, self._name,
+                               self._num_returns, args, kwargs)
 
     def options(self, *, num_returns: int | None = None) -> ActorMethod:
         nret = self._num_returns if num_returns is None else num_returns

@@ -1,0 +1,48 @@
+"""``lower``: a DagIR through every compiler pass to a Plan (DESIGN 3).
+
+In: a traced ``DagIR``, user compile options, the runtime's ``is_alive(actor_key)``.
+Out: a frozen ``Plan``. Pure: nothing here opens a process, a socket or a segment.
+
+  DagIR ─validate─▶ DagIR ─fuse_chains─▶ DagIR ─place─▶ {op: process}
+        ─plan_channels─▶ ChannelSpecs ─schedule─▶ ProcessPlans ─▶ Plan
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import _config
+from ..dag.ir import DagIR, Op, OpKind
+from .fusion import fuse_chains
+from .placement import place, plan_channels
+from .plan import Plan, TaskSpec
+from .scheduling import schedule, verify
+from .validation import check_options, validate
+
+
+def lower(ir: DagIR, options: dict[str, Any] | None = None,
+          is_alive: Callable[[Any], bool] | None = None) -> Plan:
+    """Compile ``ir`` to a Plan.
+
+    Raises:
+        DAGCompileError: the DAG cannot run (the message names the node and its bind site).
+        TypeError, ValueError: a bad compile option.
+    """
+    opts = check_options(options or {})
+    fused = fuse_chains(validate(ir, is_alive))
+    placement = place(fused)
+    channels, input_channel, output_channels = plan_channels(fused, placement, opts)
+    processes = schedule(fused, placement, channels, input_channel)
+    if _config.CHECKS:
+        verify(processes, channels)
+    return Plan(tuple(task_spec(op) for op in fused.ops), processes, channels, input_channel,
+                fused.outputs, output_channels, fused.multi, opts)
+
+
+def task_spec(op: Op) -> TaskSpec:
+    """An op as a process needs it: the function as bytes, no handle."""
+    blob = op.target.blob if op.kind is OpKind.FUNCTION else None
+    return TaskSpec(op.index, op.kind, op.name, op.site, op.args, op.kwargs, op.deps,
+                    op.method, blob, op.key, op.access,
+                    tuple(task_spec(p) for p in op.parts))

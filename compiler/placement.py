@@ -1,0 +1,88 @@
+"""Placement and channel planning: which process runs each op, and which channels link them.
+
+In: a fused ``DagIR`` and ``PlanOptions``. Out: ``place`` -> {op index: process key};
+``plan_channels`` -> ``ChannelSpec``s, the input channel and each output's channel.
+Invariants: a method runs on its actor's process (``actor:<key>``); every other call gets a
+process of its own (``fn:<index>``, a chain of functions was fused into one op before); a value
+crossing processes has one channel, written once and read by every process that needs it (the
+driver too, for outputs); values used inside one process are handed over, never serialized.
+"""
+
+from __future__ import annotations
+
+from ..dag.ir import DagIR, Op, OpKind
+from .fusion import CALLS
+from .plan import DRIVER, ChannelKind, ChannelSpec, PlanOptions
+
+_KIND = {"auto": ChannelKind.SHM, "shm": ChannelKind.SHM, "socket": ChannelKind.SOCKET}
+
+
+def process_key(op: Op) -> str:
+    first = op.parts[0] if op.parts else op
+    return f"actor:{first.actor}" if first.kind is OpKind.METHOD else f"fn:{op.index}"
+
+
+def place(ir: DagIR) -> dict[int, str]:
+    """The process of every call op; INPUT and ATTR ops run wherever they are read."""
+    return {op.index: process_key(op) for op in ir.ops if op.kind in CALLS}
+
+
+def input_needs(ir: DagIR, placement: dict[int, str]) -> dict[str, list[int]]:
+    """For each process, the INPUT/ATTR ops it computes from the execute() arguments."""
+    needs: dict[str, set[int]] = {proc: set() for proc in placement.values()}
+    for op in ir.ops:
+        if op.index in placement:
+            needs[placement[op.index]].update(
+                d for d in op.deps if ir.ops[d].kind in (OpKind.INPUT, OpKind.ATTR))
+    for found in needs.values():    # an ATTR of an ATTR needs its parent computed too
+        for i in list(found):
+            op = ir.ops[i]
+            while op.kind is OpKind.ATTR and ir.ops[op.deps[0]].kind is OpKind.ATTR:
+                op = ir.ops[op.deps[0]]
+                found.add(op.index)
+    return {proc: sorted(found) for proc, found in needs.items()}
+
+
+def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
+                  ) -> tuple[tuple[ChannelSpec, ...], int, tuple[int, ...]]:
+    """Channels for every value that crosses processes.
+
+    Returns:
+        The channel specs, the input channel's id (-1 if none), and each output's channel id
+        (-1 for an output the driver computes itself: the input or a part of it).
+    """
+    kind = _KIND[options.channel]
+    readers: dict[int, list[str]] = {}
+    for op in ir.ops:
+        if op.index not in placement:
+            continue
+        for dep in op.deps:
+            src = placement.get(dep)
+            if src is not None and src != placement[op.index] and \
+                    placement[op.index] not in readers.setdefault(dep, []):
+                readers[dep].append(placement[op.index])
+    for out in ir.outputs:
+        if out in placement and DRIVER not in readers.setdefault(out, []):
+            readers[out].append(DRIVER)
+    specs: list[ChannelSpec] = []
+    by_op: dict[int, int] = {}
+    needs = input_needs(ir, placement)
+    fed = {proc for procs in readers.values() for proc in procs}
+    input_readers = [p for p in dict.fromkeys(placement.values()) if needs[p] or p not in fed]
+    input_id = -1
+    if input_readers:
+        input_id = len(specs)
+        specs.append(_spec(input_id, kind, -1, DRIVER, input_readers, options))
+    for op in ir.ops:
+        if readers.get(op.index):
+            by_op[op.index] = len(specs)
+            specs.append(_spec(len(specs), kind, op.index, placement[op.index],
+                               readers[op.index], options))
+    outs = tuple(by_op.get(i, -1) for i in ir.outputs)
+    return tuple(specs), input_id, outs
+
+
+def _spec(i: int, kind: ChannelKind, op: int, writer: str, readers: list[str],
+          options: PlanOptions) -> ChannelSpec:
+    return ChannelSpec(i, kind, op, writer, tuple(readers), options.buffer_size_bytes,
+                       options.max_inflight_executions)

@@ -1,0 +1,129 @@
+"""Checks a DagIR can be compiled, and the compile options; every error names node and bind site.
+
+In: a ``DagIR``, an ``is_alive(actor_key)`` predicate (the runtime's), user options.
+Out: the same DagIR (``validate``), ``PlanOptions`` (``check_options``), or ``DAGCompileError``.
+Invariants: pure (no processes, sockets or shm); networkx is loaded here, on first compile,
+never at ``import headrace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..dag.ir import DagIR, NodeArg, Op, OpKind
+from ..exceptions import DAGCompileError
+from .plan import PlanOptions
+
+
+def validate(ir: DagIR, is_alive: Callable[[Any], bool] | None = None) -> DagIR:
+    """Check ``ir``: acyclic, one InputNode, every op reaches an output, live actors, constants
+    that pickle. Returns ``ir`` unchanged."""
+    import networkx as nx
+    graph = nx.DiGraph()
+    graph.add_nodes_from(op.index for op in ir.ops)
+    graph.add_edges_from((dep, op.index) for op in ir.ops for dep in op.deps)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = nx.find_cycle(graph)
+        raise DAGCompileError(f"the DAG has a cycle through {[ir.ops[a].name for a, _ in cycle]}"
+                              "; this is a bug in headrace (bind() cannot make cycles)")
+    _check_input(ir)
+    reach = set(ir.outputs)
+    for out in ir.outputs:
+        reach |= nx.ancestors(graph, out)
+    for op in ir.ops:
+        if op.index not in reach:
+            raise DAGCompileError(
+                f"node {op.name!r} (bound at {op.site}) is not an output and no output depends "
+                "on it, so its result and any exception it raises would be lost.\n\n"
+                f"Return it from the DAG, e.g. MultiOutputNode([..., {op.name}]), or remove "
+                "the bind() call.")
+    for op in ir.ops:
+        _check_op(op, is_alive)
+    return ir
+
+
+def _check_input(ir: DagIR) -> None:
+    inputs = ir.input_ops
+    if len(inputs) > 1:
+        sites = ", ".join(op.site for op in inputs)
+        raise DAGCompileError(
+            f"the DAG uses {len(inputs)} different InputNodes (made at {sites}); a compiled DAG "
+            "has exactly one.\n\nCreate one `with InputNode() as inp:` and bind every node "
+            "that needs the input to that `inp` (inp[0], inp.key for parts of it).")
+    if not inputs:
+        raise DAGCompileError(
+            f"the DAG ending at {ir.root_site} has no InputNode, so execute() would have "
+            "nothing to start an execution with.\n\nBind the first node to an input: "
+            "`with InputNode() as inp: dag = f.bind(inp)`.")
+
+
+def _check_op(op: Op, is_alive: Callable[[Any], bool] | None) -> None:
+    parts = op.parts or (op,)
+    for part in parts:
+        if part.kind is OpKind.METHOD and is_alive is not None and not is_alive(part.actor):
+            raise DAGCompileError(
+                f"node {part.name!r} (bound at {part.site}) calls an actor that is no longer "
+                "alive, so the DAG could never run.\n\nCreate a new actor and bind its method "
+                "instead.")
+        for where, value in _constants(part):
+            try:
+                cloudpickle.dumps(value, protocol=5)
+            except Exception as exc:            # noqa: BLE001 - any pickling failure
+                raise DAGCompileError(
+                    f"node {part.name!r} (bound at {part.site}): {where} is a "
+                    f"{type(value).__name__} that cannot be pickled ({exc}), so it cannot be "
+                    "sent to the process that runs the node.\n\nPass a picklable value, or "
+                    "create the object inside the function or actor.") from exc
+
+
+def _constants(op: Op) -> list[tuple[str, Any]]:
+    found = [(f"argument {i}", a) for i, a in enumerate(op.args)]
+    found += [(f"keyword argument {k!r}", v) for k, v in op.kwargs]
+    return [(where, v) for where, v in found if not _only_nodes(v)]
+
+
+def _only_nodes(value: Any) -> bool:
+    return isinstance(value, NodeArg) or value is None or isinstance(value, (int, float, str))
+
+
+_OPTION_TYPES: dict[str, Any] = {
+    "max_inflight_executions": int, "buffer_size_bytes": int, "submit_timeout_s": (int, float),
+    "max_buffered_results": (int, type(None)), "channel": str, "sync": str, "profile": bool,
+}
+_CHOICES = {"channel": ("auto", "shm", "socket"), "sync": ("auto", "spin", "block")}
+
+
+def check_options(options: dict[str, Any]) -> PlanOptions:
+    """The compile options as ``PlanOptions``; a clear ``ValueError``/``TypeError`` otherwise."""
+    unknown = sorted(set(options) - set(_OPTION_TYPES))
+    if unknown:
+        raise TypeError(f"unknown compile option(s) {', '.join(map(repr, unknown))}; valid "
+                        f"options are {', '.join(sorted(_OPTION_TYPES))}")
+    for name, value in options.items():
+        if not isinstance(value, _OPTION_TYPES[name]) or (
+                isinstance(value, bool) and name != "profile"):
+            raise TypeError(f"compile option {name} must be {_type_name(_OPTION_TYPES[name])}, "
+                            f"got {type(value).__name__}: {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(f"compile option {name} must be one of {_CHOICES[name]}, "
+                             f"got {value!r}")
+    opts = PlanOptions(**options)
+    if opts.max_inflight_executions < 1:
+        raise ValueError(f"max_inflight_executions must be >= 1, got "
+                         f"{opts.max_inflight_executions}")
+    if opts.buffer_size_bytes < 64:
+        raise ValueError(f"buffer_size_bytes must be >= 64, got {opts.buffer_size_bytes}")
+    if not opts.submit_timeout_s >= 0:      # NaN too
+        raise ValueError(f"submit_timeout_s must be >= 0, got {opts.submit_timeout_s}")
+    if opts.max_buffered_results is not None and opts.max_buffered_results < 0:
+        raise ValueError(f"max_buffered_results must be >= 0 or None, got "
+                         f"{opts.max_buffered_results}")
+    return opts
+
+
+def _type_name(types: Any) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("None" if t is type(None) else t.__name__ for t in types)

@@ -1,0 +1,310 @@
+"""DagIR: the traced, frozen, topologically ordered form of a DAG, and an in-process interpreter.
+
+In: the root ``DAGNode`` (an output node or a ``MultiOutputNode``). Out: ``DagIR`` (``ops`` in
+topological order, ``outputs``), printable with ``as_text()``; ``run_local`` evaluates it in this
+process (the compiler tests' oracle); ``input_value`` is the one rule for ``inp``, ``inp[0]`` and
+``inp.key``, shared by every executor.
+Invariants: an op's index is its position in ``ops``; ``deps`` only name earlier ops; argument
+templates hold ``NodeArg(i)`` where the user passed a node, constants as given.
+
+  InputNode ─▶ f.bind(inp) ─▶ a.m.bind(...)   ──trace──▶   %0 = input / %1 = f(%0) / %2 = a.m(%1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from .nodes import (ClassMethodNode, DAGNode, FunctionNode, InputAttributeNode, InputNode,
+                    MultiOutputNode)
+
+
+class OpKind(Enum):
+    INPUT = "input"
+    ATTR = "attr"           # a part of the input: inp[0], inp.key
+    FUNCTION = "function"   # a remote function
+    METHOD = "method"       # an actor method
+    FUSED = "fused"         # a chain of ops in one process, run back to back (compiler pass)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeArg:
+    """In an argument template: the value of op ``index``."""
+
+    index: int
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class PrevArg:
+    """In a fused chain: the value of the previous op of the chain."""
+
+    def __repr__(self) -> str:
+        return "<prev>"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Op:
+    """One entry of a DagIR. ``target`` is the function body or actor handle (opaque here)."""
+
+    index: int
+    kind: OpKind
+    name: str
+    site: str
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    deps: tuple[int, ...] = ()          # invariant: distinct, each < index
+    target: Any = field(default=None, repr=False)
+    method: str | None = None
+    actor: Any = None                   # the actor's key (METHOD ops): same key, same process
+    key: int | str | None = None        # ATTR: the argument or attribute
+    access: str | None = None           # ATTR: "item" or "attr"
+    parts: tuple[Op, ...] = ()          # FUSED: the chain, first to last
+
+    def line(self) -> str:
+        """This op as one line of ``as_text()``."""
+        if self.kind is OpKind.INPUT:
+            return f"%{self.index} = input"
+        if self.kind is OpKind.ATTR:
+            sub = f".{self.key}" if self.access == "attr" else f"[{self.key!r}]"
+            return f"%{self.index} = %{self.deps[0]}{sub}"
+        return f"%{self.index} = {self.name}({format_args(self.args, self.kwargs)})"
+
+
+def format_args(args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> str:
+    parts = [_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs]
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DagIR:
+    """A traced DAG: ``ops`` in topological order and the indices of its ``outputs``."""
+
+    ops: tuple[Op, ...]
+    outputs: tuple[int, ...]
+    multi: bool                 # a MultiOutputNode: execute() returns a list
+    root_site: str = ""
+
+    @property
+    def input_ops(self) -> tuple[Op, ...]:
+        return tuple(op for op in self.ops if op.kind is OpKind.INPUT)
+
+    def consumers(self) -> dict[int, list[int]]:
+        """For each op, the ops that read its value, in order."""
+        out: dict[int, list[int]] = {op.index: [] for op in self.ops}
+        for op in self.ops:
+            for dep in op.deps:
+                out[dep].append(op.index)
+        return out
+
+    def as_text(self) -> str:
+        lines = [op.line() for op in self.ops]
+        outs = ", ".join(f"%{i}" for i in self.outputs)
+        lines.append(f"return ({outs})" if self.multi else f"return {outs}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.as_text()
+
+
+def trace(root: DAGNode) -> DagIR:
+    """Turn the nodes reachable from ``root`` into a DagIR (each node once, inputs first)."""
+    if not isinstance(root, DAGNode):
+        raise TypeError(f"trace() expects a DAG node, got {type(root).__name__}")
+    order = _postorder(root)
+    index: dict[int, int] = {}
+    parts: dict[tuple[int, Any, str], int] = {}     # (parent, key, access) of ATTR ops: one op
+    ops: list[Op] = []
+    for node in order:
+        if isinstance(node, MultiOutputNode):
+            continue
+        if isinstance(node, InputAttributeNode):
+            same = (index[id(node.args[0])], node.key, node.access)
+            if same in parts:           # inp.k written twice is one value
+                index[id(node)] = parts[same]
+                continue
+            parts[same] = len(ops)
+        i = index[id(node)] = len(ops)
+        ops.append(_op(node, i, index))
+    outs = root.args if isinstance(root, MultiOutputNode) else (root,)
+    return DagIR(tuple(ops), tuple(index[id(n)] for n in outs),
+                 isinstance(root, MultiOutputNode), root.site)
+
+
+def _postorder(root: DAGNode) -> list[DAGNode]:
+    """Nodes in dependency order, without recursion (deep chains do not hit the stack limit)."""
+    seen: set[int] = set()
+    order: list[DAGNode] = []
+    stack: list[tuple[DAGNode, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for up in reversed(node.upstream()):
+            if id(up) not in seen:
+                stack.append((up, False))
+    return order
+
+
+def _op(node: DAGNode, i: int, index: dict[int, int]) -> Op:
+    args = _template(node.args, index)
+    kwargs = tuple((k, _template(v, index)) for k, v in node.kwargs.items())
+    deps = tuple(dict.fromkeys(index[id(n)] for n in node.upstream()))
+    common = {"index": i, "name": node.name, "site": node.site, "deps": deps}
+    if isinstance(node, InputNode):
+        return Op(kind=OpKind.INPUT, **common)
+    if isinstance(node, InputAttributeNode):
+        return Op(kind=OpKind.ATTR, key=node.key, access=node.access, **common)
+    if isinstance(node, FunctionNode):
+        return Op(kind=OpKind.FUNCTION, args=args, kwargs=kwargs, target=node.body, **common)
+    if isinstance(node, ClassMethodNode):
+        return Op(kind=OpKind.METHOD, args=args, kwargs=kwargs, target=node.actor,
+                  method=node.method, actor=node.actor_key, **common)
+    raise TypeError(f"cannot trace a {type(node).__name__} (bound at {node.site})")
+
+
+def _template(obj: Any, index: dict[int, int]) -> Any:
+    if isinstance(obj, DAGNode):
+        return NodeArg(index[id(obj)])
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_template(x, index) for x in obj)
+    if isinstance(obj, list):
+        return [_template(x, index) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _template(v, index) for k, v in obj.items()}
+    return obj
+
+
+def fill(template: Any, values: Any, prev: Any = None) -> Any:
+    """The template with each ``NodeArg(i)`` replaced by ``values[i]`` (and ``PrevArg``)."""
+    if isinstance(template, NodeArg):
+        return values[template.index]
+    if isinstance(template, PrevArg):
+        return prev
+    if isinstance(template, tuple):
+        return tuple(fill(x, values, prev) for x in template)
+    if isinstance(template, list):
+        return [fill(x, values, prev) for x in template]
+    if isinstance(template, dict):
+        return {k: fill(v, values, prev) for k, v in template.items()}
+    return template
+
+
+def input_value(op: Op, parent: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The value of an INPUT or ATTR op for ``execute(*args, **kwargs)``.
+
+    ``parent`` is the value of an ATTR op's parent when that parent is itself an ATTR op.
+    """
+    if op.kind is OpKind.INPUT:
+        if len(args) == 1 and not kwargs:
+            return args[0]
+        raise TypeError(
+            f"the DAG passes its InputNode (bound at {op.site}) on as one value, so execute() "
+            f"takes exactly one positional argument, but it got {len(args)} positional and "
+            f"{len(kwargs)} keyword arguments.\n\nPass one value, or bind inp[0], inp[1] or "
+            "inp.key to take several.")
+    key = op.key
+    if parent is not _WHOLE:
+        return parent[key] if op.access == "item" else getattr(parent, key)
+    if isinstance(key, int):
+        if -len(args) <= key < len(args):
+            return args[key]
+        raise TypeError(f"the DAG reads positional argument {key} (inp[{key}], bound at "
+                        f"{op.site}), but execute() got {len(args)} positional arguments")
+    if key in kwargs:
+        return kwargs[key]
+    if len(args) == 1:
+        return args[0][key] if op.access == "item" else getattr(args[0], key)
+    raise TypeError(f"the DAG reads the keyword argument {key!r} ({op.name}, bound at "
+                    f"{op.site}), but execute() got {sorted(kwargs) or 'no keyword arguments'}")
+
+
+#: ``input_value``'s ``parent`` for an ATTR op that reads the execute() arguments themselves.
+_WHOLE = object()
+
+
+def attr_parent(ir_ops: tuple[Op, ...] | list[Op], op: Op, values: Any) -> Any:
+    """The ``parent`` argument of ``input_value`` for ``op``."""
+    parent = ir_ops[op.deps[0]]
+    return _WHOLE if parent.kind is OpKind.INPUT else values[parent.index]
+
+
+def run_local(ir: DagIR, *args: Any,
+              call: Callable[[Op], Callable[..., Any]] | None = None, **kwargs: Any) -> Any:
+    """Evaluate ``ir`` in this process, op by op; ``call(op)`` gives the callable for an op.
+
+    By default a FUNCTION op calls its body's ``fn`` and a METHOD op calls the method of the
+    handle's ``instance`` (test doubles have one; live actors do not: pass ``call``).
+    """
+    call = call or _local_callable
+    values: dict[int, Any] = {}
+    for op in ir.ops:
+        if op.kind is not OpKind.INPUT or is_used_whole(ir, op.index):
+            values[op.index] = _run_op(ir.ops, op, values, args, kwargs, call)
+    outs = [values[i] for i in ir.outputs]
+    return outs if ir.multi else outs[0]
+
+
+def is_used_whole(ir: DagIR, index: int) -> bool:
+    """Whether the value of op ``index`` is used as such (by a call or as an output), not only
+    as the parent of ATTR ops (``inp[0]`` needs no single-argument ``inp``)."""
+    return index in ir.outputs or any(
+        index in op.deps for op in ir.ops if op.kind is not OpKind.ATTR)
+
+
+def _run_op(ops: tuple[Op, ...], op: Op, values: dict[int, Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any], call: Callable[[Op], Callable[..., Any]]) -> Any:
+    if op.kind is OpKind.INPUT or op.kind is OpKind.ATTR:
+        parent = attr_parent(ops, op, values) if op.kind is OpKind.ATTR else _WHOLE
+        return input_value(op, parent, args, kwargs)
+    if op.kind is OpKind.FUSED:
+        value = None
+        for part in op.parts:
+            value = call(part)(*fill(part.args, values, value),
+                               **dict(fill(part.kwargs, values, value)))
+        return value
+    return call(op)(*fill(op.args, values), **dict(fill(op.kwargs, values)))
+
+
+def _local_callable(op: Op) -> Callable[..., Any]:
+    if op.kind is OpKind.FUNCTION:
+        return op.target.fn
+    return getattr(op.target.instance, op.method)
+
+
+def renumber(ops: list[Op], outputs: tuple[int, ...], multi: bool, site: str) -> DagIR:
+    """A DagIR of ``ops`` (each with its old index) with indices 0..n-1 again."""
+    new = {op.index: i for i, op in enumerate(ops)}
+
+    def move(template: Any) -> Any:
+        if isinstance(template, NodeArg):
+            return NodeArg(new[template.index])
+        if isinstance(template, tuple):
+            return tuple(move(x) for x in template)
+        if isinstance(template, list):
+            return [move(x) for x in template]
+        if isinstance(template, dict):
+            return {k: move(v) for k, v in template.items()}
+        return template
+
+    def moved(op: Op, index: int | None) -> Op:
+        return replace(op, index=op.index if index is None else index,
+                       args=move(op.args), kwargs=move(op.kwargs),
+                       deps=tuple(new[d] for d in op.deps),
+                       parts=tuple(moved(p, None) for p in op.parts))
+    return DagIR(tuple(moved(op, i) for i, op in enumerate(ops)),
+                 tuple(new[i] for i in outputs), multi, site)

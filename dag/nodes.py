@@ -1,0 +1,255 @@
+"""DAG nodes: what ``bind()`` returns in user code, before anything is traced or compiled.
+
+In: ``f.bind(...)``, ``actor.method.bind(...)``, ``InputNode()``, ``MultiOutputNode([...])``.
+Out: ``DAGNode`` objects that remember their arguments (other nodes, constants, nested in lists,
+tuples and dicts) and their bind site (``file:line``); ``trace()`` turns them into a ``DagIR``.
+Invariants: nodes are never changed after they are made; ``dag`` imports nothing above it. The
+runtime registers the entry points that need processes (``experimental_compile``, ``execute``)
+through ``register``, so ``dag`` stays at the bottom of the layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..exceptions import DAGCompileError
+
+_ids = itertools.count()
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Frames in these files are headrace's own: a bind site is the first frame outside them.
+_INTERNAL = tuple(os.path.join(_PACKAGE_DIR, d) + os.sep
+                  for d in ("dag", "compiler", "runtime", "channels", "experimental"))
+#: Entry points the runtime provides: "compile" (node, options) and "execute" (node, args).
+_ENTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str, fn: Callable[..., Any]) -> None:
+    """For the runtime: provide ``compile`` or ``execute`` for every node."""
+    _ENTRY[name] = fn
+
+
+def _entry(name: str) -> Callable[..., Any]:
+    fn = _ENTRY.get(name)
+    if fn is None:      # `import headrace` registers them; importing only headrace.dag does not
+        import importlib
+        importlib.import_module("headrace.runtime.compiled")
+        fn = _ENTRY[name]
+    return fn
+
+
+def bind_site() -> str:
+    """``file:line`` of the innermost caller outside headrace itself (where the user bound)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+class DAGNode:
+    """A node of a DAG being bound. ``experimental_compile()`` and ``execute()`` start from here.
+
+    Subclasses set ``name`` (for messages and ``as_text()``) and keep their arguments in
+    ``args``/``kwargs``; ``upstream()`` lists the nodes they depend on.
+    """
+
+    __slots__ = ("args", "kwargs", "site", "uid")
+
+    def __init__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                 site: str | None = None) -> None:
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.site = site or bind_site()
+        self.uid = next(_ids)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def upstream(self) -> list[DAGNode]:
+        """The nodes among this node's arguments, nested ones included, in argument order."""
+        found: list[DAGNode] = []
+        _walk((self.args, self.kwargs), found)
+        return found
+
+    def experimental_compile(self, **options: Any) -> Any:
+        """Compile this DAG to actor pipelines over channels; returns a ``CompiledDAG``.
+
+        Options (DESIGN 2): ``max_inflight_executions``, ``buffer_size_bytes``,
+        ``submit_timeout_s``, ``max_buffered_results``, ``channel``, ``sync``, ``profile``.
+        """
+        return _entry("compile")(self, options)
+
+    def compile(self, **options: Any) -> Any:
+        """Same as ``experimental_compile``."""
+        return _entry("compile")(self, options)
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Run this DAG once through ordinary tasks and actor calls, without compiling.
+
+        Returns an ``ObjectRef`` (a list of them for a ``MultiOutputNode``).
+        """
+        return _entry("execute")(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} bound at {self.site}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"DAG node {self.name!r} (bound at {self.site}) cannot be pickled or passed to "
+            ".remote(); nodes only make sense as arguments of other bind() calls.\n\n"
+            "Compile the DAG with dag.experimental_compile() and pass values to execute().")
+
+
+def _walk(obj: Any, found: list[DAGNode]) -> None:
+    if isinstance(obj, DAGNode):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            _walk(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _walk(item, found)
+
+
+class InputNode(DAGNode):
+    """The DAG's input: the arguments of ``execute(*args, **kwargs)``.
+
+    ``inp`` itself is the single positional argument; ``inp[0]`` is the first positional one;
+    ``inp.key`` and ``inp["key"]`` are the keyword argument ``key`` (or, with one positional
+    argument and no such keyword, its attribute or item ``key``). Use it as a context manager::
+
+        with InputNode() as inp:
+            dag = model.forward.bind(prep.bind(inp[0]), inp.temperature)
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def name(self) -> str:
+        return "input"
+
+    def __enter__(self) -> InputNode:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getitem__(self, key: int | str) -> InputAttributeNode:
+        return InputAttributeNode(self, key, "item")
+
+    def __getattr__(self, key: str) -> InputAttributeNode:
+        if key.startswith("_"):     # copy, pickle and friends probe dunders: no node for them
+            raise AttributeError(key)
+        return InputAttributeNode(self, key, "attr")
+
+
+class InputAttributeNode(DAGNode):
+    """One part of the input: ``inp[0]``, ``inp.key`` or ``inp["key"]`` (also nested)."""
+
+    __slots__ = ("key", "access")
+
+    def __init__(self, parent: DAGNode, key: int | str, access: str) -> None:
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            raise TypeError(f"an input can be indexed by an int (positional argument) or a str "
+                            f"(keyword argument), not {type(key).__name__}: {key!r}")
+        super().__init__((parent,))
+        self.key = key
+        self.access = access
+
+    @property
+    def name(self) -> str:
+        parent = self.args[0]
+        return f"{parent.name}.{self.key}" if self.access == "attr" else \
+            f"{parent.name}[{self.key!r}]"
+
+    def __getitem__(self, key: int | str) -> InputAttributeNode:
+        return InputAttributeNode(self, key, "item")
+
+    def __getattr__(self, key: str) -> InputAttributeNode:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return InputAttributeNode(self, key, "attr")
+
+
+class FunctionNode(DAGNode):
+    """``f.bind(*args, **kwargs)`` of a remote function.
+
+    ``body`` is opaque to the compiler apart from ``name`` and ``blob`` (the pickled function).
+    """
+
+    __slots__ = ("body", "options")
+
+    def __init__(self, body: Any, options: dict[str, Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], site: str | None = None) -> None:
+        super().__init__(args, kwargs, site)
+        _one_return(options.get("num_returns", 1), body.name, self.site)
+        self.body = body
+        self.options = dict(options)
+
+    @property
+    def name(self) -> str:
+        return self.body.name
+
+
+class ClassMethodNode(DAGNode):
+    """``actor.method.bind(*args, **kwargs)``: a call of a method of a live actor.
+
+    ``actor`` is the handle (opaque to the compiler), ``actor_key`` identifies its process and
+    ``actor_label`` names it in messages.
+    """
+
+    __slots__ = ("actor", "actor_key", "actor_label", "method")
+
+    def __init__(self, actor: Any, actor_key: Any, actor_label: str, method: str,
+                 num_returns: int, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 site: str | None = None) -> None:
+        super().__init__(args, kwargs, site)
+        _one_return(num_returns, f"{actor_label}.{method}", self.site)
+        self.actor = actor
+        self.actor_key = actor_key
+        self.actor_label = actor_label
+        self.method = method
+
+    @property
+    def name(self) -> str:
+        return f"{self.actor_label}.{self.method}"
+
+
+class MultiOutputNode(DAGNode):
+    """Several outputs: ``execute()`` returns one ref per node, in this order."""
+
+    __slots__ = ()
+
+    def __init__(self, outputs: list[DAGNode] | tuple[DAGNode, ...]) -> None:
+        site = bind_site()
+        if not isinstance(outputs, (list, tuple)) or not outputs:
+            raise DAGCompileError(f"MultiOutputNode (at {site}) takes a non-empty list of "
+                                  f"nodes, got {outputs!r:.80}")
+        for i, node in enumerate(outputs):
+            if not isinstance(node, DAGNode) or isinstance(node, MultiOutputNode):
+                raise DAGCompileError(
+                    f"MultiOutputNode (at {site}): output {i} is {type(node).__name__}, not a "
+                    "node made by bind() or an InputNode.\n\nPass the nodes whose values "
+                    "execute() should return.")
+        super().__init__(tuple(outputs), site=site)
+
+    @property
+    def name(self) -> str:
+        return "output"
+
+
+def _one_return(num_returns: int, name: str, site: str) -> None:
+    if num_returns != 1:
+        raise DAGCompileError(
+            f"{name} (bound at {site}) has num_returns={num_returns}; a DAG node has one value."
+            "\n\nReturn a tuple and index it in the next node, or bind a method with "
+            "num_returns=1.")
