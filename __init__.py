@@ -11,13 +11,17 @@ from .exceptions import (ActorDiedError, ChannelClosedError, DAGCompileError, Ge
                          TaskError, WorkerCrashedError)
 from .runtime.api import (cancel, gather, get, get_actor, init, is_initialized, kill, put,
                           shutdown, wait)
+from .dag import InputNode, MultiOutputNode
+from .runtime.compiled import CompiledDAG
+from .runtime.compiled_ref import CompiledDAGFuture, CompiledDAGRef
 from .runtime.refs import ObjectRef, Ref
 from .runtime.remote import ActorClass, ActorHandle, RemoteFunction, method, remote
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorDiedError", "ActorHandle", "ChannelClosedError", "DAGCompileError",
+    "ActorClass", "ActorDiedError", "ActorHandle", "ChannelClosedError", "CompiledDAG",
+    "CompiledDAGFuture", "CompiledDAGRef", "DAGCompileError", "InputNode", "MultiOutputNode",
     "GetTimeoutError", "HeadraceError", "ObjectLostError", "ObjectRef", "PipelineFullError",
     "Ref", "RemoteFunction", "TaskCancelledError", "TaskError", "WorkerCrashedError", "cancel",
     "exceptions", "gather", "get", "get_actor", "init", "is_initialized", "kill", "method", "put",

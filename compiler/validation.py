@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from ..dag.ir import DagIR, NodeArg, Op, OpKind
 from ..exceptions import DAGCompileError
 from .plan import PlanOptions
@@ -61,6 +59,7 @@ def _check_input(ir: DagIR) -> None:
 
 
 def _check_op(op: Op, is_alive: Callable[[Any], bool] | None) -> None:
+    import cloudpickle      # NOTE: not at import time: `import headrace` stays light
     parts = op.parts or (op,)
     for part in parts:
         if part.kind is OpKind.METHOD and is_alive is not None and not is_alive(part.actor):

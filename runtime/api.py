@@ -200,7 +200,7 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
     event = threading.Event()
     setter = _event_setter(event)
     for ref in watched:
-        ref.add_done_callback(setter)
+        ref._add_waiter(setter)
     pending = watched
     try:
         while True:
@@ -219,13 +219,30 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
 
 
 def wait_event(event: threading.Event, refs: list[Ref], deadline: Deadline) -> None:
-    """Block until ``event`` is set or the deadline, reading replies here if a ref needs it."""
+    """Block until ``event`` is set or the deadline, making progress on this thread.
+
+    One kind of producer (the runtime's replies, or one compiled DAG's outputs) is driven until
+    the event; with several, each gets a short slice in turn, so the first error of any of them
+    is seen within a slice (the runtime's I/O thread completes ObjectRefs meanwhile).
+    """
+    groups: dict[int, Ref] = {}
     for ref in refs:
-        rt = getattr(ref, "_runtime", None)
-        if rt is not None and not rt.inbox.closed:
-            rt.inbox.wait_until(event.is_set, deadline)
+        producer = getattr(ref, "_dag", None) or getattr(ref, "_runtime", None)
+        groups.setdefault(id(producer), ref)
+    if len(groups) <= 1:
+        if refs:
+            refs[0]._drive(event.is_set, deadline)
+        return
+    for ref in groups.values():
+        remaining = deadline.remaining_s()
+        if event.is_set() or remaining == 0:
             return
-    event.wait(deadline.remaining_s())
+        ref._drive(event.is_set, Deadline(_MIXED_SLICE_S if remaining is None
+                                          else min(_MIXED_SLICE_S, remaining)))
+
+
+#: With refs of several producers (DAGs, the runtime), each is driven this long in turn.
+_MIXED_SLICE_S = 0.005
 
 
 def _raise_first_error(refs: list[Ref]) -> None:
@@ -253,7 +270,7 @@ def wait(refs: list[Ref], *, num_returns: int = 1, timeout: float | None = None,
     setter = _event_setter(event)
     watched = [r for r in dict.fromkeys(items) if not r.done()]
     for ref in watched:
-        ref.add_done_callback(setter)
+        ref._add_waiter(setter)
     try:
         while sum(r.done() for r in items) < num_returns:
             if deadline.remaining_s() == 0:

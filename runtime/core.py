@@ -13,6 +13,7 @@ the calls it had; nothing waits without a bound: sends never block (no high-wate
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import os
 import logging
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 import time
 from collections import deque
 from collections.abc import Callable
@@ -75,6 +77,7 @@ class Runtime:
         self.tasks: dict[str, TaskRecord] = {}       # every task not yet answered
         self.actors: dict[str, ActorRecord] = {}
         self.named: dict[str, ActorRecord] = {}
+        self.dags: weakref.WeakSet = weakref.WeakSet()     # compiled DAGs not torn down
         self.new_pidfds: list[Proc] = []
         self.start_failures = 0                      # children in a row that died unstarted
         self.closed = False
@@ -339,6 +342,8 @@ class Runtime:
             actor_name=actor.name or actor.label, pid=proc.pid, exit_code=code, signal=sig)
         if actor.init_error is not None:
             err.__cause__ = actor.init_error
+        for dag in list(self.dags):     # its DAG loops died with it, restart or not
+            out.append(functools.partial(dag.actor_died, actor, err))
         for task in actor.inflight.values():
             self.tasks.pop(task.tid, None)
             task.state = TaskState.DONE
@@ -635,6 +640,8 @@ class Runtime:
     # -- shutdown ---------------------------------------------------------------------------
     def shutdown(self) -> None:
         """End every child, fail every pending ref, unlink every segment. Idempotent."""
+        for dag in list(self.dags):
+            dag.teardown()
         with self.lock:
             if self.closed:
                 return
@@ -705,7 +712,9 @@ def _run(finishes: list[Finish]) -> None:
 def _payload_of(ref: Ref) -> Payload:
     payload = ref._payload
     if payload is None:          # a ref that finished with a plain value (a compiled DAG's)
-        raise TypeError(f"{ref.key} has no encoded value to send")
+        from .api import _auto_runtime
+        rt = _auto_runtime()
+        payload = encode(ref._outcome(), owner_pid=rt.pid, own=True, table=rt.table)
     return payload
 
 

@@ -169,6 +169,25 @@ class Ref:
                 return
         _run_callback(fn, self)
 
+    def _add_waiter(self, fn: Callable[[Ref], Any]) -> None:
+        """``add_done_callback`` for a thread that will itself wait (``_drive``): no helper
+        thread is started for it."""
+        Ref.add_done_callback(self, fn)
+
+    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
+        """Make progress towards this ref on this thread until ``cond()`` or the deadline."""
+        event = threading.Event()
+        setter = _event_setter(event)
+        self._add_waiter(setter)
+        try:
+            while not cond() and self._state is RefState.PENDING:
+                remaining = deadline.remaining_s()
+                if remaining == 0:
+                    return
+                event.wait(0.002 if remaining is None else min(0.002, remaining))
+        finally:
+            self._remove_done_callback(setter)
+
     def _remove_done_callback(self, fn: Callable[[Ref], Any]) -> None:
         with _LOCK:
             if self._callbacks is not None:
@@ -393,3 +412,10 @@ class ObjectRef(Ref):
 
     def _decode(self, payload: Any) -> Any:
         return payload.decode()
+
+    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
+        rt = self._runtime
+        if rt is not None and not rt.inbox.closed:
+            rt.inbox.wait_until(cond, deadline)        # read replies on this thread
+        else:
+            super()._drive(cond, deadline)

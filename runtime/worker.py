@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import ctypes
 import faulthandler
 import logging
@@ -38,6 +39,8 @@ from .protocol import ErrorInfo, Msg, WorkerSpec
 from .refs import resolving_refs
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
+#: The internal actor method that starts a compiled DAG's loop (not a user method name).
+DAG_START = "__headrace_dag_start__"
 
 
 def main() -> None:
@@ -76,6 +79,10 @@ class Worker:
         self.cancelled: set[str] = set()            # asked to cancel before they started
         self.interrupt: str | None = None           # task id the main thread should drop
         self.main_ident = threading.get_ident()
+        #: Serializes the user's code between the main thread and compiled-DAG loop threads
+        #: (an actor with max_concurrency > 1 asked for concurrency: no lock then).
+        self.call_lock: Any = threading.Lock()
+        self.internal: dict[str, Callable[..., Any]] = {DAG_START: self._start_dag}
         install_prefixed_output(lambda: self.label, self.pid)
         _setup_logging(spec.logging_level)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -141,7 +148,7 @@ class Worker:
             return              # the driver fails it: the actor is dead, and it says why
         _, tid, method, args_desc, deps, nret = header
         name = f"{self.spec.label}.{method}"
-        fn = getattr(self.instance, method)
+        fn = self.internal.get(method) or getattr(self.instance, method)
         if self.pool is None:
             self._run(tid, name, fn, args_desc, deps, frames, nret)
         else:
@@ -159,6 +166,7 @@ class Worker:
                         error_info(exc, f"{label}.__init__", self.pid)))
             return
         if max_concurrency > 1:
+            self.call_lock = contextlib.nullcontext()
             self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
                                                               thread_name_prefix=label)
         self._send((Msg.ACTOR_READY, self.spec.wid))
@@ -177,7 +185,8 @@ class Worker:
         try:
             try:
                 args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
-                value = fn(*args, **kwargs)
+                with self.call_lock:
+                    value = fn(*args, **kwargs)
                 if asyncio.iscoroutine(value):
                     value = self._await(value)
             finally:
@@ -250,6 +259,11 @@ class Worker:
         """The driver's last zmq message: from now on calls come through the ring."""
         if self.lane is not None:
             self.receive = self.lane.recv
+
+    def _start_dag(self, plan: Any, key: str, ends: dict[int, Any]) -> str:
+        """An internal call: run this process's part of a compiled DAG on a thread."""
+        from .dag_loop import start_loop
+        return start_loop(self, plan, key, ends)
 
     def _ring_doorbell(self) -> None:
         """Under ``send_lock``: the driver is not reading our result ring; tell it to."""

@@ -1,0 +1,459 @@
+"""Compiled DAGs on the driver: open a Plan, submit executions, read outputs, tear down.
+
+In: a DAG's root node and compile options. Out: ``CompiledDAG`` (``execute``, ``execute_async``,
+``teardown``, ``visualize``, ``stats``) whose executions return ``CompiledDAGRef``s.
+Invariants:
+- Executions are numbered from 0; outputs are read in execution order by whichever thread waits
+  (one at a time, ``_fetching``), so a round trip costs no hand-off between threads.
+- Backpressure (DESIGN 4): rings hold ``max_inflight_executions``; at that many in flight,
+  ``execute`` first reads finished outputs into their refs, and only then waits; it raises
+  ``PipelineFullError`` only if more than ``max_buffered_results`` results stay un-read for
+  ``submit_timeout_s``.
+- A death closes every channel (blocked ends wake) and fails every pending ref with the
+  ``ActorDiedError``; teardown fails them with ``ChannelClosedError``. Nothing waits forever.
+
+  execute(x) ─WRITE─▶ [input ch] ─▶ actor loops ─▶ [output chs] ─READ (waiting thread)─▶ refs
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+from .. import dag as dag_layer
+from ..compiler.plan import DRIVER, ChannelKind, Plan
+from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
+from ..dag.nodes import DAGNode
+from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
+                          PipelineFullError, make_task_error)
+from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
+from .compiled_values import FunctionHost, OpFailure
+from .deadline import Deadline
+from .refs import Ref, RefState
+
+#: How long a startup may take (the first attach in a fresh process loads numba's cache).
+START_TIMEOUT_S = 120.0
+#: A background reader (for callbacks, futures, await) re-checks its work this often.
+_SLICE_S = 0.05
+#: After a channel broke on its own, how long to wait for the runtime to say which process died.
+_DEATH_REPORT_S = 1.0
+
+
+class CompiledDAG:
+    """A DAG lowered to processes and channels; ``execute()`` runs it once per call."""
+
+    def __init__(self, runtime: Any, ir: DagIR, plan: Plan, actors: dict[str, Any],
+                 hosts: list[Any], channels: dict[int, Any]) -> None:
+        self._rt = runtime
+        self.ir = ir
+        self.plan = plan
+        self._actors = actors                   # process key -> ActorRecord
+        self._hosts = hosts                     # handles keeping the function hosts alive
+        self._channels = channels               # channel id -> the owner's handle
+        opts = plan.options
+        self._max_inflight = opts.max_inflight_executions
+        self._input = channels[plan.input_channel].writer() if plan.input_channel >= 0 \
+            else None
+        order = list(dict.fromkeys(c for c in plan.output_channels if c >= 0))
+        self._readers = [(c, channels[c].reader(channels_readers(plan, c).index(DRIVER)))
+                         for c in order]
+        self._driver_outputs = [(k, plan.tasks[i]) for k, (i, c) in
+                                enumerate(zip(plan.outputs, plan.output_channels, strict=True))
+                                if c < 0]
+        self._names = [plan.tasks[i].name for i in plan.outputs]
+        self._submit_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._fetching = False                  # a thread is reading the output channels
+        self._waiters = 0
+        self._submitted = 0
+        self._fetched = 0
+        self._partial: dict[int, Any] = {}      # outputs of execution _fetched read so far
+        self._pending: dict[int, list[weakref.ref]] = {}
+        self._started: dict[int, int] = {}      # execution -> perf_counter_ns at submit
+        self._latency_ns: deque[int] = deque(maxlen=100_000)
+        self._unread: deque[list[weakref.ref]] = deque()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._died = threading.Event()
+        self._watched: set[CompiledDAGRef] = set()
+        self._watcher: threading.Thread | None = None
+
+    # -- submitting -------------------------------------------------------------------------
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the DAG once on ``args``/``kwargs``; refs among them are resolved first.
+
+        Returns:
+            A ``CompiledDAGRef`` (a list of them for a ``MultiOutputNode``).
+
+        Raises:
+            ChannelClosedError: the DAG was torn down. ActorDiedError: a process of it died.
+            PipelineFullError: more than ``max_buffered_results`` results stayed un-read.
+            TypeError: an argument cannot be serialized (nothing was submitted).
+        """
+        if self._closed:
+            raise self._closed_error()
+        if _has_refs(args) or _has_refs(kwargs):
+            from .api import gather
+            args, kwargs = gather((args, kwargs))
+        with self._submit_lock:
+            e = self._submitted
+            if e - self._fetched >= self._max_inflight:
+                self._make_room(e)
+            if self._input is not None:
+                self._write_input(args, kwargs)
+            self._submitted = e + 1
+            refs = [CompiledDAGRef(self, e, k, name) for k, name in enumerate(self._names)]
+            self._pending[e] = [weakref.ref(r) for r in refs]
+            self._started[e] = time.perf_counter_ns()
+        if self._closed or self._error is not None:    # closed while we submitted
+            self._fail_pending(self._closed_error())
+        for k, task in self._driver_outputs:
+            self._finish_driver_output(refs[k], task, args, kwargs)
+        return refs if self.plan.multi else refs[0]
+
+    async def execute_async(self, *args: Any, **kwargs: Any) -> CompiledDAGFuture:
+        """``execute`` for asyncio: ``fut = await compiled.execute_async(x); v = await fut``."""
+        refs = self.execute(*args, **kwargs)
+        return CompiledDAGFuture(refs if self.plan.multi else [refs], self.plan.multi)
+
+    def _write_input(self, args: tuple, kwargs: dict) -> None:
+        try:
+            self._input.write((args, kwargs))
+        except TypeError as exc:
+            raise TypeError(f"an argument of execute() cannot be sent to the DAG: {exc}") \
+                from exc
+        except ChannelClosedError:
+            raise self._closed_error() from None
+
+    def _finish_driver_output(self, ref: CompiledDAGRef, task: Any, args: tuple,
+                              kwargs: dict) -> None:
+        try:
+            parent = _WHOLE
+            chain = []
+            while task.kind is OpKind.ATTR and self.plan.tasks[task.deps[0]].kind is OpKind.ATTR:
+                chain.append(task)
+                task = self.plan.tasks[task.deps[0]]
+            value = input_value(task, parent, args, kwargs)
+            for part in reversed(chain):
+                value = input_value(part, value, args, kwargs)
+        except Exception as exc:                # noqa: BLE001 - bad execute() arguments
+            ref._finish_error(exc)
+            return
+        ref._finish_value(value)
+
+    def _make_room(self, e: int) -> None:
+        """At ``max_inflight_executions``: read finished outputs, then wait (DESIGN 4)."""
+        opts = self.plan.options
+        deadline = Deadline(opts.submit_timeout_s)
+        while e - self._fetched >= self._max_inflight:
+            limit = opts.max_buffered_results
+            if limit is not None and self._count_unread() > limit:
+                if deadline.expired():
+                    raise PipelineFullError(
+                        f"execute() waited {opts.submit_timeout_s:g} s (submit_timeout_s) "
+                        f"with {self._count_unread()} results un-read, more than "
+                        f"max_buffered_results={limit}.\n\nRead results with hr.get() (or "
+                        "drop their refs) as you go, or compile with a larger "
+                        "max_buffered_results.")
+                time.sleep(0.001)
+                continue
+            self.wait_for(None, Deadline(None), lambda: e - self._fetched < self._max_inflight)
+            if self._error is not None or self._closed:
+                raise self._closed_error()
+
+    def _count_unread(self) -> int:
+        live = deque(r for r in self._unread if any(
+            (ref := w()) is not None and not ref._read for w in r))
+        self._unread = live
+        return len(live)
+
+    # -- reading outputs --------------------------------------------------------------------
+    def wait_for(self, ref: CompiledDAGRef | None, deadline: Deadline,
+                 cond: Any = None) -> bool:
+        """Read outputs on this thread until ``ref`` is final (or ``cond()``) or the deadline.
+
+        Returns whether ``ref`` is final. One thread reads at a time; the others wait for it
+        to finish their ref or to hand over.
+        """
+        def satisfied() -> bool:
+            return (ref is not None and ref._state is not RefState.PENDING) or \
+                (cond is not None and cond())
+        cv = self._cond
+        with cv:
+            while self._fetching and not satisfied():
+                remaining = deadline.remaining_s()
+                if remaining == 0:
+                    return ref is not None and ref._state is not RefState.PENDING
+                self._waiters += 1
+                try:
+                    cv.wait(remaining)
+                finally:
+                    self._waiters -= 1
+            if satisfied():
+                return ref is None or ref._state is not RefState.PENDING
+            self._fetching = True
+        try:
+            while not satisfied() and self._fetched < self._submitted:
+                if not self._fetch_one(deadline):
+                    break
+        finally:
+            with cv:
+                self._fetching = False
+                if self._waiters:
+                    cv.notify_all()
+        return ref is not None and ref._state is not RefState.PENDING
+
+    def _fetch_one(self, deadline: Deadline) -> bool:
+        """Read the outputs of the oldest execution in flight; False on timeout or close."""
+        if self._closed or self._error is not None:
+            self._fail_pending(self._closed_error())
+            return False
+        e = self._fetched
+        partial = self._partial
+        try:
+            for c, reader in self._readers:
+                if c not in partial:
+                    partial[c] = reader.read(deadline.remaining_s())
+        except ChannelTimeoutError:
+            return False
+        except ChannelClosedError as exc:
+            self._on_broken(str(exc))
+            return False
+        self._partial = {}
+        refs = self._pending.pop(e, [])
+        self._fetched = e + 1
+        started = self._started.pop(e, None)
+        if started is not None:
+            self._latency_ns.append(time.perf_counter_ns() - started)
+        if self.plan.options.max_buffered_results is not None:
+            self._unread.append(refs)
+        outs = self.plan.output_channels
+        for k, w in enumerate(refs):
+            ref = w()
+            if ref is None or ref._state is not RefState.PENDING or outs[k] < 0:
+                continue
+            value = partial[outs[k]]
+            if type(value) is OpFailure:
+                ref._finish_error(_task_error(value))
+            else:
+                ref._finish_value(value)
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+        return True
+
+    def poll(self) -> None:
+        """Read whatever outputs are already there, without waiting (for ``done()``)."""
+        if not self._fetching and self._fetched < self._submitted:
+            self.wait_for(None, Deadline(0), lambda: False)
+
+    def watch(self, ref: CompiledDAGRef) -> None:
+        """Someone wants ``ref`` finished without waiting for it: read in the background."""
+        with self._cond:
+            self._watched.add(ref)
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
+                                                 name="headrace-dag-reader")
+                self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._watched = {r for r in self._watched if r._state is RefState.PENDING}
+                if not self._watched or self._closed:
+                    self._watcher = None
+                    return
+                target = max(self._watched, key=lambda r: r._execution)
+            self.wait_for(target, Deadline(_SLICE_S))
+
+    # -- failure and teardown ---------------------------------------------------------------
+    def _on_broken(self, reason: str) -> None:
+        """A channel closed under us: a teardown, or a death the runtime reports shortly."""
+        if not self._closed and self._error is None:
+            self._died.wait(_DEATH_REPORT_S)
+        if self._error is None and not self._closed:
+            self._error = ActorDiedError(f"a process of the compiled DAG is gone: {reason}")
+            self._break(reason)
+        self._fail_pending(self._closed_error())
+
+    def actor_died(self, actor: Any, error: BaseException) -> None:
+        """The runtime saw one of our processes die: break every channel, fail every ref."""
+        if self._closed or self._error is not None:
+            return
+        if not any(a is actor for a in self._actors.values()):
+            return
+        self._error = error
+        self._died.set()
+        self._break(f"{actor.label} died")
+        self._fail_pending(error)
+
+    def _break(self, reason: str) -> None:
+        for ch in self._channels.values():
+            try:
+                ch.mark_broken(reason)
+            except Exception:               # noqa: BLE001 - already gone
+                pass
+
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for refs in pending.values():
+            for w in refs:
+                ref = w()
+                if ref is not None:
+                    ref._finish_error(error)
+
+    def _closed_error(self) -> BaseException:
+        if self._error is not None:
+            return self._error
+        return ChannelClosedError("the compiled DAG was torn down; compile the DAG again to "
+                                  "run it")
+
+    def teardown(self) -> None:
+        """Close every channel and stop the DAG's loops; idempotent, returns in milliseconds.
+
+        Refs still pending raise ``ChannelClosedError``; the actors stay alive and usable.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        for ch in self._channels.values():
+            ch.close()
+        self._fail_pending(self._closed_error())
+        self._rt.dags.discard(self)
+        hosts, self._hosts = self._hosts, []
+        for handle in hosts:
+            self._rt.kill_actor(handle._record)
+
+    def __enter__(self) -> CompiledDAG:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.teardown()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.teardown()
+        except Exception:                   # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- introspection ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Executions, latency (submit to outputs read, in µs) and per-channel statistics."""
+        lat = sorted(self._latency_ns)
+
+        def q(p: float) -> float | None:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] / 1e3 if lat else None
+        return {"executions": self._submitted, "completed": self._fetched,
+                "in_flight": self._submitted - self._fetched,
+                "latency_us": {"median": q(0.5), "p99": q(0.99), "samples": len(lat)},
+                "channels": {f"ch{c}": ch.statistics() for c, ch in self._channels.items()},
+                "closed": self._closed}
+
+    def visualize(self, path: str | None = None, format: str = "dot") -> str:
+        """The plan as Graphviz DOT source; with ``path``, also written there (PNG/SVG via
+        the ``dot`` program)."""
+        from .visualize import render
+        return render(self.plan, path, format)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self._error else "open"
+        return (f"<CompiledDAG {len(self.plan.processes)} processes, "
+                f"{self._submitted} executions, {state}>")
+
+
+def channels_readers(plan: Plan, channel: int) -> tuple[str, ...]:
+    return plan.channels[channel].readers
+
+
+def _task_error(failure: OpFailure) -> BaseException:
+    from .core import _try_unpickle
+    info = failure.info
+    cause_type = _try_unpickle(info.type_blob)
+    cause = _try_unpickle(info.exc_blob)
+    message = (f"{failure.name} (bound at {failure.site}, pid {info.pid}) raised "
+               f"{info.type_name}: {info.message}")
+    return make_task_error(message, cause_type=cause_type if isinstance(cause_type, type)
+                           else None, cause=cause if isinstance(cause, BaseException) else None,
+                           function_name=failure.name, traceback_str=info.traceback_str,
+                           site=failure.site, pid=info.pid)
+
+
+def _has_refs(obj: Any) -> bool:
+    if isinstance(obj, Ref):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_has_refs(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_has_refs(x) for x in obj.values())
+    return False
+
+
+# -- compiling ----------------------------------------------------------------------------------
+def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
+    """``dag.experimental_compile(**options)``: trace, lower, open the plan, start the loops."""
+    from ..compiler.lowering import lower      # NOTE: loads cloudpickle: not at import time
+    from .api import _auto_runtime, get
+    from .remote import ActorBody, ActorHandle
+    from .worker import DAG_START
+    rt = _auto_runtime()
+    ir = trace(root)
+    plan = lower(ir, options, is_alive=lambda key: rt.actors.get(key) is not None)
+    actors = {f"actor:{op.actor}": op.target._record for op in ir.ops
+              if op.kind is OpKind.METHOD}
+    hosts: list[Any] = []
+    channels: dict[int, Any] = {}
+    try:
+        for proc in plan.processes:
+            if proc.actor is None:
+                record = rt.create_actor(ActorBody(FunctionHost), _HOST_OPTIONS, (), {})
+                hosts.append(ActorHandle(record, rt))
+                actors[proc.key] = record
+        for spec in plan.channels:
+            channels[spec.id] = _open_channel(spec, plan.options.sync)
+        dag = CompiledDAG(rt, ir, plan, actors, hosts, channels)
+        starts = []
+        for proc in plan.processes:
+            ends = {}
+            for step in proc.steps:
+                if step.channel >= 0 and step.channel not in ends:
+                    spec = plan.channels[step.channel]
+                    ch = channels[step.channel]
+                    ends[step.channel] = ch.writer() if spec.writer == proc.key else \
+                        ch.reader(spec.readers.index(proc.key))
+            starts += rt.submit_call(actors[proc.key], DAG_START, 1, (plan, proc.key, ends), {})
+        rt.dags.add(dag)
+        get(starts, timeout=START_TIMEOUT_S)
+    except BaseException:
+        for ch in channels.values():
+            ch.close()
+        for handle in hosts:
+            rt.kill_actor(handle._record)
+        raise
+    return dag
+
+
+_HOST_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
+
+
+def _open_channel(spec: Any, sync: str) -> Any:
+    if spec.kind is ChannelKind.SOCKET:
+        from ..channels.socket import SocketChannel
+        return SocketChannel(len(spec.readers), spec.capacity)
+    from ..channels.shm import ShmChannel
+    return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes, sync=sync)
+
+
+def execute_uncompiled(root: DAGNode, args: tuple, kwargs: dict) -> Any:
+    """``dag.execute(...)`` without compiling: the same graph through ordinary calls (the oracle
+    the tests compare compiled results with)."""
+    from .oracle import run_with_tasks
+    return run_with_tasks(trace(root), args, kwargs)
+
+
+dag_layer.nodes.register("compile", compile_dag)
+dag_layer.nodes.register("execute", execute_uncompiled)

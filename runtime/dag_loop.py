@@ -1,0 +1,145 @@
+"""The per-process loop of a compiled DAG: read inputs, call, write outputs, once per execution.
+
+In: a ``Plan``, this process's key in it, and its channel endpoints (from the driver, through an
+ordinary actor call). Out: a thread running the process's steps until a channel closes.
+Invariants: steps run in plan order, one execution at a time; a user exception becomes that
+execution's value (``OpFailure``), passed on to every op that depends on it and to the outputs, so
+the next execution runs normally; a value that cannot be written (unpicklable) becomes an
+``OpFailure`` too; a closed channel (teardown, a dead peer) ends the loop quietly.
+
+  [input ch] ─READ─▶ values[%i] ─COMPUTE fn(*args)─▶ values[%j] ─WRITE─▶ [ch of %j] ─▶ readers
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..compiler.plan import Plan, StepKind, TaskSpec
+from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value
+from ..exceptions import ChannelClosedError
+from .compiled_values import OpFailure
+from .worker import error_info
+
+log = logging.getLogger(__name__)
+_READ, _COMPUTE, _WRITE, _INPUT = 0, 1, 2, 3
+
+
+def start_loop(worker: Any, plan: Plan, key: str, ends: dict[int, Any]) -> str:
+    """Start this process's loop for ``plan`` on a thread of its own; returns the thread name."""
+    steps = _compile_steps(worker, plan, key, ends)
+    name = f"headrace-dag-{key}"
+    thread = threading.Thread(target=_run, args=(steps, ends), name=name, daemon=True)
+    thread.start()
+    return name
+
+
+def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any]) -> list[tuple]:
+    """The process's steps as tuples the loop dispatches on without lookups."""
+    out: list[tuple] = []
+    for step in plan.process_of(key).steps:
+        if step.kind is StepKind.READ:
+            out.append((_READ, ends[step.channel].read, step.op))
+        elif step.kind is StepKind.WRITE:
+            task = plan.tasks[step.op]
+            out.append((_WRITE, ends[step.channel].write, step.op, task))
+        else:
+            task = plan.tasks[step.op]
+            if task.kind in (OpKind.INPUT, OpKind.ATTR):
+                parent = plan.tasks[task.deps[0]] if task.kind is OpKind.ATTR else None
+                nested = parent is not None and parent.kind is OpKind.ATTR
+                out.append((_INPUT, task, parent.index if nested else -2))
+            else:
+                out.append((_COMPUTE, _callable(worker, task), task))
+    return out
+
+
+def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
+    """A function of the execution's values that runs ``task`` (the user's code, locked)."""
+    parts = task.parts or (task,)
+    fns = [_target(worker, p) for p in parts]
+    lock = worker.call_lock
+    pid = worker.pid
+    awaiter = worker._await
+
+    def run(values: dict[int, Any]) -> Any:
+        for dep in task.deps:
+            if type(values[dep]) is OpFailure:
+                return values[dep]          # an upstream failure is this op's value too
+        value = None
+        for part, fn in zip(parts, fns, strict=True):
+            try:
+                args = _args(part.args, values, value)
+                kwargs = dict(fill(part.kwargs, values, value)) if part.kwargs else {}
+                with lock:
+                    value = fn(*args, **kwargs)
+                if asyncio.iscoroutine(value):
+                    value = awaiter(value)
+            except BaseException as exc:    # noqa: BLE001 - the user's error is the value
+                return OpFailure(part.name, part.site, error_info(exc, part.name, pid))
+        return value
+    return run
+
+
+def _args(template: tuple[Any, ...], values: dict[int, Any], prev: Any) -> Any:
+    if all(type(a) is NodeArg for a in template):       # the usual case: f(%1, %2)
+        return [values[a.index] for a in template]
+    return [values[a.index] if type(a) is NodeArg else prev if type(a) is PrevArg
+            else fill(a, values, prev) for a in template]
+
+
+def _target(worker: Any, task: TaskSpec) -> Callable[..., Any]:
+    if task.kind is OpKind.FUNCTION:
+        return cloudpickle.loads(task.fn_blob)
+    return getattr(worker.instance, task.method)
+
+
+def _run(steps: list[tuple], ends: dict[int, Any]) -> None:
+    # One flat loop on purpose (STYLE 4): it runs once per execution per process.
+    values: dict[int, Any] = {}
+    arguments: Any = None
+    try:
+        while True:
+            for step in steps:
+                code = step[0]
+                if code == _READ:
+                    value = step[1]()
+                    if step[2] < 0:
+                        arguments = value
+                    else:
+                        values[step[2]] = value
+                elif code == _COMPUTE:
+                    values[step[2].index] = step[1](values)
+                elif code == _WRITE:
+                    _write(step[1], values[step[2]], step[3])
+                else:
+                    values[step[1].index] = _input(step[1], step[2], values, arguments)
+    except ChannelClosedError:
+        pass
+    except BaseException:                   # noqa: BLE001 - a bug: say so, then stop
+        log.exception("the compiled DAG loop stopped")
+    finally:
+        for end in ends.values():
+            end.close()
+
+
+def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) -> Any:
+    try:
+        args, kwargs = arguments
+        return input_value(task, _WHOLE if parent < 0 else values[parent], args, kwargs)
+    except Exception as exc:                # noqa: BLE001 - bad execute() arguments
+        return OpFailure(task.name, task.site, error_info(exc, task.name, os.getpid()))
+
+
+def _write(write: Callable[[Any], None], value: Any, task: TaskSpec) -> None:
+    try:
+        write(value)
+    except TypeError as exc:                # the value does not pickle: its error goes instead
+        write(OpFailure(task.name, task.site, error_info(
+            exc, task.name, os.getpid(), prefix=f"could not serialize the value of {task.name}: ")))

@@ -1,0 +1,42 @@
+"""``dag.execute()`` without compiling: every op of the DagIR as an ordinary task or actor call.
+
+In: a traced ``DagIR`` and the execute() arguments. Out: an ``ObjectRef`` per output (a list for a
+``MultiOutputNode``). This is the reference the compiled path is tested against: the same
+functions and methods, called through ``.remote()`` with refs as arguments (resolved by the
+runtime before each call), so no value passes through the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..dag.ir import _WHOLE, DagIR, OpKind, fill, input_value, is_used_whole
+from .api import put
+
+
+def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
+    from .remote import RemoteFunction
+    values: dict[int, Any] = {}
+    for op in ir.ops:
+        if op.kind is OpKind.INPUT:
+            if is_used_whole(ir, op.index):
+                values[op.index] = input_value(op, _WHOLE, args, kwargs)
+        elif op.kind is OpKind.ATTR:
+            parent = ir.ops[op.deps[0]]
+            base = _WHOLE if parent.kind is OpKind.INPUT else values[parent.index]
+            values[op.index] = input_value(op, base, args, kwargs)
+        else:
+            call_args = fill(op.args, values)
+            call_kwargs = dict(fill(op.kwargs, values))
+            if op.kind is OpKind.FUNCTION:
+                call = RemoteFunction(op.target.fn, None, op.target).remote
+            else:
+                call = getattr(op.target, op.method).remote
+            values[op.index] = call(*call_args, **call_kwargs)
+    outs = [_as_ref(values[i]) for i in ir.outputs]
+    return outs if ir.multi else outs[0]
+
+
+def _as_ref(value: Any) -> Any:
+    from .refs import Ref
+    return value if isinstance(value, Ref) else put(value)

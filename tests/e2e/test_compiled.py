@@ -1,0 +1,252 @@
+"""Compiled DAGs end to end: real actor processes, shm channels, refs resolved by hr.get."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import headrace as hr
+from headrace import InputNode, MultiOutputNode
+from headrace.exceptions import (ActorDiedError, ChannelClosedError, GetTimeoutError,
+                                 TaskError)
+
+
+@hr.remote
+class Stage:
+    def __init__(self, k=1):
+        self.k = k
+        self.calls = 0
+
+    def add(self, x, *more, scale=1):
+        self.calls += 1
+        return (x + sum(more)) * scale + self.k
+
+    def echo(self, x):
+        return x
+
+    def boom(self, x):
+        if x == 3:
+            raise ValueError(f"three at {self.k}")
+        return x
+
+    def nap(self, x, delay_s=0.0):
+        time.sleep(delay_s)
+        return x
+
+    def lock(self, x):
+        return threading.Lock()
+
+    def count(self):
+        return self.calls
+
+    def pid(self):
+        return os.getpid()
+
+
+@hr.remote
+def times10(x):
+    return x * 10
+
+
+@hr.remote
+def plus(x, y):
+    return x + y
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return [Stage.remote(k) for k in (1, 2, 3)]
+
+
+def test_a_chain_of_three_actors_matches_the_uncompiled_oracle(stages) -> None:
+    a, b, c = stages
+    with InputNode() as inp:
+        dag = c.add.bind(b.add.bind(a.add.bind(inp)))
+    with dag.experimental_compile() as compiled:
+        assert hr.get(compiled.execute(1), timeout=30) == 7
+        refs = [compiled.execute(i) for i in range(200)]
+        assert hr.get(refs, timeout=30) == [i + 6 for i in range(200)]
+    assert hr.get(dag.execute(1), timeout=30) == 7
+
+
+def test_fan_out_fan_in_function_nodes_kwargs_and_multi_output(stages) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        x = times10.bind(inp.x)
+        left = a.add.bind(x, scale=inp.scale)
+        right = b.add.bind(x, inp.y)
+        joined = plus.bind(left, right)
+        dag = MultiOutputNode([joined, x, inp.y, b.echo.bind([left, {"r": right}])])
+    with dag.compile(max_inflight_executions=3) as compiled:
+        for i in range(20):
+            refs = compiled.execute(x=i, y=1, scale=2)
+            expect = hr.get(dag.execute(x=i, y=1, scale=2), timeout=30)
+            assert hr.get(refs, timeout=30) == expect
+            assert expect[0] == (i * 10 * 2 + 1) + (i * 10 + 1 + 2)
+
+
+def test_ten_thousand_executions_keep_their_order(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile() as compiled:
+        refs = [compiled.execute(i) for i in range(10_000)]    # no get: never a capacity error
+        assert hr.get(refs[::-1], timeout=60) == list(range(10_000))[::-1]
+        assert compiled.stats()["completed"] == 10_000
+
+
+def test_get_mixes_compiled_refs_of_two_dags_and_object_refs(stages) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        d1 = a.add.bind(inp)
+    with InputNode() as inp:
+        d2 = b.echo.bind(inp)
+    with d1.experimental_compile() as c1, d2.experimental_compile() as c2:
+        mixed = [c1.execute(1), a.add.remote(10), c2.execute("x"), hr.put(5), c1.execute(2)]
+        assert hr.get(mixed, timeout=30) == [2, 11, "x", 5, 3]
+        ready, not_ready = hr.wait([c2.execute(1), c1.execute(1)], num_returns=2, timeout=30)
+        assert len(ready) == 2 and not not_ready
+        assert hr.get(times10.remote(c1.execute(4)), timeout=30) == 50     # a ref as argument
+        assert hr.get(c2.execute(c1.execute(5)), timeout=30) == 6          # into execute()
+
+
+def test_ref_contract_many_reads_retry_after_timeout_and_out_of_order(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.nap.bind(inp, 0.3)
+    with dag.experimental_compile() as compiled:
+        first, second = compiled.execute(1), compiled.execute(2)
+        with pytest.raises(GetTimeoutError, match="1 of 1 ref still pending"):
+            hr.get(second, timeout=0.05)
+        assert second.status == "pending"
+        assert hr.get(second, timeout=30) == 2          # retry works, first is buffered
+        assert first.done() and first.result() == 1 and hr.get(first) == 1
+        got = []
+        t = threading.Thread(target=lambda: got.append(hr.get(first, timeout=5)))
+        t.start()
+        t.join(5)
+        assert got == [1]
+
+
+def test_callbacks_futures_and_await_without_anyone_in_get(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile() as compiled:
+        done = threading.Event()
+        ref = compiled.execute(7)
+        ref.add_done_callback(lambda r: done.set())
+        assert done.wait(10)
+        assert compiled.execute(8).future().result(timeout=10) == 8
+
+        async def main():
+            fut = await compiled.execute_async(9)
+            return await fut, await compiled.execute(10)
+        assert asyncio.run(asyncio.wait_for(main(), 10)) == (9, 10)
+
+
+def test_a_user_exception_is_that_executions_value_and_reaches_dependent_outputs(stages) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        x = a.boom.bind(inp)
+        dag = MultiOutputNode([b.add.bind(x), inp, b.echo.bind(5)])
+    with dag.experimental_compile() as compiled:
+        assert hr.get(compiled.execute(1), timeout=30) == [3, 1, 5]
+        refs = compiled.execute(3)
+        with pytest.raises(ValueError, match="three at 1") as info:
+            hr.get(refs, timeout=30)
+        err = info.value
+        assert isinstance(err, TaskError) and err.function_name == "Stage.boom"
+        assert err.site.startswith(__file__) and "raise ValueError" in err.traceback_str
+        assert hr.get(refs[1:], timeout=30) == [3, 5]       # the other outputs still arrive
+        assert hr.get(compiled.execute(4), timeout=30) == [6, 4, 5]
+
+
+def test_unpicklable_output_and_bad_input_are_errors_of_that_execution(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.lock.bind(inp.v), a.echo.bind(inp.v)])
+    with dag.experimental_compile() as compiled:
+        with pytest.raises(TaskError, match="could not serialize the value of Stage.lock"):
+            hr.get(compiled.execute(v=1), timeout=30)
+        with pytest.raises(TypeError, match=r"keyword argument 'v' .* got \['w'\]"):
+            hr.get(compiled.execute(w=1), timeout=30)
+        assert hr.get(compiled.execute(v=2)[1], timeout=30) == 2
+
+
+def test_teardown_is_idempotent_fast_and_later_calls_raise(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.nap.bind(inp, 0.5)
+    compiled = dag.experimental_compile()
+    pending = compiled.execute(1)
+    t0 = time.monotonic()
+    compiled.teardown()
+    compiled.teardown()
+    assert time.monotonic() - t0 < 0.1
+    with pytest.raises(ChannelClosedError, match="torn down"):
+        hr.get(pending, timeout=5)
+    with pytest.raises(ChannelClosedError, match="torn down"):
+        compiled.execute(2)
+    assert hr.get(a.echo.remote(3), timeout=30) == 3        # the actor still serves calls
+
+
+def test_actor_serves_ordinary_calls_while_in_two_dags(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        d1 = a.add.bind(inp)
+    with InputNode() as inp:
+        d2 = a.echo.bind(inp)
+    with d1.experimental_compile() as c1, d2.experimental_compile() as c2:
+        refs = [(c1.execute(i), c2.execute(i), a.echo.remote(i)) for i in range(50)]
+        assert hr.get([r for trio in refs for r in trio], timeout=30) == \
+            [v for i in range(50) for v in (i + 1, i, i)]
+
+
+def test_large_numpy_values_travel_zero_copy(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile(buffer_size_bytes=1 << 16) as compiled:
+        for n in (10, 1 << 20, 8 << 20):
+            arr = np.arange(n, dtype=np.int64)
+            out = hr.get(compiled.execute(arr), timeout=30)
+            assert np.array_equal(out, arr)
+
+
+@pytest.mark.deadline_s(60)
+def test_sigkill_mid_execution_fails_pending_refs_within_a_second() -> None:
+    victim, after = Stage.remote(1), Stage.remote(2)
+    pid = hr.get(victim.pid.remote(), timeout=30)
+    with InputNode() as inp:
+        dag = after.add.bind(victim.nap.bind(inp, 5.0))
+    compiled = dag.experimental_compile()
+    refs = [compiled.execute(i) for i in range(3)]
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ActorDiedError, match="died"):
+        hr.get(refs, timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ActorDiedError):
+        compiled.execute(5)
+    compiled.teardown()
+    assert hr.get(after.add.remote(1), timeout=30) == 3
+
+
+@pytest.mark.deadline_s(60)
+def test_os_exit_in_a_function_node_fails_the_execution() -> None:
+    @hr.remote
+    def die(x):
+        os._exit(3)
+    with InputNode() as inp:
+        dag = die.bind(inp)
+    with dag.experimental_compile() as compiled:
+        with pytest.raises(ActorDiedError, match="exit code 3|died"):
+            hr.get(compiled.execute(1), timeout=10)
