@@ -23,3 +23,8 @@ ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
 
 #: How long shutdown() waits for children to exit on their own before SIGKILL.
 SHUTDOWN_GRACE_S = 0.3
+
+#: Spin window (µs) of compiled-DAG channels with sync="auto": a waiter spins (yielding its core
+#: now and then) this long before it sleeps in the kernel. Long enough to cover the hops of a
+#: pipeline in a back-to-back loop; an idle pipeline still sleeps after it, burning nothing.
+DAG_SPIN_US = float(os.environ.get("HEADRACE_DAG_SPIN_US", "1000"))

@@ -29,6 +29,9 @@ from numba.extending import intrinsic
 llvm.load_library_permanently(ctypes.util.find_library("c"))
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}[platform.machine()]
+#: Spins before a spinning waiter starts to yield its core between checks (a few µs).
+_PURE_SPINS = 4096
+_SYS_SCHED_YIELD = {"x86_64": 24, "aarch64": 124, "arm64": 124}[platform.machine()]
 _FUTEX_WAIT = 0                 # the shared (not PRIVATE) ops: the word lives in shared memory
 _FUTEX_WAKE = 1
 _CLOCK_MONOTONIC = 1
@@ -144,8 +147,14 @@ def wait(h, word, value, equal, notify, waiters, spin_ns, timeout_ns):
             if _load(h, CLOSED) != 0:
                 return -1
             i += 1
-            if (i & 31) == 0 and now_ns() - start >= limit:
-                break
+            if (i & 31) == 0:
+                if now_ns() - start >= limit:
+                    break
+                if i < _PURE_SPINS:
+                    continue
+                # NOTE: give the core away now and then: with more processes than cores (a
+                # 3-actor chain on 2 cores), the one holding the value may be waiting for it.
+                _syscall(_SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0)
     while True:
         _fetch_add(h, waiters, _ONE)
         seen = _load(h, notify)

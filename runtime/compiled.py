@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from typing import Any
 
+from .. import _config
 from .. import dag as dag_layer
 from ..compiler.plan import DRIVER, ChannelKind, Plan
 from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
@@ -30,7 +31,7 @@ from ..dag.nodes import DAGNode
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
                           PipelineFullError, make_task_error)
 from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
-from .compiled_values import FunctionHost, OpFailure
+from .compiled_values import FunctionHost, OpFailure, PackedArgs
 from .deadline import Deadline
 from .refs import Ref, RefState
 
@@ -95,7 +96,8 @@ class CompiledDAG:
         """
         if self._closed:
             raise self._closed_error()
-        if _has_refs(args) or _has_refs(kwargs):
+        if (kwargs or len(args) != 1 or type(args[0]) not in _PLAIN) and (
+                _has_refs(args) or _has_refs(kwargs)):
             from .api import gather
             args, kwargs = gather((args, kwargs))
         with self._submit_lock:
@@ -120,8 +122,9 @@ class CompiledDAG:
         return CompiledDAGFuture(refs if self.plan.multi else [refs], self.plan.multi)
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
-        try:
-            self._input.write((args, kwargs))
+        try:       # one positional argument travels as itself (the codec's fast paths apply)
+            self._input.write(args[0] if len(args) == 1 and not kwargs
+                              else PackedArgs(args, kwargs))
         except TypeError as exc:
             raise TypeError(f"an argument of execute() cannot be sent to the DAG: {exc}") \
                 from exc
@@ -383,6 +386,9 @@ def _task_error(failure: OpFailure) -> BaseException:
                            site=failure.site, pid=info.pid)
 
 
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def _has_refs(obj: Any) -> bool:
     if isinstance(obj, Ref):
         return True
@@ -445,7 +451,8 @@ def _open_channel(spec: Any, sync: str) -> Any:
         from ..channels.socket import SocketChannel
         return SocketChannel(len(spec.readers), spec.capacity)
     from ..channels.shm import ShmChannel
-    return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes, sync=sync)
+    return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes, sync=sync,
+                      spin_us=_config.DAG_SPIN_US)
 
 
 def execute_uncompiled(root: DAGNode, args: tuple, kwargs: dict) -> Any:

@@ -20,6 +20,15 @@ class OpFailure:
     info: Any
 
 
+@dataclass(frozen=True, slots=True)
+class PackedArgs:
+    """The input channel's value when execute() got other than exactly one positional
+    argument (one positional argument travels as itself)."""
+
+    args: tuple
+    kwargs: dict
+
+
 class FunctionHost:
     """The actor class of a process that runs only remote-function ops of compiled DAGs."""
 

@@ -24,7 +24,7 @@ import cloudpickle
 from ..compiler.plan import Plan, StepKind, TaskSpec
 from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value
 from ..exceptions import ChannelClosedError
-from .compiled_values import OpFailure
+from .compiled_values import OpFailure, PackedArgs
 from .worker import error_info
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,10 @@ def _run(steps: list[tuple], ends: dict[int, Any]) -> None:
 
 def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) -> Any:
     try:
-        args, kwargs = arguments
+        if type(arguments) is PackedArgs:
+            args, kwargs = arguments.args, arguments.kwargs
+        else:
+            args, kwargs = (arguments,), {}
         return input_value(task, _WHOLE if parent < 0 else values[parent], args, kwargs)
     except Exception as exc:                # noqa: BLE001 - bad execute() arguments
         return OpFailure(task.name, task.site, error_info(exc, task.name, os.getpid()))
