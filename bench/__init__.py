@@ -11,6 +11,7 @@ from __future__ import annotations
 SUITES: dict[str, str] = {
     "runtime": "bench.runtime",
     "channels": "bench.channels",
+    "compiled": "bench.compiled",
 }
 
 __all__ = ["SUITES"]

@@ -188,8 +188,12 @@ def _wait_adapt(h, st, word, value, equal, notify, waiters, budget):
     st[ST_WAITS] += 1
     start = now_ns()
     rc = wait(h, word, value, equal, notify, waiters, st[ST_SPIN], budget)
-    if rc == 1 and st[ST_IDLE_NS] > 0:
-        st[ST_SPIN] = 0 if now_ns() - start > st[ST_IDLE_NS] else st[ST_SPIN_MAX]
+    if st[ST_IDLE_NS] > 0:
+        waited = now_ns() - start
+        if rc == 1:
+            st[ST_SPIN] = 0 if waited > st[ST_IDLE_NS] else st[ST_SPIN_MAX]
+        elif rc == 0 and waited > st[ST_IDLE_NS]:
+            st[ST_SPIN] = 0     # a long wait sliced by timeouts: still idle, do not spin again
     return rc
 
 

@@ -416,7 +416,9 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     try:
         for proc in plan.processes:
             if proc.actor is None:
-                record = rt.create_actor(ActorBody(FunctionHost), _HOST_OPTIONS, (), {})
+                body = ActorBody(FunctionHost)
+                body.name = f"dag:{proc.label}"        # its log lines say what it runs
+                record = rt.create_actor(body, _HOST_OPTIONS, (), {})
                 hosts.append(ActorHandle(record, rt))
                 actors[proc.key] = record
         for spec in plan.channels:
@@ -443,6 +445,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     return dag
 
 
+_FRAMING_BYTES = 4096
 _HOST_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
 
 
@@ -451,7 +454,10 @@ def _open_channel(spec: Any, sync: str) -> Any:
         from ..channels.socket import SocketChannel
         return SocketChannel(len(spec.readers), spec.capacity)
     from ..channels.shm import ShmChannel
-    return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes, sync=sync,
+    # NOTE: room for the codec's framing on top, so a value of exactly buffer_size_bytes (a
+    # 1 MiB array) fits in its slot instead of spilling.
+    return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes + _FRAMING_BYTES,
+                      sync=sync,
                       spin_us=_config.DAG_SPIN_US)
 
 

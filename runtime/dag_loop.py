@@ -106,6 +106,7 @@ def _run(steps: list[tuple], ends: dict[int, Any]) -> None:
     arguments: Any = None
     try:
         while True:
+            values.clear()      # the last execution's values unpin their slots now
             for step in steps:
                 code = step[0]
                 if code == _READ:
