@@ -250,3 +250,47 @@ def test_os_exit_in_a_function_node_fails_the_execution() -> None:
     with dag.experimental_compile() as compiled:
         with pytest.raises(ActorDiedError, match="exit code 3|died"):
             hr.get(compiled.execute(1), timeout=10)
+
+
+def test_socket_channels_visualize_and_stats(stages, tmp_path) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        dag = b.add.bind(a.add.bind(inp))
+    with dag.experimental_compile(channel="socket") as compiled:
+        assert hr.get([compiled.execute(i) for i in range(30)], timeout=30) == \
+            [i + 3 for i in range(30)]
+        dot = compiled.visualize(str(tmp_path / "plan.dot"))
+        assert dot.startswith("digraph compiled_dag {") and "ch1 socket" in dot
+        assert (tmp_path / "plan.dot").read_text() == dot
+        with pytest.raises(ValueError, match="format must be one of"):
+            compiled.visualize(format="gif")
+        stats = compiled.stats()
+        assert stats["executions"] == stats["completed"] == 30
+        assert stats["latency_us"]["samples"] == 30 and stats["latency_us"]["median"] > 0
+        assert {c["kind"] for c in stats["channels"].values()} == {"socket"}
+
+
+def test_pipeline_full_only_when_results_stay_unread(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile(max_inflight_executions=2, max_buffered_results=3,
+                                  submit_timeout_s=0.2) as compiled:
+        held = [compiled.execute(i) for i in range(6)]      # 2 in flight + 4 read, un-read
+        with pytest.raises(hr.PipelineFullError, match="max_buffered_results=3"):
+            for i in range(6, 12):
+                held.append(compiled.execute(i))
+        assert hr.get(held, timeout=30) == list(range(len(held)))    # reading frees room
+        assert hr.get(compiled.execute(99), timeout=30) == 99
+
+
+def test_dropped_refs_release_their_values_and_order_holds(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile(max_inflight_executions=4) as compiled:
+        for i in range(40):
+            compiled.execute(np.full(1 << 15, i))        # dropped at once: read and freed
+        last = compiled.execute(np.full(4, 7))
+        assert hr.get(last, timeout=30).tolist() == [7, 7, 7, 7]
+        assert compiled.stats()["in_flight"] == 0
