@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..dag.ir import OpKind, format_args
+from ..dag.ir import OpKind, op_line
 
 DRIVER = "driver"       # the process key of the driver: writes the input, reads the outputs
 
@@ -75,12 +75,7 @@ class TaskSpec:
     parts: tuple[TaskSpec, ...] = ()
 
     def line(self) -> str:
-        if self.kind is OpKind.INPUT:
-            return f"%{self.index} = input"
-        if self.kind is OpKind.ATTR:
-            sub = f".{self.key}" if self.access == "attr" else f"[{self.key!r}]"
-            return f"%{self.index} = %{self.deps[0]}{sub}"
-        return f"%{self.index} = {self.name}({format_args(self.args, self.kwargs)})"
+        return op_line(self)
 
 
 @dataclass(frozen=True, slots=True)

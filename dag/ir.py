@@ -67,12 +67,17 @@ class Op:
 
     def line(self) -> str:
         """This op as one line of ``as_text()``."""
-        if self.kind is OpKind.INPUT:
-            return f"%{self.index} = input"
-        if self.kind is OpKind.ATTR:
-            sub = f".{self.key}" if self.access == "attr" else f"[{self.key!r}]"
-            return f"%{self.index} = %{self.deps[0]}{sub}"
-        return f"%{self.index} = {self.name}({format_args(self.args, self.kwargs)})"
+        return op_line(self)
+
+
+def op_line(op: Any) -> str:
+    """One line of ``as_text()`` for an ``Op`` or anything with its fields (a ``TaskSpec``)."""
+    if op.kind is OpKind.INPUT:
+        return f"%{op.index} = input"
+    if op.kind is OpKind.ATTR:
+        sub = f".{op.key}" if op.access == "attr" else f"[{op.key!r}]"
+        return f"%{op.index} = %{op.deps[0]}{sub}"
+    return f"%{op.index} = {op.name}({format_args(op.args, op.kwargs)})"
 
 
 def format_args(args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> str:
