@@ -64,6 +64,9 @@ def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
     """A function of the execution's values that runs ``task`` (the user's code, locked)."""
     parts = task.parts or (task,)
     fns = [_target(worker, p) for p in parts]
+    # f(%1, %2), the usual case, is decided once here, not per execution
+    flat = [tuple(a.index for a in p.args) if all(type(a) is NodeArg for a in p.args) else None
+            for p in parts]
     lock = worker.call_lock
     pid = worker.pid
     awaiter = worker._await
@@ -73,9 +76,10 @@ def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
             if type(values[dep]) is OpFailure:
                 return values[dep]          # an upstream failure is this op's value too
         value = None
-        for part, fn in zip(parts, fns, strict=True):
+        for part, fn, indices in zip(parts, fns, flat, strict=True):
             try:
-                args = _args(part.args, values, value)
+                args = [values[i] for i in indices] if indices is not None else \
+                    _args(part.args, values, value)
                 kwargs = dict(fill(part.kwargs, values, value)) if part.kwargs else {}
                 with lock:
                     value = fn(*args, **kwargs)
@@ -88,8 +92,6 @@ def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
 
 
 def _args(template: tuple[Any, ...], values: dict[int, Any], prev: Any) -> Any:
-    if all(type(a) is NodeArg for a in template):       # the usual case: f(%1, %2)
-        return [values[a.index] for a in template]
     return [values[a.index] if type(a) is NodeArg else prev if type(a) is PrevArg
             else fill(a, values, prev) for a in template]
 
