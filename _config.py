@@ -28,3 +28,8 @@ SHUTDOWN_GRACE_S = 0.3
 #: now and then) this long before it sleeps in the kernel. Long enough to cover the hops of a
 #: pipeline in a back-to-back loop; an idle pipeline still sleeps after it, burning nothing.
 DAG_SPIN_US = float(os.environ.get("HEADRACE_DAG_SPIN_US", "1000"))
+
+#: How often a blocked end of a channel the runtime opened (compiled DAGs, actor lanes) checks its
+#: peers' processes itself. The runtime watches every process and breaks their channels at once
+#: on a death, so this is only a backstop; each wake of an idle thread costs ~0.2 ms of CPU.
+WATCHED_CHECK_S = 5.0

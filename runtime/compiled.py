@@ -457,8 +457,8 @@ def _open_channel(spec: Any, sync: str) -> Any:
     # NOTE: room for the codec's framing on top, so a value of exactly buffer_size_bytes (a
     # 1 MiB array) fits in its slot instead of spilling.
     return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes + _FRAMING_BYTES,
-                      sync=sync,
-                      spin_us=_config.DAG_SPIN_US)
+                      sync=sync, spin_us=_config.DAG_SPIN_US,
+                      check_s=_config.WATCHED_CHECK_S)
 
 
 def execute_uncompiled(root: DAGNode, args: tuple, kwargs: dict) -> Any:

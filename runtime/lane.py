@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import _config
 from ..channels.shm import ShmChannel
 from ..exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
 from .deadline import Deadline
@@ -53,8 +54,10 @@ class DriverLane:
     """The driver's end: writes calls, reads results (one reading thread at a time)."""
 
     def __init__(self, handle: Callable[[tuple, list], None]) -> None:
-        self.calls = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US)
-        self.results = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US)
+        self.calls = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US,
+                                check_s=_config.WATCHED_CHECK_S)
+        self.results = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US,
+                                  check_s=_config.WATCHED_CHECK_S)
         self._call_w = self.calls.writer()
         self._result_r = self.results.reader(0)
         self._handle = handle

@@ -293,8 +293,8 @@ class Worker:
         driver_fd = _pidfd(self.spec.driver_pid)
         if driver_fd is not None:
             poller.register(driver_fd, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(1000))
+        while True:     # NOTE: with a pidfd, no timeout: an idle actor wakes for nothing
+            events = dict(poller.poll(None if driver_fd is not None else 1000))
             if self.ctl in events:
                 header, _ = protocol.recv(self.ctl)
                 if header[0] == Msg.EXIT:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -146,6 +147,22 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         ShmChannel(capacity=0)
     assert ours() == []
+
+
+def test_a_long_peer_check_travels_with_the_endpoint_and_mark_broken_still_wakes_at_once(
+) -> None:
+    ch = ShmChannel(check_s=30.0)           # the runtime's channels: it watches the processes
+    try:
+        reader = pickle.loads(pickle.dumps(ch.reader(0)))
+        assert reader.statistics()["check_s"] == 30.0
+        breaker = threading.Timer(0.2, ch.writer().mark_broken, ["actor Stage (pid 4242) died"])
+        breaker.start()
+        # without the wake, this read would time out (5 s) long before its next check (30 s)
+        with pytest.raises(ChannelClosedError, match="pid 4242"):
+            reader.read(timeout_s=5)
+        breaker.join(5)
+    finally:
+        ch.close()
 
 
 def test_an_endpoint_of_a_closed_and_unlinked_channel_cannot_attach() -> None:
