@@ -101,7 +101,7 @@ class PlanOptions:
     max_buffered_results: int | None = None     # None: as many as memory allows
     channel: str = "auto"
     sync: str = "auto"
-    profile: bool = False
+    profile: bool | str = False             # True, or the trace file's path
 
 
 @dataclass(frozen=True, slots=True)

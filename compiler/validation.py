@@ -90,7 +90,7 @@ def _only_nodes(value: Any) -> bool:
 
 _OPTION_TYPES: dict[str, Any] = {
     "max_inflight_executions": int, "buffer_size_bytes": int, "submit_timeout_s": (int, float),
-    "max_buffered_results": (int, type(None)), "channel": str, "sync": str, "profile": bool,
+    "max_buffered_results": (int, type(None)), "channel": str, "sync": str, "profile": (bool, str),
 }
 _CHOICES = {"channel": ("auto", "shm", "socket"), "sync": ("auto", "spin", "block")}
 
@@ -110,6 +110,8 @@ def check_options(options: dict[str, Any]) -> PlanOptions:
             raise ValueError(f"compile option {name} must be one of {_CHOICES[name]}, "
                              f"got {value!r}")
     opts = PlanOptions(**options)
+    if opts.profile == "":
+        raise ValueError("compile option profile must be True, False or a file path, got ''")
     if opts.max_inflight_executions < 1:
         raise ValueError(f"max_inflight_executions must be >= 1, got "
                          f"{opts.max_inflight_executions}")

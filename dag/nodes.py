@@ -81,7 +81,9 @@ class DAGNode:
         """Compile this DAG to actor pipelines over channels; returns a ``CompiledDAG``.
 
         Options (DESIGN 2): ``max_inflight_executions``, ``buffer_size_bytes``,
-        ``submit_timeout_s``, ``max_buffered_results``, ``channel``, ``sync``, ``profile``.
+        ``submit_timeout_s``, ``max_buffered_results``, ``channel``, ``sync``, ``profile``
+        (True, or a path: teardown writes a Chrome trace of every step there; True picks
+        ``headrace-trace-<pid>-<n>.json`` in the current directory, see ``profile_path``).
         """
         return _entry("compile")(self, options)
 

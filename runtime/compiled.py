@@ -17,6 +17,8 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 import weakref
@@ -33,6 +35,7 @@ from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutErro
 from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
 from .compiled_values import FunctionHost, OpFailure, PackedArgs
 from .deadline import Deadline
+from .records import ActorState
 from .refs import Ref, RefState
 
 #: How long a startup may take (the first attach in a fresh process loads numba's cache).
@@ -47,7 +50,8 @@ class CompiledDAG:
     """A DAG lowered to processes and channels; ``execute()`` runs it once per call."""
 
     def __init__(self, runtime: Any, ir: DagIR, plan: Plan, actors: dict[str, Any],
-                 hosts: list[Any], channels: dict[int, Any]) -> None:
+                 hosts: list[Any], channels: dict[int, Any],
+                 trace: tuple[str, str] | None = None) -> None:
         self._rt = runtime
         self.ir = ir
         self.plan = plan
@@ -81,6 +85,16 @@ class CompiledDAG:
         self._died = threading.Event()
         self._watched: set[CompiledDAGRef] = set()
         self._watcher: threading.Thread | None = None
+        #: Where teardown writes the Chrome trace (``profile=True`` or a path), else None.
+        self.profile_path: str | None = None
+        self._trace_dir: str | None = None
+        self._recorder: Any = None
+        if trace is not None:
+            from .profiling import Recorder
+            self.profile_path, self._trace_dir = trace
+            self._recorder = Recorder("driver")
+            self._recorder.kind("execute", "submit", "submit")
+            self._recorder.kind("read outputs", "read", "outputs")
 
     # -- submitting -------------------------------------------------------------------------
     def execute(self, *args: Any, **kwargs: Any) -> Any:
@@ -105,7 +119,12 @@ class CompiledDAG:
             if e - self._fetched >= self._max_inflight:
                 self._make_room(e)
             if self._input is not None:
-                self._write_input(args, kwargs)
+                if self._recorder is None:
+                    self._write_input(args, kwargs)
+                else:
+                    start = time.monotonic_ns()
+                    self._write_input(args, kwargs)
+                    self._recorder.add(_SUBMIT, e, start, time.monotonic_ns())
             self._submitted = e + 1
             refs = [CompiledDAGRef(self, e, k, name) for k, name in enumerate(self._names)]
             self._pending[e] = [weakref.ref(r) for r in refs]
@@ -216,6 +235,7 @@ class CompiledDAG:
             return False
         e = self._fetched
         partial = self._partial
+        start = time.monotonic_ns() if self._recorder is not None else 0
         try:
             for c, reader in self._readers:
                 if c not in partial:
@@ -226,6 +246,8 @@ class CompiledDAG:
             self._on_broken(str(exc))
             return False
         self._partial = {}
+        if start:
+            self._recorder.add(_READ_OUTPUTS, e, start, time.monotonic_ns())
         refs = self._pending.pop(e, [])
         self._fetched = e + 1
         started = self._started.pop(e, None)
@@ -327,9 +349,18 @@ class CompiledDAG:
             ch.close()
         self._fail_pending(self._closed_error())
         self._rt.dags.discard(self)
+        if self._trace_dir is not None:     # the loops write their spans as they end
+            self._write_trace()
         hosts, self._hosts = self._hosts, []
         for handle in hosts:
             self._rt.kill_actor(handle._record)
+
+    def _write_trace(self) -> None:
+        from .profiling import merge
+        trace_dir, self._trace_dir = self._trace_dir, None
+        info = {"plan": self.plan.as_text(), "executions": self._submitted}
+        merge(self.profile_path, trace_dir, [p.key for p in self.plan.processes], self._recorder,
+              lambda key: self._actors[key].state is not ActorState.DEAD, info)
 
     def __enter__(self) -> CompiledDAG:
         return self
@@ -387,6 +418,7 @@ def _task_error(failure: OpFailure) -> BaseException:
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_SUBMIT, _READ_OUTPUTS = 0, 1           # the driver's kinds of span (profile=True)
 
 
 def _has_refs(obj: Any) -> bool:
@@ -413,6 +445,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
               if op.kind is OpKind.METHOD}
     hosts: list[Any] = []
     channels: dict[int, Any] = {}
+    files = _trace_files(plan.options.profile)
     try:
         for proc in plan.processes:
             if proc.actor is None:
@@ -423,7 +456,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
                 actors[proc.key] = record
         for spec in plan.channels:
             channels[spec.id] = _open_channel(spec, plan.options.sync)
-        dag = CompiledDAG(rt, ir, plan, actors, hosts, channels)
+        dag = CompiledDAG(rt, ir, plan, actors, hosts, channels, files)
         starts = []
         for proc in plan.processes:
             ends = {}
@@ -433,7 +466,8 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
                     ch = channels[step.channel]
                     ends[step.channel] = ch.writer() if spec.writer == proc.key else \
                         ch.reader(spec.readers.index(proc.key))
-            starts += rt.submit_call(actors[proc.key], DAG_START, 1, (plan, proc.key, ends), {})
+            starts += rt.submit_call(actors[proc.key], DAG_START, 1,
+                                     (plan, proc.key, ends, files and files[1]), {})
         rt.dags.add(dag)
         get(starts, timeout=START_TIMEOUT_S)
     except BaseException:
@@ -441,8 +475,19 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
             ch.close()
         for handle in hosts:
             rt.kill_actor(handle._record)
+        if files is not None:
+            shutil.rmtree(files[1], ignore_errors=True)
         raise
     return dag
+
+
+def _trace_files(profile: bool | str) -> tuple[str, str] | None:
+    """(the trace file, a directory for the loops' parts) when profiling, else None."""
+    if profile is False:
+        return None
+    from .profiling import default_trace_path, new_trace_dir
+    path = default_trace_path() if profile is True else os.path.abspath(profile)
+    return path, new_trace_dir()
 
 
 _FRAMING_BYTES = 4096

@@ -31,24 +31,37 @@ log = logging.getLogger(__name__)
 _READ, _COMPUTE, _WRITE, _INPUT = 0, 1, 2, 3
 
 
-def start_loop(worker: Any, plan: Plan, key: str, ends: dict[int, Any]) -> str:
-    """Start this process's loop for ``plan`` on a thread of its own; returns the thread name."""
-    steps = _compile_steps(worker, plan, key, ends)
+def start_loop(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
+               trace_dir: str | None = None) -> str:
+    """Start this process's loop for ``plan`` on a thread of its own; returns the thread name.
+
+    With ``trace_dir`` (``profile=True``), every step is timed and the spans are written there
+    when the loop ends.
+    """
+    recorder = None
+    if trace_dir is not None:
+        from .profiling import Recorder
+        recorder = Recorder(plan.process_of(key).label)
+    steps = _compile_steps(worker, plan, key, ends, recorder)
     name = f"headrace-dag-{key}"
-    thread = threading.Thread(target=_run, args=(steps, ends), name=name, daemon=True)
+    done = None if recorder is None else lambda: recorder.dump(trace_dir, key)
+    thread = threading.Thread(target=_run, args=(steps, ends, done), name=name, daemon=True)
     thread.start()
     return name
 
 
-def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any]) -> list[tuple]:
+def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
+                   recorder: Any = None) -> list[tuple]:
     """The process's steps as tuples the loop dispatches on without lookups."""
     out: list[tuple] = []
     for step in plan.process_of(key).steps:
         if step.kind is StepKind.READ:
-            out.append((_READ, ends[step.channel].read, step.op))
+            out.append((_READ, _timed(recorder, ends[step.channel].read, f"read ch{step.channel}",
+                                      "read"), step.op))
         elif step.kind is StepKind.WRITE:
             task = plan.tasks[step.op]
-            out.append((_WRITE, ends[step.channel].write, step.op, task))
+            out.append((_WRITE, _timed(recorder, ends[step.channel].write,
+                                       f"write ch{step.channel}", "write"), step.op, task))
         else:
             task = plan.tasks[step.op]
             if task.kind in (OpKind.INPUT, OpKind.ATTR):
@@ -56,8 +69,17 @@ def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any]) -> l
                 nested = parent is not None and parent.kind is OpKind.ATTR
                 out.append((_INPUT, task, parent.index if nested else -2))
             else:
-                out.append((_COMPUTE, _callable(worker, task), task))
+                out.append((_COMPUTE, _timed(recorder, _callable(worker, task), task.name,
+                                             "compute"), task))
     return out
+
+
+def _timed(recorder: Any, fn: Callable[..., Any], name: str, category: str
+           ) -> Callable[..., Any]:
+    if recorder is None:
+        return fn
+    # the first timed step of the loop starts each execution
+    return recorder.timed(fn, name, category, first=not recorder.kinds)
 
 
 def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
@@ -102,7 +124,7 @@ def _target(worker: Any, task: TaskSpec) -> Callable[..., Any]:
     return getattr(worker.instance, task.method)
 
 
-def _run(steps: list[tuple], ends: dict[int, Any]) -> None:
+def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | None) -> None:
     # One flat loop on purpose (STYLE 4): it runs once per execution per process.
     values: dict[int, Any] = {}
     arguments: Any = None
@@ -130,6 +152,11 @@ def _run(steps: list[tuple], ends: dict[int, Any]) -> None:
     finally:
         for end in ends.values():
             end.close()
+        if done is not None:
+            try:
+                done()
+            except Exception:               # noqa: BLE001 - the trace is lost, the DAG is not
+                log.exception("could not write the compiled DAG's trace")
 
 
 def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) -> Any:

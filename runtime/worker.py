@@ -260,10 +260,11 @@ class Worker:
         if self.lane is not None:
             self.receive = self.lane.recv
 
-    def _start_dag(self, plan: Any, key: str, ends: dict[int, Any]) -> str:
+    def _start_dag(self, plan: Any, key: str, ends: dict[int, Any],
+                   trace_dir: str | None) -> str:
         """An internal call: run this process's part of a compiled DAG on a thread."""
         from .dag_loop import start_loop
-        return start_loop(self, plan, key, ends)
+        return start_loop(self, plan, key, ends, trace_dir)
 
     def _ring_doorbell(self) -> None:
         """Under ``send_lock``: the driver is not reading our result ring; tell it to."""

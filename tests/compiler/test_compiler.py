@@ -175,6 +175,8 @@ def test_an_unpicklable_constant_is_refused_with_where_and_how_to_fix() -> None:
     ({"submit_timeout_s": -1}, ValueError, r"submit_timeout_s must be >= 0, got -1"),
     ({"max_buffered_results": True}, TypeError, r"must be int or None, got bool"),
     ({"buffer_size_bytes": 8}, ValueError, r"buffer_size_bytes must be >= 64, got 8"),
+    ({"profile": 1}, TypeError, r"profile must be bool or str, got int: 1"),
+    ({"profile": ""}, ValueError, r"profile must be True, False or a file path, got ''"),
 ])
 def test_bad_options_are_refused(options, error, match) -> None:
     with pytest.raises(error, match=match):

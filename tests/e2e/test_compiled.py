@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -294,3 +297,49 @@ def test_dropped_refs_release_their_values_and_order_holds(stages) -> None:
         last = compiled.execute(np.full(4, 7))
         assert hr.get(last, timeout=30).tolist() == [7, 7, 7, 7]
         assert compiled.stats()["in_flight"] == 0
+
+
+def test_profile_writes_a_chrome_trace_of_every_step_in_every_process(stages, tmp_path,
+                                                                       monkeypatch) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        dag = times10.bind(b.add.bind(a.add.bind(inp)))
+    path = tmp_path / "dag.trace.json"
+    with dag.experimental_compile(profile=str(path)) as compiled:
+        assert compiled.profile_path == str(path)
+        assert hr.get([compiled.execute(i) for i in range(5)], timeout=30) == \
+            [(i + 3) * 10 for i in range(5)]
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    a_pid, b_pid = hr.get([a.pid.remote(), b.pid.remote()], timeout=30)
+    assert names[os.getpid()] == "driver" and names[a_pid] == names[b_pid] == "Stage"
+    assert sorted(names.values()) == ["Stage", "Stage", "driver", "times10"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 for e in spans)
+
+    def span(pid: int, name: str, execution: int) -> dict:
+        found = [e for e in spans if e["pid"] == pid and e["name"] == name
+                 and e["args"]["execution"] == execution]
+        assert len(found) == 1, (pid, name, execution, found)
+        return found[0]
+    fn_pid = next(p for p, n in names.items() if n == "times10")
+    for e in range(5):              # one clock for all processes: each step follows the last
+        submit = span(os.getpid(), "execute", e)
+        first = span(a_pid, "Stage.add", e)
+        second = span(b_pid, "Stage.add", e)
+        last = span(fn_pid, "times10", e)
+        read = span(os.getpid(), "read outputs", e)
+        assert submit["ts"] <= first["ts"] and first["ts"] + first["dur"] <= second["ts"]
+        assert second["ts"] + second["dur"] <= last["ts"]
+        assert last["ts"] + last["dur"] <= read["ts"] + read["dur"]
+    assert trace["otherData"]["executions"] == 5 and trace["otherData"]["missing"] == []
+    assert "process fn:" in trace["otherData"]["plan"]
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "headrace-trace-*")) == []
+
+    monkeypatch.chdir(tmp_path)         # profile=True: a new file in the current directory
+    with dag.experimental_compile(profile=True) as compiled:
+        hr.get(compiled.execute(1), timeout=30)
+    assert os.path.dirname(compiled.profile_path) == str(tmp_path)
+    assert os.path.basename(compiled.profile_path).startswith("headrace-trace-")
+    assert json.loads(open(compiled.profile_path).read())["otherData"]["executions"] == 1
