@@ -5,9 +5,10 @@ buffer (a ring slot, a spill segment, a socket frame); ``decode`` turns a header
 back into the value.
 Invariants:
 - Small ints, floats, bools, None travel in the header alone; bytes and str as raw payload.
-- ``pyarrow`` Tables, RecordBatches and Arrays travel as Arrow IPC streams, numpy arrays and
-  everything else as pickle protocol 5 with out-of-band buffers (cloudpickle where plain pickle
-  cannot), each buffer 64-byte aligned, so a reader can map them without a copy.
+- ``pyarrow`` Tables, RecordBatches and Arrays travel as Arrow IPC streams; a contiguous numpy
+  array of a plain dtype as its dtype, shape and raw bytes (no pickle on either side); everything
+  else as pickle protocol 5 with out-of-band buffers (cloudpickle where plain pickle cannot).
+  Raw data is 64-byte aligned, so a reader can map it without a copy.
 - Exceptions keep their traceback text: it is re-attached as ``__cause__`` (a ``RemoteTraceback``).
 - A value that cannot be serialized raises ``TypeError`` naming its type, before anything is
   written anywhere.
@@ -31,10 +32,12 @@ ALIGN = 64
 T_NONE, T_TRUE, T_FALSE, T_INT, T_FLOAT, T_BYTES, T_STR = range(1, 8)
 T_PICKLE, T_ARROW_TABLE, T_ARROW_BATCH, T_ARROW_ARRAY, T_EXCEPTION, T_BIGINT = range(8, 14)
 T_SPILL = 14            # used by the shm ring: the payload names a spill segment
+T_NDARRAY = 15          # aux: ndim; payload: dtype length, dtype str, shape, then the raw data
 SCALAR_TAGS = frozenset({T_NONE, T_TRUE, T_FALSE, T_INT, T_FLOAT})
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _PICKLE_HEAD = struct.Struct("<II")     # meta length, buffer count; then one u64 length per buffer
+_NDARRAY_KINDS = frozenset("biufcmMSU")  # dtypes whose .str names them exactly
 
 
 def _align(n: int) -> int:
@@ -105,6 +108,10 @@ def encode(value: Any) -> Encoded:
     if t is str:
         raw = value.encode("utf-8", "surrogatepass")
         return Encoded(T_STR, size=len(raw), parts=[(0, raw)])
+    if t.__name__ == "ndarray" and t.__module__ == "numpy" and \
+            value.dtype.kind in _NDARRAY_KINDS and value.dtype.fields is None and \
+            value.flags.c_contiguous:
+        return _encode_ndarray(value)
     arrow_tag = _arrow_tag(value)
     if arrow_tag:
         return _encode_arrow(value, arrow_tag)
@@ -130,6 +137,28 @@ def _encode_pickle(value: Any, tag: int, shown_type: type) -> Encoded:
         parts.append((offset, view))
         offset += view.nbytes
     return Encoded(tag, aux=len(views), size=offset, parts=parts)
+
+
+def _encode_ndarray(value: Any) -> Encoded:
+    dtype = value.dtype.str.encode()
+    head = struct.pack(f"<H{len(dtype)}s{value.ndim}q", len(dtype), dtype, *value.shape)
+    offset = _align(len(head))
+    data = value.reshape(-1).view("u1")     # C-contiguous: a view, never a copy
+    return Encoded(T_NDARRAY, aux=value.ndim, size=offset + data.nbytes,
+                   parts=[(0, head), (offset, data)])
+
+
+def _decode_ndarray(payload: Any, ndim: int) -> Any:
+    import numpy as np
+    (n,) = struct.unpack_from("<H", payload, 0)
+    dtype = np.dtype(bytes(memoryview(payload)[2:2 + n]).decode())
+    shape = struct.unpack_from(f"<{ndim}q", payload, 2 + n)
+    offset = _align(2 + n + 8 * ndim)
+    count = 1
+    for dim in shape:
+        count *= dim
+    # NOTE: a view of the payload (a pinned slot stays pinned while the array lives)
+    return np.frombuffer(payload, dtype, count, offset).reshape(shape)
 
 
 def _arrow_tag(value: Any) -> int:
@@ -183,6 +212,8 @@ def decode(tag: int, aux: int, scalar: int, payload: Any) -> Any:
         return bytes(payload)
     if tag == T_STR:
         return bytes(payload).decode("utf-8", "surrogatepass")
+    if tag == T_NDARRAY:
+        return _decode_ndarray(payload, aux)
     if tag == T_PICKLE:
         return _decode_pickle(payload, aux)
     if tag == T_EXCEPTION:
