@@ -51,7 +51,7 @@ READER_PIDS = 80                # one word per reader, 64 readers at most
 MAX_READERS = 64
 READER_SEQ = 160                # per reader, one cache line each: values it has consumed
 SLOTS = READER_SEQ + 16 * MAX_READERS   # per slot, one cache line: UNREAD, VIEWS
-UNREAD, VIEWS = 0, 1            # offsets inside a slot's line
+UNREAD, VIEWS = 0, 1            # offsets inside a slot's line (VIEWS: of payload area i)
 
 
 def header_words(n_slots: int) -> int:
@@ -176,6 +176,8 @@ def wait(h, word, value, equal, notify, waiters, spin_ns, timeout_ns):
 ST_SPIN, ST_SPIN_MAX, ST_IDLE_NS, ST_SEQ, ST_WAITS, ST_VALUES, ST_SLOT0, ST_SLOT_SIZE = range(8)
 ST_WORDS = 8
 _SCALAR_MAX_TAG = 5             # codec tags 1..5 (None, True, False, int, float) are header-only
+_T_SPILL = 14                   # codec.T_SPILL: the slot header names a spill segment
+_AREA = 3                       # frame header word (u64) of a slot: the payload area of its value
 
 
 @njit(nogil=True, cache=True)
@@ -251,16 +253,48 @@ def write_float(h, m64, st, tag, value, budget):
 
 
 @njit(cache=True)
-def write_commit(h, m64, st, tag, aux, size, bits):
-    """Writer: the payload is in place (slot or spill); write the header and publish."""
+def pick_area(h, m64, st, recent):
+    """Writer (after ``write_wait``): the payload area for the next value, or -1 (spill).
+
+    Ring slot i holds a value's header; its payload may sit in any payload area. An area is
+    busy while a value in it is unread (its slot's UNREAD > 0) or viewed (the area's VIEWS > 0),
+    as the shared header says. Of the free areas, the one written last (``recent``, this
+    writer's private counters) is the hottest in the caches: a ring in a request/response loop
+    keeps reusing one area instead of cycling through ``capacity`` of them.
+    """
+    n = np.int64(h[N_SLOTS])
+    busy = np.zeros(n, np.bool_)
+    for i in range(n):      # UNREAD before VIEWS: a reader counts its view before it unmarks
+        word = SLOTS + 16 * i
+        if _load(h, word + UNREAD) != 0:
+            idx = (st[ST_SLOT0] + i * st[ST_SLOT_SIZE]) // 8
+            tag = m64[idx] & np.uint64(0xFFFFFFFF)
+            area = np.int64(m64[idx + _AREA])
+            if tag > _SCALAR_MAX_TAG and tag != _T_SPILL and 0 <= area < n:
+                busy[area] = True
+    best = np.int64(-1)
+    for p in range(n):
+        if not busy[p] and _load(h, SLOTS + 16 * p + VIEWS) == 0 and \
+                (best < 0 or recent[p] > recent[best]):
+            best = p
+    return best
+
+
+@njit(cache=True)
+def write_commit(h, m64, st, recent, tag, aux, size, bits, area):
+    """Writer: the payload is in place (in ``area``, or a spill: -1); write the header, publish."""
     word, idx = _slot(h, st, st[ST_SEQ])
+    if area >= 0:
+        m64[idx + _AREA] = area
+        recent[area] = st[ST_VALUES]
     _publish(h, m64, st, word, idx, np.uint64(tag) | (np.uint64(aux) << np.uint64(32)),
              np.uint64(size), bits)
 
 
 @njit(nogil=True, cache=True)
 def read_wait(h, m64, st, reader, budget):
-    """Reader: wait for the next value and read its header: ``(rc, tag, aux, size, bits)``.
+    """Reader: wait for the next value and read its header:
+    ``(rc, tag, aux, size, bits, area)`` (``area``: its payload area; not for spills).
 
     A header-only value is consumed here (the op is complete); any other value stays until
     ``read_commit``.
@@ -268,26 +302,28 @@ def read_wait(h, m64, st, reader, budget):
     seq = st[ST_SEQ]
     rc = _wait_adapt(h, st, WRITE_SEQ, seq, False, RD_NOTIFY, RD_WAITERS, budget)
     if rc != 1:
-        return rc, np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+        return rc, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     _, idx = _slot(h, st, seq)
     head = m64[idx]
     size = np.int64(m64[idx + 1])
     bits = m64.view(np.int64)[idx + 2]
+    area = m64.view(np.int64)[idx + _AREA]
     tag = head & np.uint64(0xFFFFFFFF)
     if tag <= _SCALAR_MAX_TAG:          # read everything above before giving the slot back
-        read_commit(h, st, reader, False)
-    return 1, np.int64(tag), np.int64(head >> np.uint64(32)), size, bits
+        read_commit(h, st, reader, False, 0)
+    return 1, np.int64(tag), np.int64(head >> np.uint64(32)), size, bits, area
 
 
 @njit(cache=True)
-def read_commit(h, st, reader, keep_view):
-    """Reader: done with the current slot (``keep_view``: zero-copy views of it stay alive)."""
+def read_commit(h, st, reader, keep_view, area):
+    """Reader: done with the current slot (``keep_view``: zero-copy views of its payload, in
+    ``area``, stay alive)."""
     seq = st[ST_SEQ]
     word, _ = _slot(h, st, seq)
     nxt = (seq + 1) & 0xFFFFFFFF
     st[ST_SEQ] = nxt
     st[ST_VALUES] += 1
-    consume(h, word, reader, nxt, keep_view)
+    consume(h, word, reader, nxt, keep_view, SLOTS + 16 * area + VIEWS)
 
 
 @njit(cache=True)
@@ -299,14 +335,15 @@ def publish(h, slot_word, n_readers):
 
 
 @njit(cache=True)
-def consume(h, slot_word, reader, seq, keep_view):
+def consume(h, slot_word, reader, seq, keep_view, views_word):
     """Reader ``reader`` is done with the slot at ``slot_word`` and now stands at ``seq``.
 
-    With ``keep_view`` the reader still holds zero-copy views into the slot: it counts one more
-    view before giving up its unread mark, so the writer never sees the slot free too early.
+    With ``keep_view`` the reader still holds zero-copy views into the value's payload: it
+    counts one more view (at ``views_word``) before giving up its unread mark, so the writer
+    never sees the payload free too early.
     """
     if keep_view:
-        _fetch_add(h, slot_word + VIEWS, _ONE)
+        _fetch_add(h, views_word, _ONE)
     _store(h, READER_SEQ + 16 * reader, np.uint32(seq))
     if _fetch_add(h, slot_word + UNREAD, _MINUS_ONE) == 1:
         _wake(h, WR_NOTIFY, WR_WAITERS)
@@ -375,13 +412,15 @@ def entry_points() -> dict[str, object]:
     m64 = np.zeros(64, np.uint64)
     st = np.zeros(ST_WORDS, np.int64)
     st[ST_SLOT0], st[ST_SLOT_SIZE] = 0, 128
+    recent = np.full(1, -1, np.int64)
     calls = {
         "write_wait": (write_wait, (h, st, 0)),
         "write_scalar": (write_scalar, (h, m64, st, 4, 7, 0)),
         "write_float": (write_float, (h, m64, st, 5, 1.5, 0)),
-        "write_commit": (write_commit, (h, m64, st, 8, 0, 0, 0)),
+        "pick_area": (pick_area, (h, m64, st, recent)),
+        "write_commit": (write_commit, (h, m64, st, recent, 8, 0, 0, 0, 0)),
         "read_wait": (read_wait, (h, m64, st, 0, 0)),
-        "read_commit": (read_commit, (h, st, 0, False)),
+        "read_commit": (read_commit, (h, st, 0, False, 0)),
         "release": (release, (h, h, SLOTS + VIEWS)),
         "write_wait_try": (write_wait_try, (h, st, 0)),
         "write_scalar_try": (write_scalar_try, (h, m64, st, 4, 7, 0)),

@@ -3,16 +3,19 @@
 In: values written by one process (or thread). Out: each value, in order, to each of
 ``n_readers`` readers in any processes that can map ``/dev/shm``.
 Layout: a header (``channels._native`` word map: write sequence, per-reader sequences and pids,
-per-slot unread/views counts, closed flag, futex words, a broken-reason text), then ``capacity``
-slots of ``slot_bytes``. A slot holds a 64-byte frame header (``channels.codec``) and the payload.
+per-slot unread counts, per-area views counts, closed flag, futex words, a broken-reason text),
+then ``capacity`` regions of 64 + ``slot_bytes`` bytes. Region i holds slot i's 64-byte frame
+header (``channels.codec``) and payload area i; a slot's value may sit in any payload area (its
+header says which).
 Invariants:
 - The writer reuses a slot only when its unread count is 0 (every reader has read it): that is the
-  backpressure. If zero-copy views of the slot's payload are still alive (its views count > 0),
-  the writer does not wait for them: it spills the value, so holding views never blocks a
-  pipeline and never sees its bytes overwritten.
+  backpressure. It puts the payload in the free area it wrote last (cache-hot: a ring in a
+  request/response loop keeps using one area); an area is free when no unread value is in it
+  and no zero-copy view of it is alive. With none free, it spills the value, so holding views
+  never blocks a pipeline and never sees its bytes overwritten.
 - Payloads of at least ``COPY_MAX`` bytes are read zero-copy (read-only Arrow buffers, numpy
-  arrays over them); a release token counts the views and gives the slot back when the last dies.
-  Smaller payloads are copied out, so they never pin a slot.
+  arrays over them); a release token counts the views and gives the area back when the last dies.
+  Smaller payloads are copied out, so they never pin an area.
 - A payload larger than a slot spills into a segment of its own (owned by the writer). The writer
   reuses a spill segment once every reader is done with it and keeps at most one idle (the ring
   "grows" to the largest value in flight); the others are unlinked as soon as the readers are done.
@@ -41,7 +44,7 @@ from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NO
 from .segments import Segment, _unlink, is_alive
 
 _MAGIC = 0x31435248          # "HRC1"
-_VERSION = 1
+_VERSION = 2                 # 2: a slot's payload may sit in any payload area
 _MASK = 0xFFFFFFFF
 _REASON_BYTES = 256
 _SLICE_NS = 100_000_000      # how often a blocked endpoint checks its peers
@@ -143,6 +146,7 @@ class ShmChannel(Channel):
         self._slice_ns = max(1_000_000, int(check_s * 1e9))
         spin_max = int(spin_us * 1000) if sync == "auto" else _SLICE_NS if sync == "spin" else 0
         self._st = st = np.zeros(nat.ST_WORDS, np.int64)
+        self._recent = np.full(capacity, -1, np.int64)     # writer: per payload area, see pick_area
         st[nat.ST_SPIN] = st[nat.ST_SPIN_MAX] = spin_max
         st[nat.ST_IDLE_NS] = _IDLE_FACTOR * spin_max if sync == "auto" else 0
         st[nat.ST_SLOT0], st[nat.ST_SLOT_SIZE] = self._slot0, self._slot_size
@@ -193,31 +197,35 @@ class ShmChannel(Channel):
             self._run("write_float",
                       (self._h, self._m64, self._st, T_FLOAT, value), budget, timeout_s, "write")
             return
-        if t is bytes and len(value) <= self._slot_size - HEADER_BYTES:
+        fits = self._slot_size - HEADER_BYTES
+        if t is bytes and len(value) <= fits:
             self._run("write_wait", (self._h, self._st), budget, timeout_s, "write")
-            slot = int(self._st[nat.ST_SEQ]) % self._n
-            if not self._h[nat.SLOTS + 16 * slot + nat.VIEWS]:     # else: spill, below
-                start = self._slot0 + slot * self._slot_size + HEADER_BYTES
+            area = self._ops["pick_area"](self._h, self._m64, self._st, self._recent)
+            if area >= 0:                                           # else: spill, below
+                start = self._slot0 + area * self._slot_size + HEADER_BYTES
                 self._mv[start:start + len(value)] = value
                 self._stats["bytes"] += len(value)
-                self._ops["write_commit"](self._h, self._m64, self._st, T_BYTES, 0,
-                                          len(value), 0)
+                self._ops["write_commit"](self._h, self._m64, self._st, self._recent, T_BYTES,
+                                          0, len(value), 0, area)
                 return
         enc = encode(value)             # a TypeError here leaves the channel untouched
         self._run("write_wait", (self._h, self._st), budget, timeout_s, "write")
-        slot = int(self._st[nat.ST_SEQ]) % self._n
-        off = self._slot0 + slot * self._slot_size
         size = enc.size
-        if size > self._slot_size - HEADER_BYTES or self._h[nat.SLOTS + 16 * slot + nat.VIEWS]:
+        area = self._ops["pick_area"](self._h, self._m64, self._st, self._recent) \
+            if size <= fits else -1
+        if area < 0:                    # too big, or every payload area is read or viewed
             name = self._write_spill(enc)
+            off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
             self._mv[off + HEADER.size:off + HEADER.size + len(name)] = name
             tag, aux, size, bits = T_SPILL, 0, len(name), 0
         else:
             if size:
-                enc.write_payload(self._mv[off + HEADER_BYTES:off + HEADER_BYTES + size])
+                start = self._slot0 + area * self._slot_size + HEADER_BYTES
+                enc.write_payload(self._mv[start:start + size])
             tag, aux, bits = enc.tag, enc.aux, enc.scalar
             self._stats["bytes"] += size
-        self._ops["write_commit"](self._h, self._m64, self._st, tag, aux, size, bits)
+        self._ops["write_commit"](self._h, self._m64, self._st, self._recent, tag, aux, size,
+                                  bits, area)
 
     def _write_spill(self, enc: Any) -> bytes:
         """Put the value in a spill segment; returns the segment's name for the slot."""
@@ -259,7 +267,7 @@ class ShmChannel(Channel):
         budget = self._slice_ns if timeout_s is None else \
             min(timeout_ns(timeout_s), self._slice_ns)
         h = self._h
-        rc, tag, aux, size, bits = self._run("read_wait",
+        rc, tag, aux, size, bits, area = self._run("read_wait",
                                              (h, self._m64, self._st, self.role), budget,
                                              timeout_s, "read")
         if tag == T_INT:
@@ -267,26 +275,25 @@ class ShmChannel(Channel):
         if tag <= T_FLOAT:              # header-only values were consumed by read_wait
             return None if tag == T_NONE else True if tag == T_TRUE else False \
                 if tag == T_FALSE else _FLOAT.unpack(_BITS.pack(bits))[0]
-        slot = int(self._st[nat.ST_SEQ]) % self._n
-        off = self._slot0 + slot * self._slot_size
         commit = self._ops["read_commit"]
         if tag == T_SPILL:
+            off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
             name = bytes(self._mv[off + HEADER.size:off + HEADER.size + size]).decode()
-            commit(h, self._st, self.role, False)
+            commit(h, self._st, self.role, False, 0)
             return self._read_spill(name)
-        start = off + HEADER_BYTES
+        start = self._slot0 + area * self._slot_size + HEADER_BYTES
         self._stats["bytes"] += size
         if tag == T_BYTES:              # bytes are always copied out: they own their memory
             value = self._mv[start:start + size].tobytes()
-            commit(h, self._st, self.role, False)
+            commit(h, self._st, self.role, False, area)
             return value
         if size < COPY_MAX:
             payload = bytearray(self._mv[start:start + size])
-            commit(h, self._st, self.role, False)
+            commit(h, self._st, self.role, False, area)
             return decode(tag, aux, bits, payload)
-        commit(h, self._st, self.role, True)
+        commit(h, self._st, self.role, True, area)
         return self._decode_pinned(tag, aux, bits, self._addr + start, size,
-                                   _Pin(h, h, nat.SLOTS + 16 * slot + nat.VIEWS, self._seg))
+                                   _Pin(h, h, nat.SLOTS + 16 * area + nat.VIEWS, self._seg))
 
     def _read_spill(self, name: str) -> Any:
         cached = self._spill_cache

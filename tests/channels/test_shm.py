@@ -9,6 +9,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headrace.channels import _native as nat
 from headrace.channels.segments import owned_segments
@@ -76,6 +78,58 @@ def test_a_view_counts_until_its_last_derived_array_dies(ring: ShmChannel) -> No
     del column
     gc.collect()
     assert ring._h[slot_views] == 0
+
+
+def test_a_request_response_loop_keeps_reusing_one_payload_area() -> None:
+    ch = ShmChannel(capacity=8, slot_bytes=1 << 20)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        addresses = set()
+        for k in range(20):                 # read and dropped before the next write
+            w.write(np.full(100_000, k), timeout_s=1)
+            got = r.read(timeout_s=1)
+            assert got[0] == k
+            addresses.add(got.__array_interface__["data"][0])
+            del got
+        assert len(addresses) == 1          # the cache-hot area, not 8 in turn
+        w.write(np.full(100_000, -1), timeout_s=1)
+        held = r.read(timeout_s=1)          # its area stays pinned: the next value goes elsewhere
+        w.write(np.full(100_000, -2), timeout_s=1)
+        other = r.read(timeout_s=1)
+        assert other.__array_interface__["data"][0] != held.__array_interface__["data"][0]
+        assert (held == -1).all() and (other == -2).all()
+        assert w.statistics()["spills"] == 0    # a free area is used, no spill
+    finally:
+        ch.close()
+
+
+@given(st.lists(st.sampled_from(["write", "write", "read_hold", "read_drop", "drop_oldest"]),
+                max_size=60))
+@settings(max_examples=60, deadline=None)
+def test_no_value_is_overwritten_while_unread_or_viewed(ops: list[str]) -> None:
+    """Model check of the area choice: any mix of writes, reads, held and dropped views."""
+    ch = ShmChannel(capacity=3, slot_bytes=1 << 17)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        unread: list[int] = []
+        held: list[tuple[int, np.ndarray]] = []
+        n = 0
+        for op in ops:
+            if op == "write" and len(unread) < 3:
+                w.write(np.full(10_000, n), timeout_s=1)       # 80 kB: zero-copy, in an area
+                unread.append(n)
+                n += 1
+            elif op.startswith("read") and unread:
+                got = r.read(timeout_s=1)
+                assert (got == unread.pop(0)).all()
+                if op == "read_hold":
+                    held.append((int(got[0]), got))
+            elif op == "drop_oldest" and held:
+                held.pop(0)
+            for k, view in held:
+                assert (view == k).all(), f"the view of value {k} was overwritten"
+    finally:
+        ch.close()
 
 
 def test_a_value_larger_than_a_slot_spills_and_the_spill_is_freed() -> None:
