@@ -126,6 +126,30 @@ def _nothing() -> None:
     pass
 
 
+def settle(max_s: float = 2.0, busy_below: float = 0.1, window_s: float = 0.05) -> float:
+    """Wait (untimed) until the host is quiet: its CPUs were busy less than ``busy_below`` of a
+    ``window_s`` window, or ``max_s`` passed. Returns the last window's busy fraction.
+
+    A peer's processes can keep spinning for a while after its teardown (Ray CG's do); a round
+    that starts right then measures the peer's leftovers, not the implementation.
+    """
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]                # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    deadline = time.monotonic() + max_s
+    busy = 1.0
+    while time.monotonic() < deadline:
+        b0, t0 = ticks()
+        time.sleep(window_s)
+        b1, t1 = ticks()
+        busy = (b1 - b0) / max(1, t1 - t0)
+        if busy < busy_below:
+            break
+    return busy
+
+
 def progress(suite: str, rec: Record) -> None:
     """Print the one-line progress report of a record."""
     if rec.median_us is None:

@@ -75,6 +75,7 @@ class Graphs:
 
     def hooks(self, n_actors: int) -> tuple[Callable[[], None], Callable[[], None]]:
         def before() -> None:
+            common.settle()         # the other implementation's processes are quiet again
             self.compiled = self.dag(n_actors).experimental_compile()
 
         def after() -> None:
