@@ -232,4 +232,28 @@ def write_results(suite: str, records: Sequence[Record], host: dict[str, object]
         md += ["", f"## {case}", "", *table([r for r in records if r.case == case])]
     path = RESULTS_DIR / f"{suite}.md"
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    _write_latest(suite, records, {**host, "quick": quick}, targets)
     return path
+
+
+def _write_latest(suite: str, records: Sequence[Record], host: dict[str, object],
+                  targets: Sequence[Target]) -> None:
+    """Fold this suite's newest run into ``latest.json`` (every suite, with its targets) and
+    rebuild ``latest.md`` from the suites' Markdown files."""
+    latest_json = RESULTS_DIR / "latest.json"
+    try:
+        latest = json.loads(latest_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        latest = {}
+    latest[suite] = {"host": host, "records": [asdict(r) for r in records],
+                     "targets": [asdict(t) for t in targets]}
+    latest_json.write_text(json.dumps(dict(sorted(latest.items())), indent=1) + "\n",
+                           encoding="utf-8")
+    md = ["# bench: latest run of every suite", "",
+          "Each suite's newest run (`python -m bench [suite]`); figures in `latest.json`.", ""]
+    for name in sorted(latest):
+        part = RESULTS_DIR / f"{name}.md"
+        if part.exists():       # one heading level down: each suite is a section
+            md += ["#" + line if line.startswith("#") else line
+                   for line in part.read_text(encoding="utf-8").splitlines()] + [""]
+    (RESULTS_DIR / "latest.md").write_text("\n".join(md), encoding="utf-8")

@@ -349,11 +349,13 @@ class CompiledDAG:
             ch.close()
         self._fail_pending(self._closed_error())
         self._rt.dags.discard(self)
-        if self._trace_dir is not None:     # the loops write their spans as they end
-            self._write_trace()
-        hosts, self._hosts = self._hosts, []
-        for handle in hosts:
-            self._rt.kill_actor(handle._record)
+        try:
+            if self._trace_dir is not None:     # the loops write their spans as they end
+                self._write_trace()
+        finally:
+            hosts, self._hosts = self._hosts, []
+            for handle in hosts:
+                self._rt.kill_actor(handle._record)
 
     def _write_trace(self) -> None:
         from .profiling import merge
@@ -487,6 +489,10 @@ def _trace_files(profile: bool | str) -> tuple[str, str] | None:
         return None
     from .profiling import default_trace_path, new_trace_dir
     path = default_trace_path() if profile is True else os.path.abspath(profile)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise FileNotFoundError(f"compile option profile={profile!r}: the directory "
+                                f"{os.path.dirname(path)} does not exist; create it or pass "
+                                "another path")
     return path, new_trace_dir()
 
 

@@ -337,6 +337,8 @@ def test_profile_writes_a_chrome_trace_of_every_step_in_every_process(stages, tm
     assert "process fn:" in trace["otherData"]["plan"]
     assert glob.glob(os.path.join(tempfile.gettempdir(), "headrace-trace-*")) == []
 
+    with pytest.raises(FileNotFoundError, match="the directory .*nowhere does not exist"):
+        dag.experimental_compile(profile=str(tmp_path / "nowhere" / "t.json"))
     monkeypatch.chdir(tmp_path)         # profile=True: a new file in the current directory
     with dag.experimental_compile(profile=True) as compiled:
         hr.get(compiled.execute(1), timeout=30)
