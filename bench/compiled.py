@@ -1,6 +1,8 @@
 """The compiled suite: headrace compiled DAGs side by side with Ray Compiled Graphs and Ray actors.
 
-Cases (one run; rounds alternate between implementations, STYLE 8):
+Cases (one run; rounds alternate between implementations, STYLE 8). Where a case says so, the
+same graph also runs uncompiled, as ordinary actor calls passing refs along (``headrace-actors``,
+``ray-actors``): what compiling buys in each framework.
 
 - ``rt_1actor``: execute an int through one actor that returns it, and get it.
 - ``chain_3actor``: the same through three actors in a chain (four processes on two cores).
@@ -95,14 +97,18 @@ class Graphs:
             return [get(r, timeout=TIMEOUT_S) for r in refs]
         return op
 
-    def actor_chain(self, n_actors: int) -> Callable[[], object]:
+    def actor_chain(self, n_actors: int, value: Any, in_flight: int) -> Callable[[], object]:
+        """The same graph without compiling: ordinary actor calls passing refs along."""
         get = self.mod.get
 
         def op() -> object:
-            ref = 1
-            for a in self.actors[:n_actors]:
-                ref = a.echo.remote(ref)
-            return get(ref, timeout=TIMEOUT_S)
+            refs = []
+            for _ in range(in_flight):
+                ref = value
+                for a in self.actors[:n_actors]:
+                    ref = a.echo.remote(ref)
+                refs.append(ref)
+            return get(refs, timeout=TIMEOUT_S)
         return op
 
 
@@ -148,6 +154,9 @@ def teardown_time(g: Graphs, n: int) -> list[float]:
         compiled.teardown()
         out.append(time.perf_counter() - t0)
     return out
+
+
+_ACTORS = {"headrace": "headrace-actors", "ray-cg": "ray-actors"}
 
 
 def compile_1000(n: int) -> list[float]:
@@ -255,27 +264,37 @@ def run(quick: bool = False) -> list[Record]:
         table = pa.table({"a": np.arange(100_000), "b": np.ones(100_000)})
     except ImportError:
         table = None
-    cases: dict[str, tuple[int, Callable[[Graphs], Callable[[], object]], int | None, int]] = {
-        "rt_1actor": (1, lambda g: g.one(small), None, 1),
-        "chain_3actor": (3, lambda g: g.one(small), None, 1),
-        "pipelined_1actor": (1, lambda g: g.pipelined(), None, INFLIGHT),
-        "pipelined_3actor": (3, lambda g: g.pipelined(), None, INFLIGHT),
-        "echo_1mb": (1, lambda g: g.one(mb), mb.nbytes, 1),
-        "echo_100mb": (1, lambda g: g.one(big), big.nbytes, 1),
-        "echo_arrow": (1, lambda g: g.one(table), None, 1),
+    # case -> (actors, the compiled op, bytes moved, executions per op, the value with which
+    # ordinary actor calls run the same graph (None: no uncompiled row))
+    cases: dict[str, tuple[int, Callable[[Graphs], Callable[[], object]], int | None, int,
+                           Any]] = {
+        "rt_1actor": (1, lambda g: g.one(small), None, 1, small),
+        "chain_3actor": (3, lambda g: g.one(small), None, 1, small),
+        "pipelined_1actor": (1, lambda g: g.pipelined(), None, INFLIGHT, small),
+        "pipelined_3actor": (3, lambda g: g.pipelined(), None, INFLIGHT, small),
+        "echo_1mb": (1, lambda g: g.one(mb), mb.nbytes, 1, mb),
+        "echo_100mb": (1, lambda g: g.one(big), big.nbytes, 1, None),
+        "echo_arrow": (1, lambda g: g.one(table), None, 1, None),
     }
     try:
-        for case, (n_actors, make_op, nbytes, per_op) in cases.items():
+        for case, (n_actors, make_op, nbytes, per_op, plain) in cases.items():
             if case == "echo_arrow" and table is None:
                 continue
             heavy = case == "echo_100mb"
             fns = {name: make_op(g) for name, g in graphs.items()}
             hooks = {name: g.hooks(n_actors) for name, g in graphs.items()}
+            if plain is not None:           # the same graph as ordinary actor calls
+                for name, g in graphs.items():
+                    label = _ACTORS[name]
+                    fns[label] = g.actor_chain(n_actors, plain, per_op)
+                    hooks[label] = (common.settle, lambda: None)
             samples, errors = alternate(
                 fns, rounds=counts.rounds, per_round=20 if heavy else counts.per_round // per_op,
                 warmup=2 if heavy else counts.warmup // per_op,
                 round_budget_s=counts.budget_s * (3 if heavy else 1), hooks=hooks)
-            for name in ("headrace", "ray-cg"):
+            for name in ("headrace", "ray-cg", *(_ACTORS.values() if plain is not None else ())):
+                if name in _ACTORS.values() and name not in fns:
+                    continue                # its framework is missing: its -cg row says so
                 note = notes.get(name) or errors.get(name)
                 got = [s / per_op for s in samples.get(name, [])]
                 rec = missing(case, name, note) if note or not got else \
