@@ -322,10 +322,31 @@ def run(quick: bool = False) -> list[Record]:
     return records
 
 
+def _remove_ray_semaphores(pids: list[int], wait_s: float = 5.0) -> None:
+    """Ray CG leaves named semaphores (``/dev/shm/sem.hdr<pid>-*``, ``sem.obj<pid>-*``) of its
+    channels behind after shutdown; remove those of its processes once they have exited."""
+    deadline = time.monotonic() + wait_s
+    for pid in pids:
+        while pid != os.getpid() and os.path.exists(f"/proc/{pid}") and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if any(name.startswith((f"sem.hdr{pid}-", f"sem.obj{pid}-")) for pid in pids):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
+
+
 def _stop(graphs: dict[str, Graphs]) -> None:
     if "ray-cg" in graphs:
         import ray
         ray.shutdown()
+        _remove_ray_semaphores([os.getpid(), *graphs["ray-cg"].pids])
     if "headrace" in graphs:
         import headrace as hr
         hr.shutdown()
