@@ -22,6 +22,7 @@ steals the cores from another's round. Ray is imported lazily; without it, rows 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -322,31 +323,34 @@ def run(quick: bool = False) -> list[Record]:
     return records
 
 
-def _remove_ray_semaphores(pids: list[int], wait_s: float = 5.0) -> None:
-    """Ray CG leaves named semaphores (``/dev/shm/sem.hdr<pid>-*``, ``sem.obj<pid>-*``) of its
-    channels behind after shutdown; remove those of its processes once they have exited."""
+def _remove_ray_semaphores(wait_s: float = 5.0) -> None:
+    """Ray CG leaves the named semaphores of its channels (``/dev/shm/sem.hdr<pid>-*``,
+    ``sem.obj<pid>-*``) behind after shutdown; remove those whose process has exited."""
+    pattern = re.compile(r"sem\.(?:hdr|obj)(\d+)-")
     deadline = time.monotonic() + wait_s
-    for pid in pids:
-        while pid != os.getpid() and os.path.exists(f"/proc/{pid}") and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return
-    for name in names:
-        if any(name.startswith((f"sem.hdr{pid}-", f"sem.obj{pid}-")) for pid in pids):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-            except OSError:
-                pass
+    while True:
+        try:
+            names = os.listdir("/dev/shm")
+        except OSError:
+            return
+        owners = {n: int(m.group(1)) for n in names if (m := pattern.match(n))}
+        alive = {pid for pid in set(owners.values()) if os.path.exists(f"/proc/{pid}")}
+        for name, pid in owners.items():
+            if pid not in alive:
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except OSError:
+                    pass
+        if not alive or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)         # Ray's processes are still exiting
 
 
 def _stop(graphs: dict[str, Graphs]) -> None:
     if "ray-cg" in graphs:
         import ray
         ray.shutdown()
-        _remove_ray_semaphores([os.getpid(), *graphs["ray-cg"].pids])
+        _remove_ray_semaphores()
     if "headrace" in graphs:
         import headrace as hr
         hr.shutdown()
