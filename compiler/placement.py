@@ -68,7 +68,11 @@ def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
     by_op: dict[int, int] = {}
     needs = input_needs(ir, placement)
     fed = {proc for procs in readers.values() for proc in procs}
-    input_readers = [p for p in dict.fromkeys(placement.values()) if needs[p] or p not in fed]
+    # NOTE: a call on constants only (f.bind(5)) runs once per execution, after that execution
+    # arrives: its process reads the input too, even if it does not use it
+    sources = {placement[op.index] for op in ir.ops if op.index in placement and not op.deps}
+    input_readers = [p for p in dict.fromkeys(placement.values())
+                     if needs[p] or p not in fed or p in sources]
     input_id = -1
     if input_readers:
         input_id = len(specs)

@@ -37,7 +37,8 @@ def validate(ir: DagIR, is_alive: Callable[[Any], bool] | None = None) -> DagIR:
                 f"node {op.name!r} (bound at {op.site}) is not an output and no output depends "
                 "on it, so its result and any exception it raises would be lost.\n\n"
                 f"Return it from the DAG, e.g. MultiOutputNode([..., {op.name}]), or remove "
-                "the bind() call.")
+                "the bind() call. (Every call bound inside a `with InputNode()` block is part "
+                "of that DAG: build each DAG in a block of its own.)")
     for op in ir.ops:
         _check_op(op, is_alive)
     return ir

@@ -121,11 +121,22 @@ class DagIR:
         return self.as_text()
 
 
-def trace(root: DAGNode) -> DagIR:
-    """Turn the nodes reachable from ``root`` into a DagIR (each node once, inputs first)."""
+def trace(root: DAGNode, *, unused: bool = False) -> DagIR:
+    """Turn the nodes reachable from ``root`` into a DagIR (each node once, inputs first).
+
+    With ``unused``, calls bound inside the InputNode's ``with`` block that no output depends
+    on are traced too (after the others), so that validation can refuse them by name; running
+    a DAG uncompiled skips them, as Ray does.
+    """
     if not isinstance(root, DAGNode):
         raise TypeError(f"trace() expects a DAG node, got {type(root).__name__}")
-    order = _postorder(root)
+    seen: set[int] = set()
+    order = _postorder(root, seen)
+    if unused:
+        for node in [n for n in order if isinstance(n, InputNode)]:
+            for bound in node._bound:
+                if id(bound) not in seen:
+                    order += _postorder(bound, seen)
     index: dict[int, int] = {}
     parts: dict[tuple[int, Any, str], int] = {}     # (parent, key, access) of ATTR ops: one op
     ops: list[Op] = []
@@ -133,21 +144,21 @@ def trace(root: DAGNode) -> DagIR:
         if isinstance(node, MultiOutputNode):
             continue
         if isinstance(node, InputAttributeNode):
-            same = (index[id(node.args[0])], node.key, node.access)
+            same = (index[id(node._args[0])], node._key, node._access)
             if same in parts:           # inp.k written twice is one value
                 index[id(node)] = parts[same]
                 continue
             parts[same] = len(ops)
         i = index[id(node)] = len(ops)
         ops.append(_op(node, i, index))
-    outs = root.args if isinstance(root, MultiOutputNode) else (root,)
+    outs = root._args if isinstance(root, MultiOutputNode) else (root,)
     return DagIR(tuple(ops), tuple(index[id(n)] for n in outs),
-                 isinstance(root, MultiOutputNode), root.site)
+                 isinstance(root, MultiOutputNode), root._site)
 
 
-def _postorder(root: DAGNode) -> list[DAGNode]:
-    """Nodes in dependency order, without recursion (deep chains do not hit the stack limit)."""
-    seen: set[int] = set()
+def _postorder(root: DAGNode, seen: set[int]) -> list[DAGNode]:
+    """Nodes in dependency order, without recursion (deep chains do not hit the stack limit);
+    ``seen`` nodes are left out (and the new ones added to it)."""
     order: list[DAGNode] = []
     stack: list[tuple[DAGNode, bool]] = [(root, False)]
     while stack:
@@ -159,27 +170,27 @@ def _postorder(root: DAGNode) -> list[DAGNode]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        for up in reversed(node.upstream()):
+        for up in reversed(node._upstream()):
             if id(up) not in seen:
                 stack.append((up, False))
     return order
 
 
 def _op(node: DAGNode, i: int, index: dict[int, int]) -> Op:
-    args = _template(node.args, index)
-    kwargs = tuple((k, _template(v, index)) for k, v in node.kwargs.items())
-    deps = tuple(dict.fromkeys(index[id(n)] for n in node.upstream()))
-    common = {"index": i, "name": node.name, "site": node.site, "deps": deps}
+    args = _template(node._args, index)
+    kwargs = tuple((k, _template(v, index)) for k, v in node._kwargs.items())
+    deps = tuple(dict.fromkeys(index[id(n)] for n in node._upstream()))
+    common = {"index": i, "name": node._name, "site": node._site, "deps": deps}
     if isinstance(node, InputNode):
         return Op(kind=OpKind.INPUT, **common)
     if isinstance(node, InputAttributeNode):
-        return Op(kind=OpKind.ATTR, key=node.key, access=node.access, **common)
+        return Op(kind=OpKind.ATTR, key=node._key, access=node._access, **common)
     if isinstance(node, FunctionNode):
         return Op(kind=OpKind.FUNCTION, args=args, kwargs=kwargs, target=node.body, **common)
     if isinstance(node, ClassMethodNode):
         return Op(kind=OpKind.METHOD, args=args, kwargs=kwargs, target=node.actor,
                   method=node.method, actor=node.actor_key, **common)
-    raise TypeError(f"cannot trace a {type(node).__name__} (bound at {node.site})")
+    raise TypeError(f"cannot trace a {type(node).__name__} (bound at {node._site})")
 
 
 def _template(obj: Any, index: dict[int, int]) -> Any:

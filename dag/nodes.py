@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -54,27 +55,28 @@ def bind_site() -> str:
 class DAGNode:
     """A node of a DAG being bound. ``experimental_compile()`` and ``execute()`` start from here.
 
-    Subclasses set ``name`` (for messages and ``as_text()``) and keep their arguments in
-    ``args``/``kwargs``; ``upstream()`` lists the nodes they depend on.
+    Subclasses set ``_name`` (for messages and ``as_text()``) and keep their arguments in
+    ``_args``/``_kwargs``; ``_upstream()`` lists the nodes they depend on. Its own attributes
+    are private: ``inp.name``, ``inp.args`` and the like are parts of the input, not of the node.
     """
 
-    __slots__ = ("args", "kwargs", "site", "uid")
+    __slots__ = ("_args", "_kwargs", "_site", "_uid")
 
     def __init__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
                  site: str | None = None) -> None:
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
-        self.site = site or bind_site()
-        self.uid = next(_ids)
+        self._args = tuple(args)
+        self._kwargs = dict(kwargs or {})
+        self._site = site or bind_site()
+        self._uid = next(_ids)
 
     @property
-    def name(self) -> str:
+    def _name(self) -> str:
         return type(self).__name__
 
-    def upstream(self) -> list[DAGNode]:
+    def _upstream(self) -> list[DAGNode]:
         """The nodes among this node's arguments, nested ones included, in argument order."""
         found: list[DAGNode] = []
-        _walk((self.args, self.kwargs), found)
+        _walk((self._args, self._kwargs), found)
         return found
 
     def experimental_compile(self, **options: Any) -> Any:
@@ -99,11 +101,11 @@ class DAGNode:
         return _entry("execute")(self, args, kwargs)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} bound at {self.site}>"
+        return f"<{type(self).__name__} {self._name} bound at {self._site}>"
 
     def __reduce__(self) -> Any:
         raise TypeError(
-            f"DAG node {self.name!r} (bound at {self.site}) cannot be pickled or passed to "
+            f"DAG node {self._name!r} (bound at {self._site}) cannot be pickled or passed to "
             ".remote(); nodes only make sense as arguments of other bind() calls.\n\n"
             "Compile the DAG with dag.experimental_compile() and pass values to execute().")
 
@@ -130,20 +132,24 @@ class InputNode(DAGNode):
             dag = model.forward.bind(prep.bind(inp[0]), inp.temperature)
     """
 
-    __slots__ = ()
+    __slots__ = ("_bound",)
 
     def __init__(self) -> None:
         super().__init__()
+        self._bound: list[DAGNode] = []     # calls bound inside its `with` (dead-end check)
 
     @property
-    def name(self) -> str:
+    def _name(self) -> str:
         return "input"
 
     def __enter__(self) -> InputNode:
+        _binding.__dict__.setdefault("stack", []).append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        stack = _binding.__dict__.get("stack")
+        if stack and stack[-1] is self:
+            stack.pop()
 
     def __getitem__(self, key: int | str) -> InputAttributeNode:
         return InputAttributeNode(self, key, "item")
@@ -157,21 +163,21 @@ class InputNode(DAGNode):
 class InputAttributeNode(DAGNode):
     """One part of the input: ``inp[0]``, ``inp.key`` or ``inp["key"]`` (also nested)."""
 
-    __slots__ = ("key", "access")
+    __slots__ = ("_key", "_access")
 
     def __init__(self, parent: DAGNode, key: int | str, access: str) -> None:
         if not isinstance(key, (int, str)) or isinstance(key, bool):
             raise TypeError(f"an input can be indexed by an int (positional argument) or a str "
                             f"(keyword argument), not {type(key).__name__}: {key!r}")
         super().__init__((parent,))
-        self.key = key
-        self.access = access
+        self._key = key
+        self._access = access
 
     @property
-    def name(self) -> str:
-        parent = self.args[0]
-        return f"{parent.name}.{self.key}" if self.access == "attr" else \
-            f"{parent.name}[{self.key!r}]"
+    def _name(self) -> str:
+        parent = self._args[0]
+        return f"{parent._name}.{self._key}" if self._access == "attr" else \
+            f"{parent._name}[{self._key!r}]"
 
     def __getitem__(self, key: int | str) -> InputAttributeNode:
         return InputAttributeNode(self, key, "item")
@@ -193,12 +199,13 @@ class FunctionNode(DAGNode):
     def __init__(self, body: Any, options: dict[str, Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], site: str | None = None) -> None:
         super().__init__(args, kwargs, site)
-        _one_return(options.get("num_returns", 1), body.name, self.site)
+        _one_return(options.get("num_returns", 1), body.name, self._site)
+        _record_binding(self)
         self.body = body
         self.options = dict(options)
 
     @property
-    def name(self) -> str:
+    def _name(self) -> str:
         return self.body.name
 
 
@@ -215,14 +222,15 @@ class ClassMethodNode(DAGNode):
                  num_returns: int, args: tuple[Any, ...], kwargs: dict[str, Any],
                  site: str | None = None) -> None:
         super().__init__(args, kwargs, site)
-        _one_return(num_returns, f"{actor_label}.{method}", self.site)
+        _one_return(num_returns, f"{actor_label}.{method}", self._site)
+        _record_binding(self)
         self.actor = actor
         self.actor_key = actor_key
         self.actor_label = actor_label
         self.method = method
 
     @property
-    def name(self) -> str:
+    def _name(self) -> str:
         return f"{self.actor_label}.{self.method}"
 
 
@@ -245,8 +253,17 @@ class MultiOutputNode(DAGNode):
         super().__init__(tuple(outputs), site=site)
 
     @property
-    def name(self) -> str:
+    def _name(self) -> str:
         return "output"
+
+
+_binding = threading.local()     # .stack: the InputNodes whose `with` blocks are open
+
+
+def _record_binding(node: DAGNode) -> None:
+    stack = getattr(_binding, "stack", None)
+    if stack:
+        stack[-1]._bound.append(node)
 
 
 def _one_return(num_returns: int, name: str, site: str) -> None:

@@ -118,6 +118,7 @@ class CompiledDAG:
             e = self._submitted
             if e - self._fetched >= self._max_inflight:
                 self._make_room(e)
+            started = time.perf_counter_ns()
             if self._input is not None:
                 if self._recorder is None:
                     self._write_input(args, kwargs)
@@ -125,10 +126,12 @@ class CompiledDAG:
                     start = time.monotonic_ns()
                     self._write_input(args, kwargs)
                     self._recorder.add(_SUBMIT, e, start, time.monotonic_ns())
-            self._submitted = e + 1
             refs = [CompiledDAGRef(self, e, k, name) for k, name in enumerate(self._names)]
             self._pending[e] = [weakref.ref(r) for r in refs]
-            self._started[e] = time.perf_counter_ns()
+            self._started[e] = started
+            # NOTE: last: a reader on another thread reads execution e only from now on, and
+            # finds its refs registered
+            self._submitted = e + 1
         if self._closed or self._error is not None:    # closed while we submitted
             self._fail_pending(self._closed_error())
         for k, task in self._driver_outputs:
@@ -171,6 +174,8 @@ class CompiledDAG:
         opts = self.plan.options
         deadline = Deadline(opts.submit_timeout_s)
         while e - self._fetched >= self._max_inflight:
+            if self._error is not None or self._closed:
+                raise self._closed_error()
             limit = opts.max_buffered_results
             if limit is not None and self._count_unread() > limit:
                 if deadline.expired():
@@ -187,10 +192,11 @@ class CompiledDAG:
                 raise self._closed_error()
 
     def _count_unread(self) -> int:
-        live = deque(r for r in self._unread if any(
-            (ref := w()) is not None and not ref._read for w in r))
-        self._unread = live
-        return len(live)
+        with self._cond:        # readers on other threads append to it
+            live = deque(r for r in self._unread if any(
+                (ref := w()) is not None and not ref._read for w in r))
+            self._unread = live
+            return len(live)
 
     # -- reading outputs --------------------------------------------------------------------
     def wait_for(self, ref: CompiledDAGRef | None, deadline: Deadline,
@@ -236,15 +242,18 @@ class CompiledDAG:
         e = self._fetched
         partial = self._partial
         start = time.monotonic_ns() if self._recorder is not None else 0
-        try:
-            for c, reader in self._readers:
-                if c not in partial:
-                    partial[c] = reader.read(deadline.remaining_s())
-        except ChannelTimeoutError:
-            return False
-        except ChannelClosedError as exc:
-            self._on_broken(str(exc))
-            return False
+        for c, reader in self._readers:
+            if c in partial:
+                continue
+            try:
+                partial[c] = reader.read(deadline.remaining_s())
+            except ChannelTimeoutError:
+                return False
+            except ChannelClosedError as exc:
+                self._on_broken(str(exc))
+                return False
+            except Exception as exc:        # noqa: BLE001 - read, but could not be rebuilt
+                partial[c] = _ReadFailure(c, exc)   # that output's error; the order holds
         self._partial = {}
         if start:
             self._recorder.add(_READ_OUTPUTS, e, start, time.monotonic_ns())
@@ -254,7 +263,11 @@ class CompiledDAG:
         if started is not None:
             self._latency_ns.append(time.perf_counter_ns() - started)
         if self.plan.options.max_buffered_results is not None:
-            self._unread.append(refs)
+            with self._cond:
+                self._unread.append(refs)
+                if len(self._unread) > 2 * self._max_inflight + 64:
+                    self._unread = deque(r for r in self._unread if any(
+                        (ref := w()) is not None and not ref._read for w in r))
         outs = self.plan.output_channels
         for k, w in enumerate(refs):
             ref = w()
@@ -263,6 +276,8 @@ class CompiledDAG:
             value = partial[outs[k]]
             if type(value) is OpFailure:
                 ref._finish_error(_task_error(value))
+            elif type(value) is _ReadFailure:
+                ref._finish_error(value.error(self.plan, e))
             else:
                 ref._finish_value(value)
         if self._waiters:
@@ -419,6 +434,23 @@ def _task_error(failure: OpFailure) -> BaseException:
                            site=failure.site, pid=info.pid)
 
 
+class _ReadFailure:
+    """An output value that arrived but could not be deserialized on the driver."""
+
+    __slots__ = ("channel", "exc")
+
+    def __init__(self, channel: int, exc: BaseException) -> None:
+        self.channel, self.exc = channel, exc
+
+    def error(self, plan: Plan, execution: int) -> BaseException:
+        task = plan.tasks[plan.channels[self.channel].op]
+        return make_task_error(
+            f"the value of {task.name} (bound at {task.site}) for execution {execution} "
+            f"could not be deserialized on the driver: {type(self.exc).__name__}: {self.exc}",
+            cause_type=type(self.exc), cause=self.exc, function_name=task.name,
+            site=task.site, pid=os.getpid())
+
+
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _SUBMIT, _READ_OUTPUTS = 0, 1           # the driver's kinds of span (profile=True)
 
@@ -441,7 +473,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     from .remote import ActorBody, ActorHandle
     from .worker import DAG_START
     rt = _auto_runtime()
-    ir = trace(root)
+    ir = trace(root, unused=True)          # validation refuses calls no output depends on
     plan = lower(ir, options, is_alive=lambda key: rt.actors.get(key) is not None)
     actors = {f"actor:{op.actor}": op.target._record for op in ir.ops
               if op.kind is OpKind.METHOD}

@@ -289,6 +289,9 @@ class Runtime:
                 self._on_worker_death(proc, reason, finishes)
             elif proc.actor is not None:
                 self._on_actor_death(proc.actor, proc, reason, finishes)
+        # NOTE: what a child named after itself is channel spill segments only (its results
+        # carry the driver's pid): a killed child cannot unlink them, so the driver does
+        unlink_owned(proc.popen.pid)
         _run(finishes)
 
     def _on_worker_death(self, proc: Proc, reason: tuple[str, int | None, int | None],
@@ -656,6 +659,8 @@ class Runtime:
         self.wake_io()
         self.io.join(2.0)
         _reap(procs, _config.SHUTDOWN_GRACE_S)
+        for proc in procs:
+            unlink_owned(proc.popen.pid)
         finishes: list[Finish] = []
         with self.lock:
             err = ObjectLostError("the headrace runtime was shut down before this value was "

@@ -54,10 +54,14 @@ def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
                    recorder: Any = None) -> list[tuple]:
     """The process's steps as tuples the loop dispatches on without lookups."""
     out: list[tuple] = []
+    input_site = next((t.site for t in plan.tasks if t.kind is OpKind.INPUT), "?")
     for step in plan.process_of(key).steps:
         if step.kind is StepKind.READ:
+            source = plan.tasks[step.op] if step.op >= 0 else None
             out.append((_READ, _timed(recorder, ends[step.channel].read, f"read ch{step.channel}",
-                                      "read"), step.op))
+                                      "read"), step.op,
+                        ("input", input_site) if source is None else
+                        (source.name, source.site)))
         elif step.kind is StepKind.WRITE:
             task = plan.tasks[step.op]
             out.append((_WRITE, _timed(recorder, ends[step.channel].write,
@@ -134,7 +138,12 @@ def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | No
             for step in steps:
                 code = step[0]
                 if code == _READ:
-                    value = step[1]()
+                    try:
+                        value = step[1]()
+                    except ChannelClosedError:
+                        raise
+                    except Exception as exc:    # noqa: BLE001 - read, but not rebuilt
+                        value = _read_failure(step[3], exc)
                     if step[2] < 0:
                         arguments = value
                     else:
@@ -159,7 +168,16 @@ def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | No
                 log.exception("could not write the compiled DAG's trace")
 
 
+def _read_failure(source: tuple[str, str], exc: Exception) -> OpFailure:
+    """A value that arrived but could not be deserialized: that execution's error."""
+    name, site = source
+    return OpFailure(name, site, error_info(exc, name, os.getpid(), prefix=(
+        f"the value of {name} could not be deserialized in this process: ")))
+
+
 def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) -> Any:
+    if type(arguments) is OpFailure:
+        return arguments
     try:
         if type(arguments) is PackedArgs:
             args, kwargs = arguments.args, arguments.kwargs

@@ -14,8 +14,13 @@ import pytest
 os.environ.setdefault("HEADRACE_CHECKS", "1")
 
 import headrace as hr  # noqa: E402  (after HEADRACE_CHECKS is set)
+from headrace._config import SHM_PREFIX  # noqa: E402
 from headrace.channels.segments import owned_segments  # noqa: E402
 from headrace.runtime.deadline import FakeClock  # noqa: E402
+
+
+#: Our segments already in /dev/shm before the session (another run's): not this run's leaks.
+_BEFORE_SESSION = frozenset(n for n in os.listdir("/dev/shm") if n.startswith(f"{SHM_PREFIX}-"))
 
 
 def child_pids(pid: int | None = None) -> list[int]:
@@ -77,6 +82,9 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.02)
     assert child_pids() == [], f"child processes left behind: {child_pids()}"
     assert owned_segments(os.getpid()) == [], "shared-memory segments left in /dev/shm"
+    ours = [n for n in os.listdir("/dev/shm")
+            if n.startswith(f"{SHM_PREFIX}-") and n not in _BEFORE_SESSION]
+    assert ours == [], f"segments of exited children left in /dev/shm: {ours}"
 
 
 @pytest.fixture

@@ -105,6 +105,17 @@ def test_a_process_with_no_channel_input_reads_the_input_as_its_trigger() -> Non
     assert {c.kind.value for c in plan.channels} == {"socket"}
 
 
+def test_a_call_on_constants_waits_for_its_execution_even_in_a_fed_process() -> None:
+    a, b = FakeActor("a"), FakeActor("b")
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.inc.bind(5), a.inc.bind(b.double.bind(inp))])
+    plan = lower(trace(dag))
+    steps = plan.process_of("actor:a").steps
+    assert steps[0].kind is StepKind.READ and steps[0].channel == plan.input_channel
+    assert "actor:a" in plan.channels[plan.input_channel].readers
+    assert run_local(trace(dag), 3) == [6, 7]
+
+
 def test_every_process_computes_in_topological_order_and_reads_before_computing() -> None:
     actors = [FakeActor(f"a{i}") for i in range(4)]
     with InputNode() as inp:
@@ -146,6 +157,19 @@ def test_a_dag_without_input_is_refused() -> None:
     a = FakeActor("a")
     with pytest.raises(DAGCompileError, match=r"has no InputNode.*\n\nBind the first node"):
         lower(trace(a.inc.bind(1)))
+
+
+def test_a_call_no_output_depends_on_is_refused_naming_it() -> None:
+    a, b = FakeActor("a"), FakeActor("b")
+    with InputNode() as inp:
+        kept = a.inc.bind(inp)
+        lost = b.double.bind(kept)      # bound, never returned: its result would be lost
+    with pytest.raises(DAGCompileError, match=r"node 'b.double' \(bound at .*test_compiler.py:"
+                                              r"\d+\) is not an output and no output depends"):
+        lower(trace(kept, unused=True))
+    assert lost is not None
+    assert trace(kept).as_text() == "%0 = input\n%1 = a.inc(%0)\nreturn %1"  # uncompiled: skipped
+    assert lower(trace(kept)).outputs == (1,)
 
 
 def test_a_dead_actor_is_refused_with_the_node_and_site() -> None:

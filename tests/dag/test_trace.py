@@ -59,6 +59,16 @@ def test_one_node_used_twice_is_one_op_and_inp_key_twice_is_one_value() -> None:
     assert run_local(ir, k=2) == [4, 2, 2, 2]
 
 
+def test_input_parts_named_like_node_attributes_are_parts_of_the_input() -> None:
+    names = ["name", "args", "kwargs", "site", "uid", "key", "access", "upstream"]
+    with InputNode() as inp:
+        dag = MultiOutputNode([getattr(inp, n) for n in names] + [inp.cfg.key, inp.cfg.access])
+    ir = trace(dag)
+    values = {n: f"<{n}>" for n in names}
+    assert run_local(ir, **values, cfg=SimpleNamespace(key=1, access=2)) == \
+        [f"<{n}>" for n in names] + [1, 2]
+
+
 def test_input_forms() -> None:
     with InputNode() as inp:
         dag = MultiOutputNode([inp.cfg.scale, inp["n"], inp.items[1]])

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,9 +18,23 @@ from headrace.dag import run_local, trace
 from headrace.exceptions import ActorDiedError, ChannelClosedError
 
 
+def _explode():
+    raise ValueError("cannot rebuild this value")
+
+
+class Fussy:
+    """Pickles fine, but cannot be rebuilt in another process."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
 class Mixer:
     def __init__(self, k: int = 0) -> None:
         self.k = k
+
+    def fussy(self, x):
+        return Fussy() if x < 0 else x
 
     def mix(self, x, *more, scale=1):
         return (x + sum(more)) * scale + self.k
@@ -124,6 +139,51 @@ def test_an_actor_restarted_after_a_crash_fails_the_dag_then_compiles_again() ->
     assert hr.get(phoenix.pid.remote(), timeout=30) != pid     # restarted: a new process
     with dag.experimental_compile() as again:
         assert hr.get([again.execute(i) for i in range(3)], timeout=30) == [5, 6, 7]
+
+
+def test_a_value_that_cannot_be_rebuilt_is_an_error_of_that_execution_only(mixers) -> None:
+    a, b, _ = mixers
+    with InputNode() as inp:
+        dag = b.mix.bind(a.fussy.bind(inp))
+    with dag.experimental_compile() as compiled:
+        refs = [compiled.execute(Fussy()), compiled.execute(1), compiled.execute(-1),
+                compiled.execute(2)]
+        with pytest.raises(hr.TaskError, match="could not be deserialized.*cannot rebuild"):
+            hr.get(refs[0], timeout=30)             # the actor could not read its input
+        assert hr.get(refs[1], timeout=30) == 11
+        with pytest.raises(hr.TaskError, match="could not be deserialized.*cannot rebuild"):
+            hr.get(refs[2], timeout=30)             # b could not read a's output
+        assert hr.get(refs[3], timeout=30) == 12    # nothing shifted, nothing broke
+    with InputNode() as inp:
+        dag = a.fussy.bind(inp)
+    with dag.experimental_compile() as compiled:
+        with pytest.raises(hr.TaskError, match="Mixer.fussy .*could not be deserialized on "
+                                               "the driver.*cannot rebuild"):
+            hr.get(compiled.execute(-1), timeout=30)
+        assert hr.get(compiled.execute(5), timeout=30) == 5
+
+
+@hr.remote
+def ramp(n):
+    return np.arange(n, dtype=np.float64)
+
+
+def test_a_torn_down_function_host_leaves_no_segment_and_views_stay_valid() -> None:
+    with InputNode() as inp:
+        dag = ramp.bind(inp)
+    compiled = dag.experimental_compile(buffer_size_bytes=4096)
+    before = set(os.listdir("/dev/shm"))
+    big = hr.get(compiled.execute(500_000), timeout=30)        # 4 MB: a spill of the host's
+    (spill,) = [n for n in set(os.listdir("/dev/shm")) - before
+                if n.startswith("headrace-") and int(n.split("-")[1]) != os.getpid()]
+    host_pid = int(spill.split("-")[1])
+    compiled.teardown()                                         # kills the host at once
+    deadline = time.monotonic() + 5
+    while [n for n in os.listdir("/dev/shm") if n.startswith(f"headrace-{host_pid}-")] and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"headrace-{host_pid}-")] == []
+    assert big[-1] == 499_999.0 and big.sum() == 499_999 * 500_000 / 2   # still mapped
 
 
 # Random graphs of actor methods: each node mixes 1-3 earlier values (or the input), with an
