@@ -139,8 +139,17 @@ class CompiledDAG:
         return refs if self.plan.multi else refs[0]
 
     async def execute_async(self, *args: Any, **kwargs: Any) -> CompiledDAGFuture:
-        """``execute`` for asyncio: ``fut = await compiled.execute_async(x); v = await fut``."""
-        refs = self.execute(*args, **kwargs)
+        """``execute`` for asyncio: ``fut = await compiled.execute_async(x); v = await fut``.
+
+        It never blocks the event loop: when ``execute`` could wait (the pipeline is full, or
+        refs among the arguments must be resolved first), it runs on a worker thread.
+        """
+        if self._submitted - self._fetched < self._max_inflight - 1 and not (
+                _has_refs(args) or _has_refs(kwargs)):
+            refs = self.execute(*args, **kwargs)
+        else:
+            import asyncio
+            refs = await asyncio.to_thread(self.execute, *args, **kwargs)
         return CompiledDAGFuture(refs if self.plan.multi else [refs], self.plan.multi)
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
@@ -329,6 +338,8 @@ class CompiledDAG:
         self._died.set()
         self._break(f"{actor.label} died")
         self._fail_pending(error)
+        # the DAG is over: free its function hosts and channels now, off the runtime's thread
+        threading.Thread(target=self.teardown, name="headrace-dag-teardown", daemon=True).start()
 
     def _break(self, reason: str) -> None:
         for ch in self._channels.values():

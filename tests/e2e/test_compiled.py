@@ -154,6 +154,31 @@ def test_callbacks_futures_and_await_without_anyone_in_get(stages) -> None:
         assert asyncio.run(asyncio.wait_for(main(), 10)) == (9, 10)
 
 
+def test_execute_async_never_blocks_the_event_loop_when_the_pipeline_is_full(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        dag = a.nap.bind(inp, 0.3)
+    with dag.experimental_compile(max_inflight_executions=1) as compiled:
+        async def main():
+            gaps, last = [], time.monotonic()
+
+            async def tick():
+                nonlocal last
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+            ticker = asyncio.create_task(tick())
+            futs = [await compiled.execute_async(i) for i in range(4)]   # 3 wait for room
+            values = [await f for f in futs]
+            ticker.cancel()
+            return values, max(gaps)
+        values, worst_gap = asyncio.run(asyncio.wait_for(main(), 30))
+        assert values == [0, 1, 2, 3]
+        assert worst_gap < 0.25          # a blocked loop would stall for a whole 0.3 s nap
+
+
 def test_a_user_exception_is_that_executions_value_and_reaches_dependent_outputs(stages) -> None:
     a, b, _ = stages
     with InputNode() as inp:

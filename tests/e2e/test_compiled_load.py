@@ -135,7 +135,11 @@ def test_an_actor_restarted_after_a_crash_fails_the_dag_then_compiles_again() ->
         hr.get(pending, timeout=10)
     with pytest.raises(ActorDiedError):
         compiled.execute(3)
-    compiled.teardown()
+    deadline = time.monotonic() + 5             # a death tears the DAG down by itself
+    while not compiled.stats()["closed"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert compiled.stats()["closed"]
+    compiled.teardown()                         # and a teardown after that is a no-op
     assert hr.get(phoenix.pid.remote(), timeout=30) != pid     # restarted: a new process
     with dag.experimental_compile() as again:
         assert hr.get([again.execute(i) for i in range(3)], timeout=30) == [5, 6, 7]
