@@ -226,7 +226,7 @@ class CompiledDAG:
                     return ref is not None and ref._state is not RefState.PENDING
                 self._waiters += 1
                 try:
-                    cv.wait(remaining)
+                    cv.wait(_SLICE_S if remaining is None else min(remaining, _SLICE_S))
                 finally:
                     self._waiters -= 1
             if satisfied():
@@ -289,7 +289,7 @@ class CompiledDAG:
                 ref._finish_error(value.error(self.plan, e))
             else:
                 ref._finish_value(value)
-        if self._waiters:
+        if self._waiters:       # NOTE: unlocked (hot path); waiters re-check every _SLICE_S
             with self._cond:
                 self._cond.notify_all()
         return True

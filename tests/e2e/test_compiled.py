@@ -6,6 +6,7 @@ import asyncio
 import glob
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -292,6 +293,13 @@ def test_socket_channels_visualize_and_stats(stages, tmp_path) -> None:
         assert (tmp_path / "plan.dot").read_text() == dot
         with pytest.raises(ValueError, match="format must be one of"):
             compiled.visualize(format="gif")
+        if shutil.which("dot"):             # Graphviz here: a real PNG
+            compiled.visualize(str(tmp_path / "plan.png"), format="png")
+            assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with pytest.MonkeyPatch.context() as mp:    # no Graphviz: says what to install
+            mp.setenv("PATH", str(tmp_path))
+            with pytest.raises(RuntimeError, match="needs Graphviz's `dot` program"):
+                compiled.visualize(str(tmp_path / "plan.svg"), format="svg")
         stats = compiled.stats()
         assert stats["executions"] == stats["completed"] == 30
         assert stats["latency_us"]["samples"] == 30 and stats["latency_us"]["median"] > 0
