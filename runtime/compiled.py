@@ -40,7 +40,8 @@ from .refs import Ref, RefState
 
 #: How long a startup may take (the first attach in a fresh process loads numba's cache).
 START_TIMEOUT_S = 120.0
-#: A background reader (for callbacks, futures, await) re-checks its work this often.
+#: A background reader (for callbacks, futures, await), or a thread waiting for another thread's
+#: reads, re-checks its work this often.
 _SLICE_S = 0.05
 #: After a channel broke on its own, how long to wait for the runtime to say which process died.
 _DEATH_REPORT_S = 1.0
@@ -50,13 +51,13 @@ class CompiledDAG:
     """A DAG lowered to processes and channels; ``execute()`` runs it once per call."""
 
     def __init__(self, runtime: Any, ir: DagIR, plan: Plan, actors: dict[str, Any],
-                 hosts: list[Any], channels: dict[int, Any],
+                 hosts: list[tuple[str, Any]], channels: dict[int, Any],
                  trace: tuple[str, str] | None = None) -> None:
         self._rt = runtime
         self.ir = ir
         self.plan = plan
         self._actors = actors                   # process key -> ActorRecord
-        self._hosts = hosts                     # handles keeping the function hosts alive
+        self._hosts = hosts                     # (label, handle) of the function hosts we use
         self._channels = channels               # channel id -> the owner's handle
         opts = plan.options
         self._max_inflight = opts.max_inflight_executions
@@ -380,8 +381,7 @@ class CompiledDAG:
                 self._write_trace()
         finally:
             hosts, self._hosts = self._hosts, []
-            for handle in hosts:
-                self._rt.kill_actor(handle._record)
+            _release_hosts(self._rt, hosts)
 
     def _write_trace(self) -> None:
         from .profiling import merge
@@ -481,7 +481,6 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     """``dag.experimental_compile(**options)``: trace, lower, open the plan, start the loops."""
     from ..compiler.lowering import lower      # NOTE: loads cloudpickle: not at import time
     from .api import _auto_runtime, get
-    from .remote import ActorBody, ActorHandle
     from .worker import DAG_START
     rt = _auto_runtime()
     ir = trace(root, unused=True)          # validation refuses calls no output depends on
@@ -494,11 +493,9 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     try:
         for proc in plan.processes:
             if proc.actor is None:
-                body = ActorBody(FunctionHost)
-                body.name = f"dag:{proc.label}"        # its log lines say what it runs
-                record = rt.create_actor(body, _HOST_OPTIONS, (), {})
-                hosts.append(ActorHandle(record, rt))
-                actors[proc.key] = record
+                handle = _take_host(rt, proc.label)
+                hosts.append((proc.label, handle))
+                actors[proc.key] = handle._record
         for spec in plan.channels:
             channels[spec.id] = _open_channel(spec, plan.options.sync)
         dag = CompiledDAG(rt, ir, plan, actors, hosts, channels, files)
@@ -518,7 +515,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     except BaseException:
         for ch in channels.values():
             ch.close()
-        for handle in hosts:
+        for _, handle in hosts:
             rt.kill_actor(handle._record)
         if files is not None:
             shutil.rmtree(files[1], ignore_errors=True)
@@ -541,6 +538,37 @@ def _trace_files(profile: bool | str) -> tuple[str, str] | None:
 
 _FRAMING_BYTES = 4096
 _HOST_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
+#: Idle function hosts kept for later compiles (by function), at most this many in all.
+MAX_IDLE_HOSTS = 8
+_HOSTS_LOCK = threading.Lock()
+
+
+def _take_host(rt: Any, label: str) -> Any:
+    """A process for the function ops ``label``: an idle one from an earlier DAG, or a new one
+    (named ``dag:<label>``, so its log lines say what it runs)."""
+    from .remote import ActorBody, ActorHandle
+    with _HOSTS_LOCK:
+        idle = rt.dag_hosts.get(label, [])
+        while idle:
+            handle = idle.pop()
+            if handle._record.state is not ActorState.DEAD:
+                return handle
+    body = ActorBody(FunctionHost)
+    body.name = f"dag:{label}"
+    return ActorHandle(rt.create_actor(body, _HOST_OPTIONS, (), {}), rt)
+
+
+def _release_hosts(rt: Any, hosts: list[tuple[str, Any]]) -> None:
+    """After a teardown: keep live hosts for the next compile (a host runs each DAG's loop on a
+    thread of its own, so an old loop still finishing does not matter); end the rest."""
+    for label, handle in hosts:
+        with _HOSTS_LOCK:
+            keep = not rt.closed and handle._record.state is not ActorState.DEAD and \
+                sum(map(len, rt.dag_hosts.values())) < MAX_IDLE_HOSTS
+            if keep:
+                rt.dag_hosts.setdefault(label, []).append(handle)
+        if not keep:
+            rt.kill_actor(handle._record)
 
 
 def _open_channel(spec: Any, sync: str) -> Any:

@@ -78,6 +78,7 @@ class Runtime:
         self.actors: dict[str, ActorRecord] = {}
         self.named: dict[str, ActorRecord] = {}
         self.dags: weakref.WeakSet = weakref.WeakSet()     # compiled DAGs not torn down
+        self.dag_hosts: dict[str, list[Any]] = {}   # idle function hosts by label (compiled.py)
         self.new_pidfds: list[Proc] = []
         self.start_failures = 0                      # children in a row that died unstarted
         self.closed = False

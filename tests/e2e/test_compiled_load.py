@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -172,7 +173,18 @@ def ramp(n):
     return np.arange(n, dtype=np.float64)
 
 
-def test_a_torn_down_function_host_leaves_no_segment_and_views_stay_valid() -> None:
+def _ours(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"headrace-{pid}-")]
+
+
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while _ours(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _ours(pid) == []
+
+
+def test_function_hosts_are_reused_and_leave_no_segment_behind() -> None:
     with InputNode() as inp:
         dag = ramp.bind(inp)
     compiled = dag.experimental_compile(buffer_size_bytes=4096)
@@ -181,13 +193,17 @@ def test_a_torn_down_function_host_leaves_no_segment_and_views_stay_valid() -> N
     (spill,) = [n for n in set(os.listdir("/dev/shm")) - before
                 if n.startswith("headrace-") and int(n.split("-")[1]) != os.getpid()]
     host_pid = int(spill.split("-")[1])
-    compiled.teardown()                                         # kills the host at once
-    deadline = time.monotonic() + 5
-    while [n for n in os.listdir("/dev/shm") if n.startswith(f"headrace-{host_pid}-")] and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"headrace-{host_pid}-")] == []
+    compiled.teardown()
     assert big[-1] == 499_999.0 and big.sum() == 499_999 * 500_000 / 2   # still mapped
+    del big                                 # the last view: the reader unlinks the spill
+    gc.collect()
+    assert _gone(host_pid)
+    with dag.experimental_compile(buffer_size_bytes=4096) as again:   # the same host process
+        assert hr.get(again.execute(3), timeout=30).tolist() == [0.0, 1.0, 2.0]
+        hr.get(again.execute(500_000), timeout=30)             # read and dropped: kept idle
+        assert _ours(host_pid) != []
+        os.kill(host_pid, signal.SIGKILL)   # a killed host cannot unlink: the driver does
+        assert _gone(host_pid)
 
 
 # Random graphs of actor methods: each node mixes 1-3 earlier values (or the input), with an
