@@ -60,8 +60,26 @@ _OPS: dict[str, Any] = {}    # the compiled hot ops (channels._native.entry_poin
 
 def _ops() -> dict[str, Any]:
     if not _OPS:
-        _OPS.update(nat.entry_points())
+        from .warmup import compile_lock
+        with compile_lock():    # after an install, one process compiles; the rest load
+            _OPS.update(nat.entry_points())
+            _warm_helpers()
     return _OPS
+
+
+def _warm_helpers() -> None:
+    """Compile (or load) the ops called through numba's dispatcher, not as entry points."""
+    h = np.zeros(nat.header_words(1), np.uint32)
+    nat.store(h, nat.MAGIC, 1)
+    nat.load(h, nat.MAGIC)
+    nat.add(h, nat.MAGIC, -1)
+    nat.close(h, 1)
+
+
+def warm_up() -> None:
+    """Compile or load every op a channel uses (``channels.warmup`` runs it in the background
+    after an install)."""
+    _ops()
 
 
 def _pid_gone(pid: int) -> bool:

@@ -34,6 +34,7 @@ import cloudpickle
 import zmq
 
 from .. import _config
+from ..channels import warmup
 from ..channels.segments import sweep_dead_owners, unlink_owned
 from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
                           WorkerCrashedError, make_task_error)
@@ -57,6 +58,8 @@ class Runtime:
 
     def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
         sweep_dead_owners()
+        # after an install: compile the channels' numba ops in the background, once
+        self.warmup = warmup.start()
         self.pid = os.getpid()
         self.num_cpus = num_cpus
         self.free_cpus: float = num_cpus
@@ -662,6 +665,9 @@ class Runtime:
         _reap(procs, _config.SHUTDOWN_GRACE_S)
         for proc in procs:
             unlink_owned(proc.popen.pid)
+        if self.warmup is not None:     # not done yet: the next process compiles instead
+            _kill(self.warmup)
+            self.warmup.wait(2.0)
         finishes: list[Finish] = []
         with self.lock:
             err = ObjectLostError("the headrace runtime was shut down before this value was "

@@ -1,0 +1,51 @@
+"""The one-off numba compile: one process at a time, in the background after an install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from headrace.channels import warmup
+
+
+@pytest.fixture
+def fresh_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No ready stamp yet: stamps and locks go to a directory of the test's own (children too)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_start_compiles_in_the_background_once_then_does_nothing(fresh_install: Path) -> None:
+    assert not warmup.is_ready()
+    proc = warmup.start()
+    assert proc is not None
+    assert proc.wait(120) == 0
+    assert warmup.is_ready()
+    assert warmup.start() is None
+
+
+def test_a_second_process_waits_for_the_compile_lock(fresh_install: Path) -> None:
+    held, released = fresh_install / "held", fresh_install / "released"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from headrace.channels import warmup\n"
+        "with warmup.compile_lock():\n"
+        "    open(sys.argv[1], 'w').close()\n"
+        "    time.sleep(0.5)\n"
+        "    open(sys.argv[2], 'w').close()\n"), str(held), str(released)])
+    try:
+        deadline = time.monotonic() + 30
+        while not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held.exists()
+        with warmup.compile_lock():
+            assert released.exists()        # the lock came only after the child let it go
+        assert warmup.is_ready()
+    finally:
+        child.wait(30)
