@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 import headrace as hr
+from headrace.channels import warmup
 
 
 @hr.remote
@@ -82,11 +83,13 @@ def compiled_pipeline(n: int) -> None:
         raw = make_signal.bind(inp, 20_000)
         dag = score.bind(raw, Smoother.remote(25).smooth.bind(raw))
     uncompiled = [hr.get(dag.execute(seed), timeout=60) for seed in range(4)]
+    first = "" if warmup.is_ready() else \
+        ", the first time after an install: it waits for the one-off compile of native code"
     t0 = time.perf_counter()
     with dag.experimental_compile() as compiled:
         opened = time.perf_counter() - t0
         same = [hr.get(compiled.execute(seed), timeout=60) for seed in range(4)]
-        print(f"\ncompiled DAG (compiled and started in {opened * 1e3:.0f} ms; results "
+        print(f"\ncompiled DAG (compiled and started in {opened * 1e3:.0f} ms{first}; results "
               f"{'match' if same == uncompiled else 'DIFFER from'} the uncompiled run):")
         print("  " + compiled.plan.as_text().replace("\n", "\n  "))
         print("\nper-execution latency, 20,000-sample signals through the 3 stages:")
