@@ -250,27 +250,38 @@ class _Monitors:
         self.readers: dict[zmq.Socket, _ReaderIO] = {}
         self.dropped: list[zmq.Socket] = []
         self.thread: threading.Thread | None = None
-        self.wake_r, self.wake_w = _wake_pair()
+        # NOTE: the wake pair lives as long as the thread: nothing is left open at exit
+        self.wake_r: Any = None
+        self.wake_w: Any = None
 
     def add(self, monitor: zmq.Socket, reader: _ReaderIO) -> None:
         with self.lock:
             self.readers[monitor] = reader
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, daemon=True,
-                                               name="headrace-socket-monitors")
+                self.wake_r, self.wake_w = _wake_pair()
+                self.thread = threading.Thread(target=self._run, args=(self.wake_r,),
+                                               daemon=True, name="headrace-socket-monitors")
                 self.thread.start()
-        _poke(self.wake_w)
+            _poke(self.wake_w)
 
     def drop(self, monitor: zmq.Socket) -> None:
         """Stop reading ``monitor`` (the thread closes it); the last one ends the thread."""
         with self.lock:
             self.dropped.append(monitor)
             thread = self.thread if len(self.readers) == len(self.dropped) else None
-        _poke(self.wake_w)
+            if self.wake_w is not None:
+                _poke(self.wake_w)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
 
-    def _run(self) -> None:
+    def _stop(self) -> None:
+        """The thread ends (the lock held): close its wake pair."""
+        self.thread = None
+        for sock in (self.wake_r, self.wake_w):
+            sock.close()
+        self.wake_r = self.wake_w = None
+
+    def _run(self, wake_r: Any) -> None:
         while True:
             with self.lock:
                 for monitor in self.dropped:
@@ -278,15 +289,18 @@ class _Monitors:
                     monitor.close(linger=0)
                 self.dropped.clear()
                 if not self.readers:
-                    self.thread = None
+                    self._stop()
                     return
                 readers = dict(self.readers)
-            items = [(monitor, _IN) for monitor in readers] + [(self.wake_r.fileno(), _IN)]
+            items = [(monitor, _IN) for monitor in readers] + [(wake_r.fileno(), _IN)]
             try:
                 ready = zmq_poll(items, -1)
             except zmq.ZMQError:    # a monitor closed under us: the context is ending
+                with self.lock:
+                    if self.wake_r is wake_r:
+                        self._stop()
                 return
-            _drain_wakes(self.wake_r)
+            _drain_wakes(wake_r)
             for monitor, _ in ready:
                 if monitor in readers:
                     while zmq_poll([(monitor, _IN)], 0):
