@@ -203,10 +203,13 @@ class CompiledDAG:
 
     def _count_unread(self) -> int:
         with self._cond:        # readers on other threads append to it
-            live = deque(r for r in self._unread if any(
-                (ref := w()) is not None and not ref._read for w in r))
-            self._unread = live
-            return len(live)
+            self._prune_unread()
+            return len(self._unread)
+
+    def _prune_unread(self) -> None:
+        """Forget executions whose refs were all read or dropped (``_cond`` held)."""
+        self._unread = deque(r for r in self._unread if any(
+            (ref := w()) is not None and not ref._read for w in r))
 
     # -- reading outputs --------------------------------------------------------------------
     def wait_for(self, ref: CompiledDAGRef | None, deadline: Deadline,
@@ -276,8 +279,7 @@ class CompiledDAG:
             with self._cond:
                 self._unread.append(refs)
                 if len(self._unread) > 2 * self._max_inflight + 64:
-                    self._unread = deque(r for r in self._unread if any(
-                        (ref := w()) is not None and not ref._read for w in r))
+                    self._prune_unread()
         outs = self.plan.output_channels
         for k, w in enumerate(refs):
             ref = w()
