@@ -10,13 +10,43 @@ A value that cannot be pickled raises ``TypeError`` naming its type.
 
 from __future__ import annotations
 
+import io
 import pickle
+import types
+from collections import ChainMap
 from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 
 Buffers = list[pickle.PickleBuffer]
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+def _code_reduce_keeping_file(code: types.CodeType) -> Any:
+    ctor, args = _code_reduce(code)
+    return ctor, tuple(code.co_filename if type(a) is str and a == "<dynamic-code>" else a
+                       for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, keeping each code object's file name.
+
+    cloudpickle >= 3.1 writes ``<dynamic-code>`` instead, so a remote traceback would lose the
+    user's file, line text and bind-site match; headrace ships code to processes of one session,
+    where the file is the same.
+    """
+
+    if _code_reduce is not None:
+        dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_file},
+                                  cloudpickle.Pickler.dispatch_table)
+
+
+def cloud_dumps(value: Any, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps(value, protocol=5)``, file names of code kept."""
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(value)
+    return out.getvalue()
 
 
 def dumps(value: Any) -> tuple[bytes, Buffers]:
@@ -34,7 +64,7 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
         pass
     buffers = []
     try:
-        meta = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        meta = cloud_dumps(value, buffers.append)
     except Exception as exc:
         raise TypeError(f"cannot serialize a value of type {type(value).__qualname__}: "
                         f"{type(exc).__name__}: {exc}") from exc
@@ -49,7 +79,7 @@ def loads(meta: bytes | memoryview, buffers: Sequence[Any] = ()) -> Any:
 def dumps_function(fn: Any) -> bytes:
     """Pickle a function or class by value where needed (cloudpickle), for shipping to workers."""
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        return cloud_dumps(fn)
     except Exception as exc:
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         raise TypeError(f"cannot serialize {name!r} to send it to a worker process: "
