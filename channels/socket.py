@@ -1,16 +1,23 @@
 """The socket channel: one writer, n readers over pyzmq TCP (other hosts, ``channel="socket"``).
 
-In: a ``SocketChannel`` owner handle (host, port, readers, capacity, auth); its endpoints pickle to
-the processes that write and read. Out: the ``channels.base`` contract across processes and hosts.
+In: a ``SocketChannel`` owner handle (host, port, readers, capacity, auth, max_message_bytes); its
+endpoints pickle to the processes that write and read. Out: the ``channels.base`` contract across
+processes and hosts.
 Invariants:
 - Values travel in the codec's frame format, so this channel carries exactly what shm carries;
   readers decode large payloads from the received zmq frame, without a copy.
 - Credits: every reader starts with ``capacity`` of them and returns one per value read, as a
   running count (a replayed credit changes nothing). Values for a reader that has not connected
   yet wait in the writer, inside that same window; the writer blocks only when it is full.
-- Off loopback, authentication is required: ``HMACAuth`` signs every frame (HMAC-SHA256, keyed
-  per channel), ``CurveAuth`` encrypts and admits only the readers' key. Refused peers and frames
-  are logged, never raised, and never disturb the legitimate endpoints.
+- Every channel authenticates, loopback included: any local process can reach a loopback port.
+  ``HMACAuth`` signs every frame, both ways (HMAC-SHA256, keyed per channel); without ``auth`` a
+  loopback channel makes its own random secret, which travels only inside its pickled endpoints.
+  Off loopback the user passes ``HMACAuth`` or ``CurveAuth`` (encrypts, admits only the readers'
+  key). Refused peers and frames are counted (``statistics()["refused"]``) and logged at a
+  bounded rate, never raised, and never disturb the legitimate endpoints.
+- No peer makes an end allocate more than it accepts: libzmq drops a peer announcing a frame over
+  ``max_message_bytes`` (a reader) or 4 KiB (the writer) before allocating it; ``write`` refuses
+  a bigger value with ``ValueError``.
 - The writer's ROUTER and its monitor are used only under ``_WriterIO.lock``. The watcher thread
   sleeps on their (edge-triggered) fds, so whoever holds the lock drains what the watcher watches.
 - A close reaches everyone: the writer broadcasts CLOSE; a reader or the owner sends CLOSE on a
@@ -38,14 +45,17 @@ from .base import WRITER, Channel, closed_error, timeout_ns
 from .codec import encode
 from .socket_auth import CurveAuth, HMACAuth, is_loopback
 from .socket_reader import _Leftover, _ReaderIO
-from .socket_wire import _Config, _local, _tell_writer
+from .socket_wire import MAX_MESSAGE_BYTES, _Config, _local, _tell_writer
 from .socket_writer import _WriterIO
 
-__all__ = ["CurveAuth", "HMACAuth", "SocketChannel", "is_loopback"]
+__all__ = ["MAX_MESSAGE_BYTES", "CurveAuth", "HMACAuth", "SocketChannel", "is_loopback"]
 
 
 def _notify_close(cfg: _Config, reason: str | None) -> None:
-    """Tell the writer of ``cfg`` (elsewhere) of the close; where none listens, stand in for it."""
+    """Tell the writer of ``cfg`` (elsewhere) of the close; where none listens, stand in for it.
+
+    Either way the CLOSE is signed with the channel's key, so readers tell it from a stranger's.
+    """
     try:
         standin = _WriterIO(cfg)
     except zmq.ZMQError:            # a writer holds the port (or the host is not this one)
@@ -65,6 +75,28 @@ def _free_port(host: str) -> int:
                          "Pass port= explicitly when the writer runs on another host.") from exc
 
 
+def _checked_auth(auth: Any, host: str) -> HMACAuth | CurveAuth:
+    """``auth``, or on loopback a fresh secret of the channel's own: every channel authenticates."""
+    if auth is not None and not isinstance(auth, (HMACAuth, CurveAuth)):
+        raise TypeError(f"auth must be None, HMACAuth or CurveAuth, not {type(auth).__name__}")
+    if auth is None and not is_loopback(host):
+        raise ValueError(
+            f"a socket channel on host {host!r} needs authentication: that is not a loopback "
+            "address, so anyone who reaches the port could read its values or inject their "
+            "own.\n\nPass auth=HMACAuth(secret) with the same secret of at least 16 bytes "
+            "(e.g. os.urandom(32)) in every process, or auth=CurveAuth.generate().")
+    # NOTE: any local process can connect to a loopback port; this secret reaches only the
+    # processes the endpoints are pickled to.
+    return HMACAuth(os.urandom(32)) if auth is None else auth
+
+
+def _too_big(ep: SocketChannel, size: int, limit: int) -> ValueError:
+    return ValueError(
+        f"cannot write a value of {size} bytes to {ep!r}: its readers accept at most "
+        f"{limit} bytes (max_message_bytes), so they would drop the connection.\n\n"
+        "Pass a larger max_message_bytes= to SocketChannel, or send the value in parts.")
+
+
 class SocketChannel(Channel):
     """A channel over TCP: its endpoints may live in any process, on any host that reaches it.
 
@@ -73,10 +105,14 @@ class SocketChannel(Channel):
         capacity: How many values a reader may be behind before ``write`` blocks.
         host: The address the writer listens on and the readers connect to.
         port: The TCP port; 0 picks a free one now, so endpoints can be pickled at once.
-        auth: ``HMACAuth(secret)`` or ``CurveAuth.generate()``; required off loopback.
+        auth: ``HMACAuth(secret)`` or ``CurveAuth.generate()``; required off loopback. None on
+            loopback: a random HMAC secret of this channel's own, pickled with its endpoints.
+        max_message_bytes: The biggest encoded value (payload bytes) ``write`` sends and a reader
+            accepts; a peer announcing more is dropped before anything is allocated for it.
+            Default ``MAX_MESSAGE_BYTES`` (1 GiB).
 
     Raises:
-        ValueError: a bad count or port, or a non-loopback ``host`` without ``auth``.
+        ValueError: a bad count, port or size, or a non-loopback ``host`` without ``auth``.
 
     Endpoints open lazily: the writer binds on its first use, a reader connects on its first.
     Call ``close()`` before a process exits so that the values it wrote leave first.
@@ -85,22 +121,20 @@ class SocketChannel(Channel):
     kind = "socket"
 
     def __init__(self, n_readers: int = 1, capacity: int = 8, *, host: str = "127.0.0.1",
-                 port: int = 0, auth: HMACAuth | CurveAuth | None = None) -> None:
+                 port: int = 0, auth: HMACAuth | CurveAuth | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         if not isinstance(n_readers, int) or n_readers < 1:
             raise ValueError(f"n_readers must be >= 1, not {n_readers}")
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be 0 (pick a free one) to 65535, not {port!r}")
-        if auth is not None and not isinstance(auth, (HMACAuth, CurveAuth)):
-            raise TypeError(f"auth must be None, HMACAuth or CurveAuth, not {type(auth).__name__}")
-        if auth is None and not is_loopback(host):
-            raise ValueError(
-                f"a socket channel on host {host!r} needs authentication: that is not a loopback "
-                "address, so anyone who reaches the port could read its values or inject their "
-                "own.\n\nPass auth=HMACAuth(secret) with the same secret of at least 16 bytes "
-                "(e.g. os.urandom(32)) in every process, or auth=CurveAuth.generate().")
-        cfg = _Config(host, port or _free_port(host), n_readers, capacity, auth, os.urandom(16))
+        if not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2 ** 63:
+            raise ValueError(f"max_message_bytes must be a positive number of bytes, "
+                             f"not {max_message_bytes!r}")
+        auth = _checked_auth(auth, host)
+        cfg = _Config(host, port or _free_port(host), n_readers, capacity, auth, os.urandom(16),
+                      max_message_bytes)
         self._attach(cfg, None)
 
     def _attach(self, cfg: _Config, role: int | None) -> None:
@@ -133,6 +167,8 @@ class SocketChannel(Channel):
         self._check_role("writer")
         limit = timeout_ns(timeout_s)
         enc = encode(value)
+        if enc.size > self._cfg.max_message_bytes:
+            raise _too_big(self, enc.size, self._cfg.max_message_bytes)
         (self._io or self._open()).write(self, enc, limit, timeout_s)
 
     def read(self, timeout_s: float | None = None) -> Any:
@@ -199,7 +235,8 @@ class SocketChannel(Channel):
         return {"kind": self.kind, "role": self.role, "n_readers": self._cfg.n_readers,
                 "capacity": self._cfg.capacity, "closed": self.closed,
                 "bytes": io.nbytes if io else 0, "spills": 0,
-                "values": io.values if io else 0, "waits": io.waits if io else 0}
+                "values": io.values if io else 0, "waits": io.waits if io else 0,
+                "refused": io.refused if io else 0}
 
     def __reduce__(self) -> Any:
         return _endpoint, (self._cfg, self.role)

@@ -1,6 +1,7 @@
 """Authentication for the socket channel: the ``HMACAuth`` and ``CurveAuth`` settings a user passes,
 the per-channel HMAC signer, the ZAP verdict that admits only the readers' CURVE key, and
-``is_loopback``, which decides whether a host may go without authentication.
+``is_loopback``, which decides whether a channel may make its own HMAC secret (its endpoints then
+carry it) or needs one from the user.
 """
 
 from __future__ import annotations

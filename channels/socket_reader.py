@@ -18,7 +18,7 @@ from .codec import decode, read_header
 from .socket_wire import (
     _CLOSE, _CREDIT, _CREDIT_MSG, _DATA, _DATA_FIRST, _DISCONNECTED, _EVENT, _FAILED, _FLUSH_S,
     _HELLO, _HELLO_MSG, _IN, _LAST, _LINKED, _MORE, _NOTHING, _Config, _context, _drain_wakes, _log,
-    _ms, _poke, _signer, _socket, _tell_writer, _wake_pair, _zrecv, _zsend,
+    _ms, _poke, _Refusals, _signer, _socket, _tell_writer, _wake_pair, _zrecv, _zsend,
 )
 
 # ------------------------------------------------------------------------------- a reader
@@ -43,6 +43,7 @@ class _ReaderIO:
         self.warned = False
         self.values = self.waits = self.nbytes = 0
         self.signer = _signer(cfg)
+        self.refusals = _Refusals(f"reader {index} of socket channel {cfg.endpoint}")
         self.wake_r, self.wake_w = _wake_pair()
         self.dealer = self.monitor = None
         try:
@@ -120,7 +121,9 @@ class _ReaderIO:
         tag, aux, size, scalar = read_header(first, 1)
         payload: Any = b""
         mac = None
-        try:        # a message arrives whole: the frames its header promises are here already
+        # NOTE: a message arrives whole, so the frames a writer's header promises are here; one
+        # cut short (not the writer's) may take the next message's frames, and fails its HMAC.
+        try:
             if size:        # the value keeps the frame: zero-copy, and writable like shm's copies
                 payload = memoryview(_zrecv(dealer, _LAST, False))
             if self.signer is not None:
@@ -150,9 +153,12 @@ class _ReaderIO:
     def _malformed(self, what: str) -> Any:
         while self.dealer.rcvmore:
             _zrecv(self.dealer)
-        _log.error("reader %d of socket channel %s dropped %s", self.index, self.cfg.endpoint,
-                   what)
+        self.refusals.refuse(what)
         return _NOTHING
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.count
 
     def _recv_queued(self) -> Any:
         while zmq_poll(self.dealer_ready, 0):
@@ -236,6 +242,7 @@ class _ReaderIO:
             self.dealer.close(linger=0)
         self.wake_r.close()
         self.wake_w.close()
+        self.refusals.close()
 
 
 class _Monitors:
@@ -316,7 +323,7 @@ class _Leftover:
     """A reader first used after the close: it reads the values queued for it, then closed."""
 
     closed = True
-    values = waits = nbytes = 0
+    values = waits = nbytes = refused = 0
 
     def __init__(self, messages: list[tuple[bytes, Any, bytes | None]], reason: str | None):
         self.messages = collections.deque(messages)

@@ -1,6 +1,7 @@
 """The socket channel's shared low level: its message kinds, wire constants and ``_Config``, the
 zmq plumbing both ends use (contexts, configured sockets, wake-up pairs, telling a writer of a
-close), and the per-process registry of each channel's endpoints (``_Local``).
+close), the rate-limited log of refused peers and messages (``_Refusals``), and the per-process
+registry of each channel's endpoints (``_Local``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ _FLUSH_S = 0.5              # a closing endpoint waits at most this long for its
 _LATE_S = 0.15              # a closing writer waits this long for readers that never connected
 _PROBE_GAPS_S = (0.002, 0.01, 0.03, 0.1, 0.3, 0.6)     # probes after a disconnect: 1 s in all
 _CONTROL_MAX_BYTES = 4096   # a bigger message to the writer drops the peer that sent it
-_LOG_REFUSALS = 20          # a writer logs its first refusals, then every 1000th
+MAX_MESSAGE_BYTES = 1 << 30     # default cap on a value's payload: a bigger frame drops its peer
+_REFUSAL_BURST = 5          # an end logs this many refusals at once, then one per _REFUSAL_LOG_S
+_REFUSAL_LOG_S = 1.0
 
 _DISCONNECTED, _LINKED, _AUTH_FAILED = int(zmq.EVENT_DISCONNECTED), \
     int(zmq.EVENT_HANDSHAKE_SUCCEEDED), int(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -58,8 +61,9 @@ class _Config:
     port: int
     n_readers: int
     capacity: int
-    auth: HMACAuth | CurveAuth | None
+    auth: HMACAuth | CurveAuth      # never None: a loopback channel makes its own HMAC secret
     cid: bytes      # random per channel: ties hellos and HMAC keys to this one channel
+    max_message_bytes: int = MAX_MESSAGE_BYTES      # the biggest payload a reader accepts
 
     @property
     def endpoint(self) -> str:
@@ -114,6 +118,8 @@ def _socket(ctx: zmq.Context, kind: int, cfg: _Config) -> zmq.Socket:
             sock.curve_secretkey = auth.server_secret
     else:
         sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
+        # libzmq drops a peer that announces a bigger frame, before allocating room for it
+        sock.setsockopt(zmq.MAXMSGSIZE, max(cfg.max_message_bytes, _CONTROL_MAX_BYTES))
         if isinstance(auth, CurveAuth):
             sock.curve_serverkey = auth.server_public
             sock.curve_publickey = auth.client_public
@@ -149,8 +155,6 @@ def _ms(deadline: float) -> int:
     return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
 
-
-
 def _close_body(reason: str | None) -> bytes:
     return bytes([_CLOSE]) + (reason or "").encode("utf-8", "replace")[:_CONTROL_MAX_BYTES // 2]
 
@@ -167,6 +171,78 @@ def _tell_writer(cfg: _Config, reason: str | None) -> None:
             _zsend(sock, signer.sign(body), _LAST)
     finally:
         sock.close(linger=int(_FLUSH_S * 1000))     # the shared I/O thread sends it meanwhile
+
+
+# ------------------------------------------------------------------------------- refusals
+
+class _Refusals:
+    """Counts what one end of a channel refused, and logs it without letting a flood fill the log.
+
+    ``_REFUSAL_BURST`` lines may come at once, then one per ``_REFUSAL_LOG_S``. A refusal not
+    logged is counted, and the next line says how many there were: the next refusal's line, a
+    timer's once the flood pauses, or close()'s, so every refusal is reported.
+    """
+
+    __slots__ = ("count", "lock", "stamp", "timer", "tokens", "unlogged", "who")
+
+    def __init__(self, who: str) -> None:
+        self.who = who                      # e.g. "socket channel tcp://127.0.0.1:5555"
+        self.lock = threading.Lock()        # the timer thread reports too
+        self.count = 0                      # every refusal, logged or not
+        self.unlogged = 0                   # refusals since the last line
+        self.tokens, self.stamp = float(_REFUSAL_BURST), time.monotonic()
+        self.timer: threading.Timer | None = None
+
+    def refuse(self, what: str) -> None:
+        with self.lock:
+            self.count += 1
+            if self._may_log():
+                _log.error("%s refused %s (%d refused so far%s)", self.who, what, self.count,
+                           f"; {self.unlogged} more since the last report" if self.unlogged
+                           else "")
+                self.unlogged = 0
+            else:
+                self.unlogged += 1
+                self._report_later()
+
+    def close(self) -> None:
+        """Report what is not logged yet, now."""
+        with self.lock:
+            timer, self.timer = self.timer, None
+            self._report()
+        if timer is not None:
+            timer.cancel()
+
+    def _may_log(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(_REFUSAL_BURST, self.tokens + (now - self.stamp) / _REFUSAL_LOG_S)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def _report_later(self) -> None:
+        if self.timer is None:
+            self.timer = threading.Timer(_REFUSAL_LOG_S, self._on_timer)
+            self.timer.name, self.timer.daemon = "headrace-socket-refusals", True
+            self.timer.start()
+
+    def _on_timer(self) -> None:
+        with self.lock:
+            self.timer = None
+            if not self.unlogged:
+                return
+            if self._may_log():
+                self._report()
+            else:                           # lines of a flood still going took the tokens
+                self._report_later()
+
+    def _report(self) -> None:
+        if self.unlogged:
+            _log.error("%s refused %d more since the last report (%d refused so far)",
+                       self.who, self.unlogged, self.count)
+            self.unlogged = 0
 
 
 # ----------------------------------------------------------------- per process, the channel

@@ -21,9 +21,9 @@ from .socket_auth import CurveAuth, _zap_reply
 from .socket_reader import _ReaderIO
 from .socket_wire import (
     _AUTH_FAILED, _CLOSE, _COPY_MAX, _CREDIT, _CREDIT_MSG, _DATA, _DATA_FIRST, _DISCONNECTED,
-    _EVENT, _FAILED, _FLUSH_S, _HELLO, _HELLO_MSG, _IN, _LAST, _LATE_S, _LOG_REFUSALS, _MORE,
-    _PROBE, _PROBE_GAPS_S, _close_body, _Config, _context, _drain_wakes, _log, _ms, _poke, _signer,
-    _socket, _wake_pair, _zrecv, _zsend,
+    _EVENT, _FAILED, _FLUSH_S, _HELLO, _HELLO_MSG, _IN, _LAST, _LATE_S, _MORE, _PROBE,
+    _PROBE_GAPS_S, _close_body, _Config, _context, _drain_wakes, _log, _ms, _poke, _Refusals,
+    _signer, _socket, _wake_pair, _zrecv, _zsend,
 )
 
 
@@ -63,7 +63,7 @@ class _WriterIO:
         self.released = False
         self.quit = False
         self.bg_wants = False               # the watcher waits for the lock: poke it after use
-        self.refused = 0
+        self.refusals = _Refusals(f"socket channel {cfg.endpoint}")
         self.values = self.waits = self.nbytes = 0
         self.signer = _signer(cfg)
         self.hdr = bytearray(_DATA_FIRST)
@@ -289,10 +289,11 @@ class _WriterIO:
         return f"reader {index} disconnected from {self.cfg.endpoint} (its process may have died)"
 
     def _refuse(self, what: str) -> None:
-        self.refused += 1
-        if self.refused <= _LOG_REFUSALS or self.refused % 1000 == 0:
-            _log.error("socket channel %s refused %s (%d refused so far)", self.cfg.endpoint,
-                       what, self.refused)
+        self.refusals.refuse(what)
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.count
 
     # ---------------------------------------------------------------------- the watcher
 
@@ -393,6 +394,7 @@ class _WriterIO:
             self.ctx.term()
         for sock in (self.wake_r, self.wake_w, self.bg_r, self.bg_w):
             sock.close()
+        self.refusals.close()
 
 
 _ON_MESSAGE = {_HELLO: _WriterIO._on_hello, _CREDIT: _WriterIO._on_credit,

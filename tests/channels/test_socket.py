@@ -6,6 +6,8 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from headrace.channels.codec import HEADER_BYTES, encode
 from headrace.channels.inproc import InProcChannel
 from headrace.channels.socket import CurveAuth, HMACAuth, SocketChannel
+from headrace.channels.socket_wire import _CREDIT, _CREDIT_MSG, _close_body
 from headrace.exceptions import ChannelClosedError, ChannelTimeoutError
 
 from .peers import error_when_killed, in_thread
@@ -93,6 +97,38 @@ def socket_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("headrace-socket")]
 
 
+def stranger(endpoint: str) -> zmq.Socket:
+    """A local process's DEALER: it reached the port, but it has no endpoint and so no key."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDTIMEO, 5000)
+    sock.connect(endpoint)
+    return sock
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def zmtp_router_handshake(conn: socket.socket) -> None:
+    """Speak ZMTP 3.0 as a ROUTER with the NULL mechanism, as a writer's socket would."""
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + bytes(32)
+    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER"
+    conn.sendall(greeting + bytes([0x04, len(ready)]) + ready)
+
+
+def stream_zeros(conn: socket.socket, limit: int) -> int:
+    """Send up to ``limit`` zero bytes; how many the peer took before it hung up."""
+    sent, chunk = 0, bytes(1 << 20)
+    try:
+        while sent < limit:
+            conn.sendall(chunk)
+            sent += len(chunk)
+    except OSError:                 # reset or broken pipe: the peer hung up
+        pass
+    return sent
+
+
 # -------------------------------------------------------------------------------- the tests
 
 def test_round_trip_between_two_threads_in_order(channels: Callable[..., SocketChannel]) -> None:
@@ -103,8 +139,8 @@ def test_round_trip_between_two_threads_in_order(channels: Callable[..., SocketC
     thread.join(10)
     assert "error" not in out
     stats = r.statistics()
-    assert stats.keys() == InProcChannel().statistics().keys()
-    assert stats["values"] == 3000 and stats["bytes"] > 0 and w.statistics()["waits"] > 0
+    assert stats.keys() == InProcChannel().statistics().keys() | {"refused"}
+    assert stats["refused"] == 0 and stats["values"] == 3000 and stats["bytes"] > 0 and w.statistics()["waits"] > 0
 
 
 def test_a_large_array_arrives_without_a_copy(channels: Callable[..., SocketChannel]) -> None:
@@ -324,3 +360,113 @@ def test_no_thread_outlives_the_close() -> None:
     assert wait_for(lambda: not socket_threads(), 2.0), socket_threads()
     with pytest.raises(ChannelClosedError):
         w.write(2, timeout_s=1)
+
+
+# ----------------------------------------- strangers: every channel authenticates, sizes are capped
+
+def test_a_loopback_channel_without_auth_makes_a_secret_its_endpoints_carry() -> None:
+    one, two = SocketChannel(1, 2), SocketChannel(1, 2)
+    reader = pickle.loads(pickle.dumps(one.reader(0)))
+    assert isinstance(reader._cfg.auth, HMACAuth) and len(reader._cfg.auth.secret) == 32
+    assert reader._cfg.auth.secret == one._cfg.auth.secret != two._cfg.auth.secret
+    one.close()
+    two.close()
+
+
+def test_a_strangers_close_on_loopback_does_not_end_the_pair(
+        channels: Callable[..., SocketChannel], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger=LOGGER)
+    ch = channels(1, 4)                                     # loopback, no auth given
+    w, r = ch.writer(), ch.reader(0)
+    w.write("before", timeout_s=5)
+    assert r.read(timeout_s=5) == "before"
+    rogue = stranger(ch.endpoint)
+    rogue.send(_close_body("a stranger says stop"))         # a CLOSE as _tell_writer sends it
+    rogue.close(linger=1000)                                # its hang-up wakes the writer
+    assert wait_for(lambda: len(refusals(caplog, "missing or wrong HMAC")) == 1)
+    for i in range(10):                                     # more than the window
+        w.write(i, timeout_s=5)
+        assert r.read(timeout_s=5) == i
+    assert not ch.closed and w.statistics()["refused"] == 1
+
+
+def test_a_strangers_close_to_a_reader_is_refused(
+        channels: Callable[..., SocketChannel], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger=LOGGER)
+    ch = channels(1, 4)
+    squatter = zmq.Context.instance().socket(zmq.ROUTER)   # took the port before the writer
+    squatter.setsockopt(zmq.LINGER, 0)
+    squatter.bind(ch.endpoint)
+    try:
+        r = ch.reader(0)
+        with pytest.raises(ChannelTimeoutError):
+            r.read(timeout_s=0)                             # connects and says hello
+        assert squatter.poll(5000)
+        rid = squatter.recv_multipart()[0]
+        cut_short = bytearray(b"D" + bytes(HEADER_BYTES))   # promises 100 bytes, sends none
+        encode(b"x" * 100).pack_header(cut_short, 1)
+        squatter.send_multipart([rid, cut_short])
+        squatter.send_multipart([rid, _close_body("a stranger says stop")])
+        with pytest.raises(ChannelTimeoutError):            # not ChannelClosedError
+            r.read(timeout_s=0.3)
+        assert r.statistics()["refused"] >= 1 and not r.closed
+        assert refusals(caplog, "reader 0 of socket channel")
+    finally:
+        squatter.close()
+
+
+def test_a_reader_hangs_up_on_a_peer_announcing_2_gb_before_allocating_it(
+        channels: Callable[..., SocketChannel]) -> None:
+    ch = channels(1, 2)                                     # the default cap: 1 GiB
+    with socket.create_server(("127.0.0.1", ch.port)) as fake:     # a fake writer
+        fake.settimeout(5)
+        r = ch.reader(0)
+        with pytest.raises(ChannelTimeoutError):
+            r.read(timeout_s=0)                             # connects to the fake
+        conn, _ = fake.accept()
+        with conn:
+            conn.settimeout(5)
+            zmtp_router_handshake(conn)
+            before = rss_bytes()
+            conn.sendall(b"\x02" + struct.pack(">Q", 2 << 30))    # one frame of 2 GiB
+            sent = stream_zeros(conn, 256 << 20)
+            grown = rss_bytes() - before
+    assert sent < 64 << 20, f"the reader took {sent >> 20} MiB of a frame over its cap"
+    assert grown < 50 << 20, f"the reader grew by {grown >> 20} MiB"
+
+
+def test_a_value_over_max_message_bytes_fails_alone(
+        channels: Callable[..., SocketChannel]) -> None:
+    ch = channels(1, 2, max_message_bytes=1024)
+    w, r = ch.writer(), ch.reader(0)
+    with pytest.raises(ValueError, match=r"^cannot write a value of 2048 bytes to <SocketChannel "
+                                         r"writer.*: its readers accept at most 1024 bytes "
+                                         r"\(max_message_bytes\), .*\n\nPass a larger"):
+        w.write(b"x" * 2048, timeout_s=5)
+    w.write(b"y" * 1024, timeout_s=5)
+    assert r.read(timeout_s=5) == b"y" * 1024
+    with pytest.raises(ValueError, match="^max_message_bytes must be a positive number"):
+        SocketChannel(max_message_bytes=0)
+
+
+def test_a_flood_of_forged_frames_logs_a_few_lines_and_counts_them_all(
+        channels: Callable[..., SocketChannel], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger=LOGGER)
+    ch = channels(1, 4)
+    w, r = ch.writer(), ch.reader(0)
+    w.write("before", timeout_s=5)
+    assert r.read(timeout_s=5) == "before"
+    rogue = stranger(ch.endpoint)
+    for count in range(1000):                               # credits, as a key-less reader's
+        rogue.send(_CREDIT_MSG.pack(_CREDIT, 0, count))
+    rogue.close(linger=1000)
+    for i in range(10):                                     # the writer serves them meanwhile
+        w.write(i, timeout_s=5)
+        assert r.read(timeout_s=5) == i
+    assert wait_for(lambda: w.statistics()["refused"] == 1000)
+    assert wait_for(lambda: "1000 refused so far" in refusals(caplog, "refused")[-1], 3.0)
+    lines = refusals(caplog, "refused")
+    assert len(lines) <= 6, lines
+    assert lines[-1].endswith(f"refused {1000 - len(lines) + 1} more since the last report "
+                              "(1000 refused so far)"), lines[-1]
+    assert not ch.closed
