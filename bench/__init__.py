@@ -12,6 +12,7 @@ SUITES: dict[str, str] = {
     "runtime": "bench.runtime",
     "channels": "bench.channels",
     "compiled": "bench.compiled",
+    "soak": "bench.soak",
 }
 
 __all__ = ["SUITES"]

@@ -207,15 +207,20 @@ _LEGEND = ("Ratios below 1.0 in the `headrace / impl` column mean headrace is fa
 def write_results(suite: str, records: Sequence[Record], host: dict[str, object],
                   targets: Sequence[Target], *, quick: bool,
                   table: Callable[[Sequence[Record]], list[str]] = case_table,
-                  legend: str | None = None) -> Path:
+                  legend: str | None = None, extra: dict[str, object] | None = None) -> Path:
     """Write ``<suite>.json``, ``<suite>.host.json`` and ``<suite>.md``; return the .md path.
 
     ``table`` turns the records of one case into its Markdown lines (default: ``case_table``);
-    ``legend`` replaces the sentence that explains its ratio columns.
+    ``legend`` replaces the sentence that explains its ratio columns. ``extra`` (JSON-able data
+    that is no Record, e.g. the soak's sampled curve) makes ``<suite>.json`` an object,
+    ``{"records": [...], **extra}``, instead of the list of records (``latest.json`` keeps
+    records and targets only).
     """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in records]
     (RESULTS_DIR / f"{suite}.json").write_text(
-        json.dumps([asdict(r) for r in records], indent=1) + "\n", encoding="utf-8")
+        json.dumps({"records": rows, **extra} if extra else rows, indent=1) + "\n",
+        encoding="utf-8")
     (RESULTS_DIR / f"{suite}.host.json").write_text(
         json.dumps({**host, "quick": quick}, indent=1) + "\n", encoding="utf-8")
     versions = ", ".join(f"{k} {v}" for k, v in host["versions"].items() if v)  # type: ignore
