@@ -7,8 +7,8 @@ Re-exports only; importing this module starts nothing and loads no compiled code
 
 from . import exceptions
 from .exceptions import (ActorDiedError, ChannelClosedError, DAGCompileError, GetTimeoutError,
-                         HeadraceError, ObjectLostError, PipelineFullError, TaskCancelledError,
-                         TaskError, WorkerCrashedError)
+                         HeadraceError, ObjectLostError, PipelineFullError, SubmitTimeoutError,
+                         TaskCancelledError, TaskError, WorkerCrashedError)
 from .runtime.api import (cancel, gather, get, get_actor, init, is_initialized, kill, put,
                           shutdown, wait)
 from .dag import InputNode, MultiOutputNode
@@ -23,7 +23,7 @@ __all__ = [
     "ActorClass", "ActorDiedError", "ActorHandle", "ChannelClosedError", "CompiledDAG",
     "CompiledDAGFuture", "CompiledDAGRef", "DAGCompileError", "InputNode", "MultiOutputNode",
     "GetTimeoutError", "HeadraceError", "ObjectLostError", "ObjectRef", "PipelineFullError",
-    "Ref", "RemoteFunction", "TaskCancelledError", "TaskError", "WorkerCrashedError", "cancel",
+    "Ref", "RemoteFunction", "SubmitTimeoutError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "cancel",
     "exceptions", "gather", "get", "get_actor", "init", "is_initialized", "kill", "method", "put",
     "remote", "shutdown", "wait",
 ]

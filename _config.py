@@ -23,6 +23,9 @@ ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
 
 #: How long shutdown() waits for children to exit on their own before SIGKILL.
 SHUTDOWN_GRACE_S = 0.3
+#: A timeout this long or longer (inf included) means "no deadline": about 31 years, far below
+#: what threading, futex timespecs and int64 nanoseconds overflow at.
+FOREVER_S = 1e9
 
 #: Spin window (µs) of compiled-DAG channels with sync="auto": a waiter spins (yielding its core
 #: now and then) this long before it sleeps in the kernel. Long enough to cover the hops of a

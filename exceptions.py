@@ -170,6 +170,21 @@ class ChannelTimeoutError(HeadraceError, TimeoutError):
     """A channel ``read``/``write`` did not complete within its ``timeout_s``."""
 
 
+class SubmitTimeoutError(ChannelTimeoutError, GetTimeoutError):
+    """``execute()`` made no progress for ``submit_timeout_s``: a stage holds the pipeline.
+
+    The message names the stage(s) (process, pid, whether the OS reports them stopped) and the
+    setting to change; nothing was submitted, and the DAG works again once the stage moves.
+    """
+
+
+class ValueDecodeError(HeadraceError):
+    """A channel took a value off its ring but could not rebuild it (``__cause__`` says why).
+
+    The value is consumed: the next read returns the next value, so nothing shifts.
+    """
+
+
 class WouldBlock(HeadraceError):
     """A ``*_nowait`` call would have had to wait."""
 
@@ -189,6 +204,7 @@ class RefsTypeError(TypeError, ValueError):
 __all__ = [
     "ActorDiedError", "ChannelClosedError", "DAGCompileError", "GetTimeoutError",
     "HeadraceError", "InternalError", "ObjectLostError", "PipelineFullError", "RefsTypeError",
-    "RemoteTraceback", "TaskCancelledError", "TaskError", "WorkerCrashedError", "WouldBlock",
+    "RemoteTraceback", "SubmitTimeoutError", "TaskCancelledError", "TaskError", "ValueDecodeError",
+    "WorkerCrashedError", "WouldBlock",
     "make_task_error",
 ]

@@ -296,8 +296,8 @@ def read_wait(h, m64, st, reader, budget):
     """Reader: wait for the next value and read its header:
     ``(rc, tag, aux, size, bits, area)`` (``area``: its payload area; not for spills).
 
-    A header-only value is consumed here (the op is complete); any other value stays until
-    ``read_commit``.
+    The value stays until ``read_commit``, header-only values too: a Python signal handler that
+    raises as this returns (a signal that came while we slept) then leaves the value unread.
     """
     seq = st[ST_SEQ]
     rc = _wait_adapt(h, st, WRITE_SEQ, seq, False, RD_NOTIFY, RD_WAITERS, budget)
@@ -309,8 +309,6 @@ def read_wait(h, m64, st, reader, budget):
     bits = m64.view(np.int64)[idx + 2]
     area = m64.view(np.int64)[idx + _AREA]
     tag = head & np.uint64(0xFFFFFFFF)
-    if tag <= _SCALAR_MAX_TAG:          # read everything above before giving the slot back
-        read_commit(h, st, reader, False, 0)
     return 1, np.int64(tag), np.int64(head >> np.uint64(32)), size, bits, area
 
 

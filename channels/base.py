@@ -17,23 +17,27 @@ Invariants:
 from __future__ import annotations
 
 import abc
-import math
+import numbers
 from typing import Any
 
+from .._config import FOREVER_S
 from ..exceptions import ChannelClosedError, ChannelTimeoutError
 
 WRITER = -1     # the role of a writer endpoint; readers have their index (0..n_readers-1)
 
 
 def timeout_ns(timeout_s: float | None) -> int:
-    """Nanoseconds to wait for ``timeout_s`` (``None``: -1, for ever); negative is an error."""
+    """Nanoseconds to wait for ``timeout_s`` (``None``, inf or >= ``FOREVER_S``: -1, for ever);
+    negative is an error."""
     if timeout_s is None:
         return -1
-    if not isinstance(timeout_s, (int, float)) or math.isnan(timeout_s):
+    kind = type(timeout_s)
+    if (kind is not float and kind is not int and (
+            kind is bool or not isinstance(timeout_s, numbers.Real))) or timeout_s != timeout_s:
         raise TypeError(f"timeout_s must be a number of seconds or None, not {timeout_s!r}")
     if timeout_s < 0:
         raise ValueError(f"timeout_s must be >= 0 (or None to wait for ever), not {timeout_s}")
-    return int(timeout_s * 1e9)
+    return -1 if timeout_s >= FOREVER_S else int(timeout_s * 1e9)
 
 
 class Channel(abc.ABC):
@@ -69,6 +73,16 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Close the channel for every endpoint, waking blocked peers (idempotent)."""
+
+    def progress(self) -> tuple[int, tuple[int, ...]] | None:
+        """``(values written, values each reader consumed)``, both counted modulo 2**32, where
+        the channel can tell from any process; None where it cannot."""
+        return None
+
+    def abandon(self) -> None:
+        """``close()`` for good: values no reader took yet are dropped and their memory freed
+        now (a torn-down DAG will never read them). Values already read stay valid."""
+        self.close()
 
     @abc.abstractmethod
     def mark_broken(self, reason: str) -> None:

@@ -20,7 +20,7 @@ import struct
 import traceback
 from typing import Any
 
-from ..exceptions import RemoteTraceback
+from ..exceptions import RemoteTraceback, ValueDecodeError
 from . import serialization
 
 #: The frame header: tag, aux (a count or flag), payload bytes, a 64-bit scalar; padded to 64.
@@ -198,34 +198,39 @@ def _write_arrow(value: Any, tag: int, buf: memoryview) -> None:
 def decode(tag: int, aux: int, scalar: int, payload: Any) -> Any:
     """Rebuild a value from its header fields and payload (any buffer; used without a copy).
 
-    ``scalar`` is as ``read_header`` returns it (a float for ``T_FLOAT``).
+    ``scalar`` is as ``read_header`` returns it (a float for ``T_FLOAT``). Channels call it only
+    after the value is taken off the ring, so any failure is a ``ValueDecodeError`` (the value is
+    consumed; the next read gets the next one), never mistaken for a failure to take it.
     """
-    if tag == T_INT or tag == T_FLOAT:
-        return scalar
-    if tag == T_NONE:
-        return None
-    if tag == T_TRUE:
-        return True
-    if tag == T_FALSE:
-        return False
-    if tag == T_BYTES:
-        return bytes(payload)
-    if tag == T_STR:
-        return bytes(payload).decode("utf-8", "surrogatepass")
-    if tag == T_NDARRAY:
-        return _decode_ndarray(payload, aux)
-    if tag == T_PICKLE:
-        return _decode_pickle(payload, aux)
-    if tag == T_EXCEPTION:
-        exc, text = _decode_pickle(payload, aux)
-        if text and exc.__cause__ is None:
-            exc.__cause__ = RemoteTraceback(text)
-        return exc
-    if tag in (T_ARROW_TABLE, T_ARROW_BATCH, T_ARROW_ARRAY):
-        return _decode_arrow(payload, tag)
-    if tag == T_BIGINT:
-        return int(bytes(payload))
-    raise ValueError(f"corrupt channel frame: unknown tag {tag}")
+    try:
+        if tag == T_INT or tag == T_FLOAT:
+            return scalar
+        if tag == T_NONE:
+            return None
+        if tag == T_TRUE:
+            return True
+        if tag == T_FALSE:
+            return False
+        if tag == T_BYTES:
+            return bytes(payload)
+        if tag == T_STR:
+            return bytes(payload).decode("utf-8", "surrogatepass")
+        if tag == T_NDARRAY:
+            return _decode_ndarray(payload, aux)
+        if tag == T_PICKLE:
+            return _decode_pickle(payload, aux)
+        if tag == T_EXCEPTION:
+            exc, text = _decode_pickle(payload, aux)
+            if text and exc.__cause__ is None:
+                exc.__cause__ = RemoteTraceback(text)
+            return exc
+        if tag in (T_ARROW_TABLE, T_ARROW_BATCH, T_ARROW_ARRAY):
+            return _decode_arrow(payload, tag)
+        if tag == T_BIGINT:
+            return int(bytes(payload))
+        raise ValueError(f"corrupt channel frame: unknown tag {tag}")
+    except Exception as exc:     # noqa: BLE001 - whatever unpickling raises
+        raise ValueDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def read_header(buf: Any, offset: int = 0) -> tuple[int, int, int, int | float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import time
 import weakref
 from typing import Any
 
@@ -154,7 +155,11 @@ def unlink_owned(owner_pid: int) -> int:
 
 
 def sweep_dead_owners() -> list[str]:
-    """Unlink the segments whose owner process no longer exists; returns their names."""
+    """Unlink the segments whose owner process is gone; returns their names.
+
+    Gone: no such pid, a zombie, or a pid reused by a process that started after the segment
+    was last changed (so it cannot be the owner, which made the segment while running).
+    """
     removed = []
     try:
         names = os.listdir(SHM_DIR)
@@ -164,14 +169,43 @@ def sweep_dead_owners() -> list[str]:
         parts = name.split("-")
         if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
             continue
-        if not is_alive(int(parts[1])):
+        try:
+            changed = os.stat(os.path.join(SHM_DIR, name)).st_ctime
+        except FileNotFoundError:
+            continue
+        if not is_alive(int(parts[1]), since=changed):
             _unlink(name)
             removed.append(name)
     return removed
 
 
-def is_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (zombies count as alive)."""
+#: Slack when comparing a process's start time with a file time (clock ticks, clock skew).
+_START_SLACK_S = 0.5
+
+
+def is_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` is running (a zombie is not); with ``since`` (a wall-clock time),
+    also whether it started before then, i.e. it is not a newer process that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:                     # no /proc to read: ask the kernel
+        return _exists(pid)
+    if fields[0] in (b"Z", b"X"):
+        return False
+    if since is None:
+        return True
+    started = _boot_wall_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return started <= since + _START_SLACK_S
+
+
+def _boot_wall_time() -> float:
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -85,13 +85,7 @@ def warm_up() -> None:
 def _pid_gone(pid: int) -> bool:
     if pid == 0 or pid == os.getpid():
         return False
-    if not is_alive(pid):
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"     # a zombie is dead too
-    except (FileNotFoundError, IndexError):
-        return True
+    return not is_alive(pid)               # a zombie is gone too
 
 
 class _Pin:
@@ -288,12 +282,12 @@ class ShmChannel(Channel):
         rc, tag, aux, size, bits, area = self._run("read_wait",
                                              (h, self._m64, self._st, self.role), budget,
                                              timeout_s, "read")
-        if tag == T_INT:
-            return bits
-        if tag <= T_FLOAT:              # header-only values were consumed by read_wait
-            return None if tag == T_NONE else True if tag == T_TRUE else False \
-                if tag == T_FALSE else _FLOAT.unpack(_BITS.pack(bits))[0]
         commit = self._ops["read_commit"]
+        if tag <= T_FLOAT:              # header-only: everything is in the locals already
+            commit(h, self._st, self.role, False, 0)
+            return bits if tag == T_INT else None if tag == T_NONE else True \
+                if tag == T_TRUE else False if tag == T_FALSE else \
+                _FLOAT.unpack(_BITS.pack(bits))[0]
         if tag == T_SPILL:
             off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
             name = bytes(self._mv[off + HEADER.size:off + HEADER.size + size]).decode()
@@ -402,6 +396,11 @@ class ShmChannel(Channel):
     def reader_is_active(self) -> bool:
         return bool(nat.load(self._h, nat.READING))
 
+    def progress(self) -> tuple[int, tuple[int, ...]]:
+        h = self._h
+        return int(h[nat.WRITE_SEQ]), tuple(int(h[nat.READER_SEQ + 16 * i])
+                                            for i in range(self._n_readers))
+
     def backlog(self) -> int:
         """Values written that the slowest reader has not consumed yet."""
         h = self._h
@@ -412,6 +411,11 @@ class ShmChannel(Channel):
     # closing -----------------------------------------------------------------------------
     def close(self) -> None:
         self._shut(1, None)
+
+    def abandon(self) -> None:
+        self._shut(1, None)
+        for entry in list(self._spills):    # unread spills too; readers' mappings stay valid
+            self._drop_spill(entry)
 
     def mark_broken(self, reason: str) -> None:
         self._shut(2, reason)

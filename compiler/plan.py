@@ -97,7 +97,7 @@ class PlanOptions:
 
     max_inflight_executions: int = 10
     buffer_size_bytes: int = 1 << 20
-    submit_timeout_s: float = 10.0
+    submit_timeout_s: float | None = 10.0      # None: execute() may wait for ever (Ray: 10 s)
     max_buffered_results: int | None = None     # None: as many as memory allows
     channel: str = "auto"
     sync: str = "auto"

@@ -90,7 +90,7 @@ def _only_nodes(value: Any) -> bool:
 
 
 _OPTION_TYPES: dict[str, Any] = {
-    "max_inflight_executions": int, "buffer_size_bytes": int, "submit_timeout_s": (int, float),
+    "max_inflight_executions": int, "buffer_size_bytes": int, "submit_timeout_s": (int, float, type(None)),
     "max_buffered_results": (int, type(None)), "channel": str, "sync": str, "profile": (bool, str),
 }
 _CHOICES = {"channel": ("auto", "shm", "socket"), "sync": ("auto", "spin", "block")}
@@ -118,7 +118,7 @@ def check_options(options: dict[str, Any]) -> PlanOptions:
                          f"{opts.max_inflight_executions}")
     if opts.buffer_size_bytes < 64:
         raise ValueError(f"buffer_size_bytes must be >= 64, got {opts.buffer_size_bytes}")
-    if not opts.submit_timeout_s >= 0:      # NaN too
+    if opts.submit_timeout_s is not None and not opts.submit_timeout_s >= 0:      # NaN too
         raise ValueError(f"submit_timeout_s must be >= 0, got {opts.submit_timeout_s}")
     if opts.max_buffered_results is not None and opts.max_buffered_results < 0:
         raise ValueError(f"max_buffered_results must be >= 0 or None, got "

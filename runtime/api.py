@@ -18,9 +18,9 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..exceptions import GetTimeoutError, RefsTypeError
+from ..exceptions import RefsTypeError
 from .deadline import Deadline, check_timeout
-from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_message
+from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_error
 
 _LOCK = threading.RLock()
 _RUNTIME: Any = None
@@ -185,7 +185,7 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     if single:
         ref = items[0]
         if not ref._wait(deadline):
-            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+            raise _timeout_error(deadline, 1, 1)
         return ref._outcome()
     _wait_all(items, deadline)
     return [ref._outcome() for ref in items]
@@ -210,7 +210,7 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
                 return
             if deadline.remaining_s() == 0:
                 still = sum(r._state is RefState.PENDING for r in items)
-                raise GetTimeoutError(_timeout_message(deadline, still, len(items)))
+                raise _timeout_error(deadline, still, len(items))
             wait_event(event, pending, deadline)
             event.clear()
     finally:
@@ -297,7 +297,7 @@ def gather(obj: Any, *, errors: str = "raise", timeout: float | None = None,
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
-    check_timeout(timeout)
+    timeout = check_timeout(timeout)            # inf (or decades) becomes None: no deadline
     if asynchronous:
         return _gather_async(obj, errors, timeout)
     if isinstance(obj, queue.Queue):
@@ -318,7 +318,7 @@ def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
     for ref in refs:
         if not ref._wait(deadline):
             pending = sum(not r.done() for r in refs)
-            raise GetTimeoutError(_timeout_message(deadline, pending, len(refs)))
+            raise _timeout_error(deadline, pending, len(refs))
 
 
 def _collect(obj: Any) -> Iterator[Ref]:
@@ -391,7 +391,7 @@ async def _gather_async(obj: Any, errors: str, timeout: float | None) -> Any:
         for task in not_done:
             task.cancel()
         if not_done:
-            raise GetTimeoutError(_timeout_message(Deadline(timeout), len(not_done), len(refs)))
+            raise _timeout_error(Deadline(timeout), len(not_done), len(refs))
     return _rebuild(obj, errors)
 
 

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import threading
@@ -31,7 +32,8 @@ from ..compiler.plan import DRIVER, ChannelKind, Plan
 from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
 from ..dag.nodes import DAGNode
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
-                          PipelineFullError, make_task_error)
+                          PipelineFullError, SubmitTimeoutError, ValueDecodeError,
+                          make_task_error)
 from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
 from .compiled_values import FunctionHost, OpFailure, PackedArgs
 from .deadline import Deadline
@@ -45,6 +47,8 @@ START_TIMEOUT_S = 120.0
 _SLICE_S = 0.05
 #: After a channel broke on its own, how long to wait for the runtime to say which process died.
 _DEATH_REPORT_S = 1.0
+#: stats() reports the latency of this many latest executions.
+_LATENCY_SAMPLES = 16_384
 
 
 class CompiledDAG:
@@ -79,7 +83,10 @@ class CompiledDAG:
         self._partial: dict[int, Any] = {}      # outputs of execution _fetched read so far
         self._pending: dict[int, list[weakref.ref]] = {}
         self._started: dict[int, int] = {}      # execution -> perf_counter_ns at submit
-        self._latency_ns: deque[int] = deque(maxlen=100_000)
+        # the latest _LATENCY_SAMPLES latencies, a ring of fixed size: a long run's memory stays
+        # flat (a deque of ints grew the driver by ~4 MB over its first 100,000 executions)
+        self._latency_ns = array.array("q", bytes(8 * _LATENCY_SAMPLES))
+        self._latencies = 0
         self._unread: deque[list[weakref.ref]] = deque()
         self._error: BaseException | None = None
         self._closed = False
@@ -156,10 +163,12 @@ class CompiledDAG:
     def _write_input(self, args: tuple, kwargs: dict) -> None:
         try:       # one positional argument travels as itself (the codec's fast paths apply)
             self._input.write(args[0] if len(args) == 1 and not kwargs
-                              else PackedArgs(args, kwargs))
+                              else PackedArgs(args, kwargs), self.plan.options.submit_timeout_s)
+        except ChannelTimeoutError:
+            raise self._stall_error(self._submitted, "the input ring stayed full") from None
         except TypeError as exc:
-            raise TypeError(f"an argument of execute() cannot be sent to the DAG: {exc}") \
-                from exc
+            from .core import _bad_argument
+            raise TypeError(_bad_argument(args, kwargs, "execute()", None, exc)) from exc
         except ChannelClosedError:
             raise self._closed_error() from None
 
@@ -197,9 +206,24 @@ class CompiledDAG:
                         "max_buffered_results.")
                 time.sleep(0.001)
                 continue
-            self.wait_for(None, Deadline(None), lambda: e - self._fetched < self._max_inflight)
+            self.wait_for(None, deadline, lambda: e - self._fetched < self._max_inflight)
             if self._error is not None or self._closed:
                 raise self._closed_error()
+            if e - self._fetched >= self._max_inflight and deadline.expired():
+                raise self._stall_error(e, "the pipeline stayed full")
+
+    def _stall_error(self, e: int, what: str) -> SubmitTimeoutError:
+        """No progress for ``submit_timeout_s``: name the stages that hold the pipeline."""
+        from .stalls import describe_stall
+        opts = self.plan.options
+        return SubmitTimeoutError(
+            f"execute() could not submit execution {e}: {what} ({e - self._fetched} "
+            f"executions in flight, max_inflight_executions={self._max_inflight}) for "
+            f"{opts.submit_timeout_s:g} s (submit_timeout_s) without progress. Holding it:\n"
+            f"{describe_stall(self.plan, self._channels, self._actors)}\n\n"
+            "Nothing was submitted; the DAG works again once the stage moves on. If it is just "
+            "slow, compile with a larger submit_timeout_s (None waits for ever); if it is "
+            "stuck, see where with `py-spy dump --pid <pid>`.")
 
     def _count_unread(self) -> int:
         with self._cond:        # readers on other threads append to it
@@ -265,8 +289,10 @@ class CompiledDAG:
             except ChannelClosedError as exc:
                 self._on_broken(str(exc))
                 return False
-            except Exception as exc:        # noqa: BLE001 - read, but could not be rebuilt
-                partial[c] = _ReadFailure(c, exc)   # that output's error; the order holds
+            except ValueDecodeError as exc:     # taken, but could not be rebuilt
+                partial[c] = _ReadFailure(c, exc.__cause__ or exc)  # its error; order holds
+            # NOTE: any other error left the value on the ring: it propagates, and neither
+            # ``partial`` nor ``_fetched`` moved, so the next read takes that same value
         self._partial = {}
         if start:
             self._recorder.add(_READ_OUTPUTS, e, start, time.monotonic_ns())
@@ -274,7 +300,9 @@ class CompiledDAG:
         self._fetched = e + 1
         started = self._started.pop(e, None)
         if started is not None:
-            self._latency_ns.append(time.perf_counter_ns() - started)
+            self._latency_ns[self._latencies % _LATENCY_SAMPLES] = \
+                time.perf_counter_ns() - started
+            self._latencies += 1
         if self.plan.options.max_buffered_results is not None:
             with self._cond:
                 self._unread.append(refs)
@@ -376,6 +404,8 @@ class CompiledDAG:
             self._closed = True
         for ch in self._channels.values():
             ch.close()
+        if self._input is not None:     # its spills of executions no loop will read
+            self._input.abandon()
         self._fail_pending(self._closed_error())
         self._rt.dags.discard(self)
         try:
@@ -408,7 +438,7 @@ class CompiledDAG:
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Executions, latency (submit to outputs read, in µs) and per-channel statistics."""
-        lat = sorted(self._latency_ns)
+        lat = sorted(self._latency_ns[:min(self._latencies, _LATENCY_SAMPLES)])
 
         def q(p: float) -> float | None:
             return lat[min(len(lat) - 1, int(p * len(lat)))] / 1e3 if lat else None

@@ -343,9 +343,11 @@ class Runtime:
         elif actor.init_error is not None:
             text = f"its __init__ raised " \
                    f"{actor.init_error.traceback_str.rstrip().splitlines()[-1]}"
+        hint = "Create a new actor." if actor.killed else (
+            "Fix the error in __init__ (its remote traceback is this error's __cause__), then "
+            "create the actor again.") if actor.init_error is not None else _death_hint(sig, code)
         err = ActorDiedError(
-            f"actor {actor.name or actor.label!r} (pid {proc.pid}) died: {text}.\n\n"
-            f"{_death_hint(sig, code) if not actor.killed else 'Create a new actor.'}",
+            f"actor {actor.name or actor.label!r} (pid {proc.pid}) died: {text}.\n\n{hint}",
             actor_name=actor.name or actor.label, pid=proc.pid, exit_code=code, signal=sig)
         if actor.init_error is not None:
             err.__cause__ = actor.init_error

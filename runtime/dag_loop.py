@@ -23,7 +23,7 @@ import cloudpickle
 
 from ..compiler.plan import Plan, StepKind, TaskSpec
 from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value
-from ..exceptions import ChannelClosedError
+from ..exceptions import ChannelClosedError, ValueDecodeError
 from .compiled_values import OpFailure, PackedArgs
 from .worker import error_info
 
@@ -140,10 +140,8 @@ def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | No
                 if code == _READ:
                     try:
                         value = step[1]()
-                    except ChannelClosedError:
-                        raise
-                    except Exception as exc:    # noqa: BLE001 - read, but not rebuilt
-                        value = _read_failure(step[3], exc)
+                    except ValueDecodeError as exc:     # taken, but not rebuilt
+                        value = _read_failure(step[3], exc.__cause__ or exc)
                     if step[2] < 0:
                         arguments = value
                     else:
@@ -159,8 +157,8 @@ def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | No
     except BaseException:                   # noqa: BLE001 - a bug: say so, then stop
         log.exception("the compiled DAG loop stopped")
     finally:
-        for end in ends.values():
-            end.close()
+        for end in ends.values():   # the DAG is over: what nobody read is freed now
+            end.abandon()
         if done is not None:
             try:
                 done()

@@ -8,24 +8,26 @@ is an argument, so tests drive it by hand (``FakeClock``).
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Callable
+
+from .._config import FOREVER_S
 
 Clock = Callable[[], float]
 
 
 def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
-    """Validate a user's timeout: None or a real number >= 0."""
+    """Validate a user's timeout: None or a real number >= 0; inf (or >= ``FOREVER_S``, about
+    31 years) means no deadline and becomes None, so no wait overflows."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"{name} must be None or a number of seconds, "
                         f"got {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
+    if timeout != timeout or timeout < 0:           # NaN; isnan() overflows on huge ints
         raise ValueError(f"{name} must be None or >= 0, got {timeout}")
-    return float(timeout)
+    return None if timeout >= FOREVER_S else float(timeout)
 
 
 class Deadline:

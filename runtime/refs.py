@@ -252,14 +252,14 @@ class Ref:
         """
         deadline = Deadline(_pick_timeout(timeout, timeout_s))
         if not self._wait(deadline):
-            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+            raise _timeout_error(deadline, 1, 1)
         return self._outcome()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error the ref ended with, or None if it has a value; waits like ``result``."""
         deadline = Deadline(check_timeout(timeout))
         if not self._wait(deadline):
-            raise GetTimeoutError(_timeout_message(deadline, 1, 1))
+            raise _timeout_error(deadline, 1, 1)
         if self._state is RefState.READY:
             try:
                 self._outcome()
@@ -362,9 +362,13 @@ def _pick_timeout(timeout: float | None, timeout_s: float | None) -> float | Non
                          "timeout" if timeout_s is None else "timeout_s")
 
 
-def _timeout_message(deadline: Deadline, pending: int, total: int) -> str:
-    return (f"get timed out after {deadline.timeout_s:g} s: {pending} of {total} "
-            f"ref{'s' if total != 1 else ''} still pending")
+def _timeout_error(deadline: Deadline, pending: int, total: int) -> BaseException:
+    """The error of a wait that gave up: its deadline passed (never one without a deadline)."""
+    if deadline.timeout_s is None:
+        return InternalError(f"a wait without a deadline gave up with {pending} of {total} "
+                             "refs pending; this is a bug in headrace, please report it")
+    return GetTimeoutError(f"get timed out after {deadline.timeout_s:g} s: {pending} of "
+                           f"{total} ref{'s' if total != 1 else ''} still pending")
 
 
 def _format_local(exc: BaseException) -> str:
@@ -396,19 +400,21 @@ class ObjectRef(Ref):
         self._task = None        # NOTE: TaskRecord.refs points back here: break the cycle
 
     def _wait(self, deadline: Deadline) -> bool:
-        if self._state is not RefState.PENDING:
-            return True
-        rt = self._runtime
-        if rt is None or rt.inbox.closed:
-            return super()._wait(deadline)
-        task = self._task
-        proc = task.proc if task is not None else None
-        if proc is not None and proc.lane is not None and \
-                threading.get_ident() != rt.inbox.io_ident:
-            done = proc.lane.wait_until(self.done, deadline)    # the actor's result ring
-            if done is not None:
-                return done
-        return rt.inbox.wait_until(self.done, deadline)   # read the reply on this thread
+        while self._state is RefState.PENDING:
+            rt = self._runtime
+            if rt is None or rt.inbox.closed:   # shutdown finishes every pending ref
+                return super()._wait(deadline)
+            task = self._task
+            proc = task.proc if task is not None else None
+            if proc is not None and proc.lane is not None and \
+                    threading.get_ident() != rt.inbox.io_ident:
+                done = proc.lane.wait_until(self.done, deadline)    # the actor's result ring
+                if done is not None:
+                    return done
+            # read the reply on this thread; it gives up early only if the inbox closed
+            if rt.inbox.wait_until(self.done, deadline) or deadline.remaining_s() == 0:
+                return self._state is not RefState.PENDING
+        return True
 
     def _decode(self, payload: Any) -> Any:
         return payload.decode()

@@ -20,6 +20,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
+from ..channels.segments import is_alive, unlink_owned
 from . import protocol
 from .output import install_prefixed_output
 from ..exceptions import ChannelClosedError
@@ -123,6 +125,8 @@ class Worker:
 
     def _exit(self, code: int) -> None:
         """Flush replies (bounded by the linger time), then end the process at once."""
+        if not is_alive(self.spec.driver_pid):
+            _clean_up_after(self.spec)
         sys.stdout.flush()
         sys.stderr.flush()
         stop = self.ctx.socket(zmq.PUSH)
@@ -305,7 +309,16 @@ class Worker:
                     self._cancel(header[1])
             if (driver_fd is not None and driver_fd in events) or \
                     os.getppid() != self.spec.driver_pid:
+                _clean_up_after(self.spec)
                 os._exit(1)                   # the driver is gone: nobody wants our results
+
+
+def _clean_up_after(spec: WorkerSpec) -> None:
+    """The driver died without shutting down: do what its shutdown would have done (every
+    child does it, so one that is stuck in user code does not keep the session's memory)."""
+    unlink_owned(spec.driver_pid)       # its puts, channels and spills, and our results
+    unlink_owned(os.getpid())           # our own spills
+    shutil.rmtree(spec.session_dir, ignore_errors=True)
 
 
 def _pidfd(pid: int) -> int | None:

@@ -1,0 +1,205 @@
+"""The crash catalogue: each fault, for an ordinary actor call and for a compiled 3-actor chain,
+with a ``get(timeout=None)`` pending. Each case checks the error type, that it came within its
+bound, what still works afterwards, and (here and in no_leaks) that no process or segment is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import headrace as hr
+
+from .targets import TARGETS, Pending, Stage, Target, wait_gone
+
+pytestmark = [pytest.mark.usefixtures("runtime"), pytest.mark.deadline_s(60)]
+
+#: A death, teardown or shutdown reaches a pending get within this (DESIGN 2.2: < 1 s).
+DEATH_BOUND_S = 1.0
+
+
+@hr.remote
+def echo(x: Any) -> Any:
+    return x
+
+
+@pytest.fixture(params=sorted(TARGETS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make(kind: str) -> Iterator[Callable[..., Target]]:
+    made: list[Target] = []
+
+    def build(**options: Any) -> Target:
+        made.append(TARGETS[kind](**options))
+        return made[-1]
+    yield build
+    for target in made:
+        target.close()
+
+
+def runtime_works() -> bool:
+    return hr.get(echo.remote(7), timeout=10) == 7
+
+
+def test_user_exception_is_that_calls_error_and_the_next_value_is_right(make) -> None:
+    t = make()
+    bad, good = t.submit(("raise", 1)), t.submit(5)
+    out, _ = Pending(bad).result(10)
+    assert isinstance(out, hr.TaskError) and isinstance(out, ValueError)
+    assert "bad input [1]" in str(out)
+    assert hr.get(good, timeout=10) == t.expected(5)
+    assert hr.get(t.submit(6), timeout=10) == t.expected(6)
+
+
+def test_unpicklable_argument_is_refused_at_submit_and_nothing_shifts(make, kind) -> None:
+    t = make()
+    where = r"execute\(\)" if kind == "chain" else r"Stage\.run\.remote\(\)"
+    with pytest.raises(TypeError, match=rf"argument 0 of {where} cannot be serialized: lock|"
+                                        rf"argument 'x' \(position 0\) of {where} cannot be "
+                                        "serialized: lock"):
+        t.submit(threading.Lock())
+    assert hr.get(t.submit(1), timeout=10) == t.expected(1)
+
+
+def test_unpicklable_result_is_that_calls_error_and_the_next_value_is_right(make) -> None:
+    t = make()
+    out, _ = Pending(t.submit(("lock",))).result(10)
+    assert isinstance(out, hr.TaskError) and isinstance(out, TypeError)
+    assert "serialize" in str(out)
+    assert hr.get(t.submit(2), timeout=10) == t.expected(2)
+
+
+def test_os_exit_fails_the_pending_get_with_actor_died(make) -> None:
+    t = make()
+    pid = t.mid_pid()
+    start = time.monotonic()
+    out, at = Pending(t.submit(("exit",))).result(10)
+    assert isinstance(out, hr.ActorDiedError), out
+    assert "exited with code 3" in str(out) and str(pid) in str(out)
+    assert at - start < DEATH_BOUND_S + 0.5          # the call itself runs first
+    assert wait_gone(pid) and t.survivors_work() and runtime_works()
+
+
+def test_sigkill_mid_call_fails_the_pending_get_within_the_bound(make) -> None:
+    t = make()
+    pid = t.mid_pid()
+    pending = Pending(t.submit(("sleep", 30, 1)))
+    time.sleep(0.3)                                  # the call is running now
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    out, at = pending.result(10)
+    assert isinstance(out, hr.ActorDiedError) and "SIGKILL" in str(out), out
+    assert at - killed < DEATH_BOUND_S
+    assert wait_gone(pid) and t.survivors_work() and runtime_works()
+
+
+def test_sigstop_meets_a_deadline_and_everything_resumes_on_sigcont(make, kind) -> None:
+    t = make(submit_timeout_s=1.0, max_inflight_executions=2) if kind == "chain" else make()
+    pid = t.mid_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        refs = [t.submit(0)]
+        stopped = time.monotonic()
+        if kind == "chain":         # execute() meets submit_timeout_s, naming the stopped stage
+            with pytest.raises(hr.SubmitTimeoutError) as info:
+                for i in range(1, 10):
+                    refs.append(t.submit(i))
+            assert isinstance(info.value, TimeoutError)
+            assert f"pid {pid}" in str(info.value) and "stopped by a signal" in str(info.value)
+            assert "submit_timeout_s" in str(info.value)
+        else:                       # get meets its own timeout
+            with pytest.raises(hr.GetTimeoutError):
+                hr.get(refs[0], timeout=1.0)
+        assert 0.9 < time.monotonic() - stopped < 3.0
+        pending = Pending(refs[0])
+        time.sleep(0.3)
+        assert pending.is_waiting()                  # timeout=None keeps waiting, as documented
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert pending.result(10)[0] == t.expected(0)
+    assert hr.get(refs, timeout=10) == [t.expected(i) for i in range(len(refs))]
+    assert hr.get(t.submit(100), timeout=10) == t.expected(100)
+
+
+def test_exception_in_init_names_init_not_os_exit(make, kind) -> None:
+    if kind == "chain":
+        with pytest.raises(hr.ActorDiedError) as info:
+            make(fail_init=True)
+        error = info.value
+    else:
+        error, _ = Pending(make(fail_init=True).submit(1)).result(30)
+    assert isinstance(error, hr.ActorDiedError), error
+    assert "its __init__ raised ValueError: the mid stage cannot start" in str(error)
+    assert "os._exit" not in str(error) and "Fix the error in __init__" in str(error)
+    assert runtime_works()
+
+
+def test_actor_killed_between_executions_fails_the_next_one(make) -> None:
+    t = make()
+    assert hr.get(t.submit(1), timeout=10) == t.expected(1)
+    pid = t.mid_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    start = time.monotonic()
+    with pytest.raises(hr.ActorDiedError):
+        hr.get(t.submit(2), timeout=10)
+    assert time.monotonic() - start < DEATH_BOUND_S + 0.5
+    assert t.survivors_work() and runtime_works()
+
+
+def test_end_from_another_thread_during_load_fails_every_caller_and_no_value_is_wrong(
+        make, kind) -> None:
+    """Chain: teardown() from another thread; call: hr.kill() of the actor from another thread."""
+    t = make()
+    wrong: list[tuple[int, Any]] = []
+    errors: list[BaseException] = []
+
+    def load(base: int) -> None:
+        for i in range(base, base + 100_000):
+            try:
+                value = hr.get(t.submit(i))
+            except hr.HeadraceError as exc:
+                errors.append(exc)
+                return
+            if value != t.expected(i):
+                wrong.append((i, value))
+    threads = [threading.Thread(target=load, args=(k * 1_000_000,)) for k in range(3)]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)
+    ended = time.monotonic()
+    end = t.compiled.teardown if kind == "chain" else (lambda: hr.kill(t.mid))
+    threading.Thread(target=end).start()
+    for th in threads:
+        th.join(10)
+    assert not any(th.is_alive() for th in threads)
+    assert time.monotonic() - ended < DEATH_BOUND_S + 0.5
+    assert wrong == []
+    expected = hr.ChannelClosedError if kind == "chain" else hr.ActorDiedError
+    assert len(errors) == 3 and all(isinstance(e, expected) for e in errors), errors
+    assert runtime_works()
+
+
+def test_shutdown_during_gets_ends_them_with_a_headrace_error(make, kind) -> None:
+    t = make()
+    pending = Pending(t.submit(("sleep", 30, 1)))
+    time.sleep(0.3)
+    start = time.monotonic()
+    hr.shutdown()
+    out, at = pending.result(10)
+    expected = hr.ChannelClosedError if kind == "chain" else hr.ObjectLostError
+    assert isinstance(out, expected), out
+    assert at - start < DEATH_BOUND_S + 0.5
+    hr.init(num_cpus=2)
+    assert runtime_works()
+    s = Stage.remote("mid")
+    assert hr.get(s.run.remote(1), timeout=30) == 2

@@ -1,0 +1,125 @@
+"""A driver killed with SIGKILL leaves nothing: its children see it die, remove every segment of
+the session (the driver's puts, channels and spills included) and exit, within 2 s, checked from
+outside. The sweep at the next ``hr.init()`` is the backstop: it treats zombies and reused pids as
+dead owners.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from headrace._config import SHM_PREFIX
+from headrace.channels.segments import SHM_DIR, is_alive, sweep_dead_owners
+
+pytestmark = pytest.mark.deadline_s(90)
+
+#: The victim: ordinary calls and a compiled 3-actor chain, each with a get(timeout=None)
+#: pending, puts, and a spilled 20 MB input; it prints its children's pids, then waits.
+_DRIVER = r"""
+import os, sys, threading, time
+import numpy as np
+import headrace as hr
+from headrace.dag import InputNode
+
+@hr.remote
+class Stage:
+    def run(self, x):
+        if isinstance(x, str):
+            time.sleep(60)
+        return x
+hr.init(num_cpus=2)
+stages = [Stage.remote() for _ in range(4)]
+puts = [hr.put(np.ones(1 << 20)) for _ in range(3)]
+with InputNode() as inp:
+    dag = stages[2].run.bind(stages[1].run.bind(stages[0].run.bind(inp)))
+compiled = dag.experimental_compile()
+assert hr.get(compiled.execute(np.ones(20 << 20, np.uint8))).nbytes == 20 << 20
+pending = [compiled.execute("stuck"), stages[3].run.remote("stuck")]
+for ref in pending:
+    threading.Thread(target=hr.get, args=(ref,), daemon=True).start()
+time.sleep(0.3)
+with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+    print(" ".join(f.read().split()), flush=True)
+time.sleep(120)
+"""
+
+
+def _segments_of(pids: list[int]) -> list[str]:
+    prefixes = tuple(f"{SHM_PREFIX}-{pid}-" for pid in pids)
+    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefixes))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if is_alive(pid)]
+
+
+def test_driver_sigkill_leaves_no_process_and_no_segment_after_two_seconds() -> None:
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER], stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline()
+        children = [int(p) for p in line.split()]
+        assert len(children) >= 6, f"the driver did not start its children: {line!r}"
+        session = [driver.pid, *children]
+        assert _segments_of(session), "the driver made no segments: the test tests nothing"
+        os.kill(driver.pid, signal.SIGKILL)    # not reaped yet: a zombie, as after a crash
+        killed = time.monotonic()
+        while (_alive(children) or _segments_of(session)) and time.monotonic() - killed < 2.0:
+            time.sleep(0.02)
+        assert _alive(children) == [], "children outlived the driver by 2 s"
+        assert _segments_of(session) == [], "segments outlived the driver by 2 s"
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def _zombie() -> int:
+    """A child that has exited and is not reaped: its pid still exists."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 5
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pid
+
+
+def _fake_segment(owner: int) -> str:
+    name = f"{SHM_PREFIX}-{owner}-{os.urandom(8).hex()}"
+    with open(os.path.join(SHM_DIR, name), "wb") as f:
+        f.write(b"x")
+    return name
+
+
+def test_sweep_treats_zombie_owners_as_dead() -> None:
+    pid = _zombie()
+    try:
+        assert os.path.exists(f"/proc/{pid}")       # the pid exists, as a zombie
+        name = _fake_segment(pid)
+        assert name in sweep_dead_owners()
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_process_started_after_a_segment_changed_is_not_its_owner() -> None:
+    before = time.time() - 5
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert is_alive(sleeper.pid)
+        assert is_alive(sleeper.pid, since=time.time())
+        assert not is_alive(sleeper.pid, since=before)   # the pid was reused since then
+        mine = _fake_segment(os.getpid())                # our own (running) segment stays
+        try:
+            assert mine not in sweep_dead_owners()
+            assert os.path.exists(os.path.join(SHM_DIR, mine))
+        finally:
+            os.unlink(os.path.join(SHM_DIR, mine))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
