@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 import headrace as hr
+from headrace.channels.segments import owned_segments
 
-from .targets import TARGETS, Pending, Stage, Target, wait_gone
+from .targets import TARGETS, Chain, Pending, Stage, Target, wait_gone
 
 pytestmark = [pytest.mark.usefixtures("runtime"), pytest.mark.deadline_s(60)]
 
@@ -67,6 +69,10 @@ def test_unpicklable_argument_is_refused_at_submit_and_nothing_shifts(make, kind
                                         rf"argument 'x' \(position 0\) of {where} cannot be "
                                         "serialized: lock"):
         t.submit(threading.Lock())
+    if kind == "chain":
+        with pytest.raises(TypeError, match=r"^keyword argument 'y' of execute\(\) cannot be "
+                                            "serialized: lock"):
+            t.compiled.execute(1, y=threading.Lock())
     assert hr.get(t.submit(1), timeout=10) == t.expected(1)
 
 
@@ -203,3 +209,21 @@ def test_shutdown_during_gets_ends_them_with_a_headrace_error(make, kind) -> Non
     assert runtime_works()
     s = Stage.remote("mid")
     assert hr.get(s.run.remote(1), timeout=30) == 2
+
+
+def test_teardown_frees_the_inputs_no_loop_read_at_once() -> None:
+    """Compiled DAGs only: a spilled input that no loop read (torn down first) is unlinked by
+    teardown itself, not when the CompiledDAG object is collected."""
+    t = Chain()
+    try:
+        pid = t.mid_pid()
+        os.kill(pid, signal.SIGSTOP)            # the chain holds still: nothing reads input 1
+        before = set(owned_segments(os.getpid()))
+        t.submit(np.ones(8 << 20, np.uint8))    # larger than a slot: a spill segment
+        spilled = set(owned_segments(os.getpid())) - before
+        assert spilled, "the input did not spill: the test tests nothing"
+        t.compiled.teardown()
+        assert set(owned_segments(os.getpid())) & spilled == set()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        t.close()
