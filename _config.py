@@ -36,3 +36,20 @@ DAG_SPIN_US = float(os.environ.get("HEADRACE_DAG_SPIN_US", "1000"))
 #: peers' processes itself. The runtime watches every process and breaks their channels at once
 #: on a death, so this is only a backstop; each wake of an idle thread costs ~0.2 ms of CPU.
 WATCHED_CHECK_S = 5.0
+
+
+def cache_dir() -> str:
+    """The per-user cache directory (numba's compiled ops, the compile lock): ``HEADRACE_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/headrace``, else ``~/.cache/headrace``; never inside the package."""
+    explicit = os.environ.get("HEADRACE_CACHE_DIR")
+    if explicit:
+        return os.path.abspath(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "headrace")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:                 # no writable home (a service account): a private temp dir
+        import tempfile
+        path = os.path.join(tempfile.gettempdir(), f"headrace-cache-{os.getuid()}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    return path

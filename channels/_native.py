@@ -18,15 +18,26 @@ non-zero. All four are sequentially consistent atomics, so one of the two always
 from __future__ import annotations
 
 import ctypes.util
+import os
 import platform
 
 import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.extending import intrinsic
 
+from .._config import cache_dir
+
 llvm.load_library_permanently(ctypes.util.find_library("c"))
+
+# NOTE: numba caches next to the source by default: inside the installed package, where a later
+# `pip install -e .` finds the leftover folder as a namespace package. Ours goes to the per-user
+# cache directory (decided when each @njit below is decorated); the user's own numba setting is
+# put back at the end of this module.
+_USER_CACHE_DIR = numba_config.CACHE_DIR
+numba_config.CACHE_DIR = os.path.join(cache_dir(), "numba")
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}[platform.machine()]
 #: Spins before a spinning waiter starts to yield its core between checks (a few µs).
@@ -431,3 +442,6 @@ def entry_points() -> dict[str, object]:
         fn(*args)
         out[name] = fn.overloads[fn.signatures[-1]].entry_point
     return out
+
+
+numba_config.CACHE_DIR = _USER_CACHE_DIR

@@ -37,6 +37,8 @@ def timeout_ns(timeout_s: float | None) -> int:
         raise TypeError(f"timeout_s must be a number of seconds or None, not {timeout_s!r}")
     if timeout_s < 0:
         raise ValueError(f"timeout_s must be >= 0 (or None to wait for ever), not {timeout_s}")
+    if kind is not float and kind is not int:   # numpy and other reals: a float, no overflow
+        timeout_s = timeout_s if isinstance(timeout_s, numbers.Integral) else float(timeout_s)
     return -1 if timeout_s >= FOREVER_S else int(timeout_s * 1e9)
 
 

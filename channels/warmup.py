@@ -18,9 +18,10 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
+
+from .._config import cache_dir
 
 #: The longest a process waits for another one's compile before compiling itself.
 LOCK_WAIT_S = 180.0
@@ -30,13 +31,16 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.py")
 
 def _key() -> str:
     st = os.stat(_SOURCE)
-    raw = (f"{_SOURCE}:{st.st_size}:{st.st_mtime_ns}:{sys.version_info[:2]}:"
-           f"{os.environ.get('NUMBA_CACHE_DIR', '')}").encode()
+    raw = f"{_SOURCE}:{st.st_size}:{st.st_mtime_ns}:{sys.version_info[:2]}".encode()
     return hashlib.sha1(raw).hexdigest()[:16]
 
 
 def _path(suffix: str) -> str:
-    return os.path.join(tempfile.gettempdir(), f"headrace-numba-{_key()}.{suffix}")
+    """The stamp or lock file of this install, next to numba's cache in the per-user cache
+    directory (wiping that directory wipes both)."""
+    folder = os.path.join(cache_dir(), "numba")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"ready-{_key()}.{suffix}")
 
 
 def is_ready() -> bool:

@@ -60,6 +60,9 @@ class Runtime:
         sweep_dead_owners()
         # after an install: compile the channels' numba ops in the background, once
         self.warmup = warmup.start()
+        if self.warmup is not None:     # reap it as soon as it is done: no zombie meanwhile
+            threading.Thread(target=self.warmup.wait, name="headrace-warmup-reaper",
+                             daemon=True).start()
         self.pid = os.getpid()
         self.num_cpus = num_cpus
         self.free_cpus: float = num_cpus
@@ -667,8 +670,8 @@ class Runtime:
         _reap(procs, _config.SHUTDOWN_GRACE_S)
         for proc in procs:
             unlink_owned(proc.popen.pid)
-        if self.warmup is not None:     # not done yet: the next process compiles instead
-            _kill(self.warmup)
+        if self.warmup is not None and self.warmup.poll() is None:
+            _kill(self.warmup)          # not done yet: the next process compiles instead
             self.warmup.wait(2.0)
         finishes: list[Finish] = []
         with self.lock:

@@ -25,9 +25,12 @@ def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"{name} must be None or a number of seconds, "
                         f"got {type(timeout).__name__}")
-    if timeout != timeout or timeout < 0:           # NaN; isnan() overflows on huge ints
+    # ints compare exactly (float() of a huge int overflows); other reals become a float first
+    # (comparing a numpy float16 with FOREVER_S would overflow in its own type)
+    value = timeout if isinstance(timeout, numbers.Integral) else float(timeout)
+    if value != value or value < 0:                 # NaN too
         raise ValueError(f"{name} must be None or >= 0, got {timeout}")
-    return None if timeout >= FOREVER_S else float(timeout)
+    return None if value >= FOREVER_S else float(value)
 
 
 class Deadline:

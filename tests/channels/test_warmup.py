@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from headrace._config import cache_dir
 from headrace.channels import warmup
 
 
 @pytest.fixture
 def fresh_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No ready stamp yet: stamps and locks go to a directory of the test's own (children too)."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    """No ready stamp yet: the cache directory is the test's own (children's too), holding a copy
+    of numba's compiled ops where there are some already (loading them is quicker)."""
+    cached = Path(cache_dir()) / "numba"
+    if cached.is_dir():
+        shutil.copytree(cached, tmp_path / "numba", ignore=shutil.ignore_patterns("ready-*"))
+    monkeypatch.setenv("HEADRACE_CACHE_DIR", str(tmp_path))
     return tmp_path
 
 
 def test_start_compiles_in_the_background_once_then_does_nothing(fresh_install: Path) -> None:
+    package = Path(warmup.__file__).parent
+    started = time.time()
     assert not warmup.is_ready()
     proc = warmup.start()
     assert proc is not None
     assert proc.wait(120) == 0
     assert warmup.is_ready()
     assert warmup.start() is None
+    assert list(fresh_install.rglob("*.nbi")), "numba's cache is not in the cache directory"
+    inside = [p for p in package.rglob("*.nb[ic]") if p.stat().st_mtime >= started - 1]
+    assert inside == [], f"numba wrote its cache inside the installed package: {inside}"
 
 
 def test_a_second_process_waits_for_the_compile_lock(fresh_install: Path) -> None:
