@@ -758,7 +758,8 @@ def _try_unpickle(blob: bytes | None) -> Any:
 def _death_reason(popen: subprocess.Popen) -> tuple[str, int | None, int | None]:
     try:
         code = popen.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:   # still tearing down (threads, big mappings): reap later
+        threading.Thread(target=popen.wait, name="headrace-reaper", daemon=True).start()
         return "it stopped responding", None, None
     if code < 0:
         sig = -code

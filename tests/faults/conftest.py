@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -33,4 +34,16 @@ def ends_clean() -> Iterator[None]:
             time.monotonic() < deadline:
         time.sleep(0.02)
     assert sorted(set(_orphaned_segments()) - before) == [], "segments of dead processes left"
-    assert _zombie_children() == [], "children that died were not reaped"
+    assert _zombie_children() == [], f"children that died were not reaped: {_describe()}"
+
+
+def _describe() -> str:
+    """What the runtime knows of each zombie child, and where its I/O thread (the reaper) is."""
+    import sys
+    import traceback
+    from headrace.runtime import api
+    rt = api._RUNTIME
+    known = {p.pid: (p.label, p.state.name) for p in rt.procs.values()} if rt else {}
+    io = next((t for t in threading.enumerate() if t.name == "headrace-io"), None)
+    stack = "".join(traceback.format_stack(sys._current_frames()[io.ident])) if io else "none"
+    return f"{[(pid, known.get(pid)) for pid in _zombie_children()]}; I/O thread:\n{stack}"
