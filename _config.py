@@ -49,7 +49,12 @@ def cache_dir() -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:                 # no writable home (a service account): a private temp dir
+        import stat
         import tempfile
         path = os.path.join(tempfile.gettempdir(), f"headrace-cache-{os.getuid()}")
         os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)       # numba loads pickles from it: it must be ours alone
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
+                info.st_mode & 0o077:
+            path = tempfile.mkdtemp(prefix="headrace-cache-")
     return path

@@ -76,6 +76,11 @@ class Channel(abc.ABC):
     def close(self) -> None:
         """Close the channel for every endpoint, waking blocked peers (idempotent)."""
 
+    def taken(self) -> int | None:
+        """Reader: how many values this endpoint has taken off the channel so far (a read that
+        raises may or may not have taken one: compare before and after); None if unknown."""
+        return None
+
     def progress(self) -> tuple[int, tuple[int, ...]] | None:
         """``(values written, values each reader consumed)``, both counted modulo 2**32, where
         the channel can tell from any process; None where it cannot."""

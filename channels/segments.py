@@ -1,9 +1,9 @@
 """POSIX shared-memory segments: create, open, unlink, and sweep the ones of dead owners.
 
 In: a size, or a name. Out: ``Segment`` (a mapped segment with a writable or read-only view).
-Invariants: names are ``headrace-<owner pid>-<hex id>``, never reused; only the owner unlinks
-(``Segment.unlink``, or its finalizer once the owning object is garbage-collected); a mapping
-stays valid after the name is unlinked, so zero-copy views outlive the name safely.
+Invariants: names are ``headrace-<owner pid>-t<owner start ticks>-<hex id>``, never reused; only
+the owner unlinks (``Segment.unlink``, or its finalizer once the owning object is garbage-collected);
+a mapping stays valid after the name is unlinked, so zero-copy views outlive the name safely.
 We use ``os.open('/dev/shm/...')`` + ``mmap`` rather than ``multiprocessing.shared_memory``,
 whose resource tracker unlinks segments when any process that opened them exits.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import time
 import weakref
 from typing import Any
 
@@ -23,8 +22,28 @@ SHM_DIR = "/dev/shm"
 
 
 def segment_name(owner_pid: int | None = None) -> str:
-    """A fresh, unique segment name carrying the owner pid."""
-    return f"{SHM_PREFIX}-{owner_pid or os.getpid()}-{secrets.token_hex(8)}"
+    """A fresh, unique segment name carrying the owner's pid and start time (clock ticks after
+    boot), so a sweep tells the owner from a later process that reuses its pid:
+    ``headrace-<pid>-t<ticks>-<id>`` (``headrace-<pid>-<id>`` where /proc cannot say)."""
+    pid = owner_pid or os.getpid()
+    ticks = _TICKS.get(pid)
+    if ticks is None:
+        ticks = _TICKS[pid] = start_ticks(pid)
+    stamp = "" if ticks is None else f"t{ticks}-"
+    return f"{SHM_PREFIX}-{pid}-{stamp}{secrets.token_hex(8)}"
+
+
+_TICKS: dict[int, int | None] = {}      # pid -> start ticks, for the owners we name segments after
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (None: no such process or no
+    /proc). Unlike wall-clock times, it does not move when the clock is set."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Segment:
@@ -157,8 +176,8 @@ def unlink_owned(owner_pid: int) -> int:
 def sweep_dead_owners() -> list[str]:
     """Unlink the segments whose owner process is gone; returns their names.
 
-    Gone: no such pid, a zombie, or a pid reused by a process that started after the segment
-    was last changed (so it cannot be the owner, which made the segment while running).
+    Gone: no such pid, a zombie, or a pid now used by a process that started at another time
+    than the one the name records (the owner died and its pid was reused).
     """
     removed = []
     try:
@@ -169,40 +188,27 @@ def sweep_dead_owners() -> list[str]:
         parts = name.split("-")
         if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
             continue
-        try:
-            changed = os.stat(os.path.join(SHM_DIR, name)).st_ctime
-        except FileNotFoundError:
-            continue
-        if not is_alive(int(parts[1]), since=changed):
+        ticks = int(parts[2][1:]) if parts[2][:1] == "t" and parts[2][1:].isdigit() else None
+        if not is_alive(int(parts[1]), started=ticks):
             _unlink(name)
             removed.append(name)
     return removed
 
 
-#: Slack when comparing a process's start time with a file time (clock ticks, clock skew).
-_START_SLACK_S = 0.5
-
-
-def is_alive(pid: int, since: float | None = None) -> bool:
-    """Whether process ``pid`` is running (a zombie is not); with ``since`` (a wall-clock time),
-    also whether it started before then, i.e. it is not a newer process that reuses the pid."""
+def is_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` is running (a zombie is not); with ``started`` (its start time in
+    ticks after boot, as ``start_ticks``), also whether it is that process, not a later one
+    that reuses the pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:                     # no /proc to read: ask the kernel
+    except FileNotFoundError:           # gone; or a /proc of another pid namespace: ask the
+        return _exists(pid)             # kernel, so a live owner is never taken for dead
+    except OSError:
         return _exists(pid)
     if fields[0] in (b"Z", b"X"):
         return False
-    if since is None:
-        return True
-    started = _boot_wall_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    return started <= since + _START_SLACK_S
-
-
-def _boot_wall_time() -> float:
-    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return started is None or int(fields[19]) == started
 
 
 def _exists(pid: int) -> bool:

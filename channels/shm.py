@@ -32,11 +32,13 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .._config import INLINE_MAX_BYTES
+from ..exceptions import ChannelClosedError, ValueDecodeError
 from . import _native as nat
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
 from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
@@ -86,6 +88,17 @@ def _pid_gone(pid: int) -> bool:
     if pid == 0 or pid == os.getpid():
         return False
     return not is_alive(pid)               # a zombie is gone too
+
+
+def _taken_value(rebuild: Callable[..., Any], *args: Any) -> Any:
+    """Rebuild a value already taken off the ring: any failure is a ValueDecodeError (the value
+    is consumed; the channel goes on), a closed spill a ChannelClosedError."""
+    try:
+        return rebuild(*args)
+    except (ValueDecodeError, ChannelClosedError):
+        raise
+    except Exception as exc:    # noqa: BLE001 - e.g. no memory or fds to map a spill
+        raise ValueDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class _Pin:
@@ -292,7 +305,7 @@ class ShmChannel(Channel):
             off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
             name = bytes(self._mv[off + HEADER.size:off + HEADER.size + size]).decode()
             commit(h, self._st, self.role, False, 0)
-            return self._read_spill(name)
+            return _taken_value(self._read_spill, name)
         start = self._slot0 + area * self._slot_size + HEADER_BYTES
         self._stats["bytes"] += size
         if tag == T_BYTES:              # bytes are always copied out: they own their memory
@@ -304,8 +317,8 @@ class ShmChannel(Channel):
             commit(h, self._st, self.role, False, area)
             return decode(tag, aux, bits, payload)
         commit(h, self._st, self.role, True, area)
-        return self._decode_pinned(tag, aux, bits, self._addr + start, size,
-                                   _Pin(h, h, nat.SLOTS + 16 * area + nat.VIEWS, self._seg))
+        return _taken_value(self._decode_pinned, tag, aux, bits, self._addr + start, size,
+                            _Pin(h, h, nat.SLOTS + 16 * area + nat.VIEWS, self._seg))
 
     def _read_spill(self, name: str) -> Any:
         cached = self._spill_cache
@@ -395,6 +408,9 @@ class ShmChannel(Channel):
 
     def reader_is_active(self) -> bool:
         return bool(nat.load(self._h, nat.READING))
+
+    def taken(self) -> int:
+        return int(self._st[nat.ST_VALUES])
 
     def progress(self) -> tuple[int, tuple[int, ...]]:
         h = self._h

@@ -176,6 +176,9 @@ class SocketChannel(Channel):
         limit = timeout_ns(timeout_s)
         return (self._io or self._open()).read(self, limit, timeout_s)
 
+    def taken(self) -> int:
+        return getattr(self._io, "consumed", 0) if self.role != WRITER else 0
+
     def _open(self) -> Any:
         """This process's I/O for our role, made on first use."""
         local = self._local

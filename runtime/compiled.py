@@ -282,6 +282,7 @@ class CompiledDAG:
         for c, reader in self._readers:
             if c in partial:
                 continue
+            taken = reader.taken()
             try:
                 partial[c] = reader.read(deadline.remaining_s())
             except ChannelTimeoutError:
@@ -291,8 +292,12 @@ class CompiledDAG:
                 return False
             except ValueDecodeError as exc:     # taken, but could not be rebuilt
                 partial[c] = _ReadFailure(c, exc.__cause__ or exc)  # its error; order holds
-            # NOTE: any other error left the value on the ring: it propagates, and neither
-            # ``partial`` nor ``_fetched`` moved, so the next read takes that same value
+            except BaseException as exc:        # e.g. Ctrl-C, or a signal handler's error
+                # NOTE: it propagates, and nothing else moves: a value left on the ring is read
+                # next time; one taken off it is this output's error, so nothing shifts
+                if reader.taken() != taken:
+                    partial[c] = _ReadFailure(c, exc)
+                raise
         self._partial = {}
         if start:
             self._recorder.add(_READ_OUTPUTS, e, start, time.monotonic_ns())
@@ -405,7 +410,14 @@ class CompiledDAG:
         for ch in self._channels.values():
             ch.close()
         if self._input is not None:     # its spills of executions no loop will read
-            self._input.abandon()
+            # NOTE: not while execute() is making a spill on another thread (it wakes at once:
+            # the channel is closed); abandon it anyway if that takes more than a second
+            locked = self._submit_lock.acquire(timeout=1.0)
+            try:
+                self._input.abandon()
+            finally:
+                if locked:
+                    self._submit_lock.release()
         self._fail_pending(self._closed_error())
         self._rt.dags.discard(self)
         try:

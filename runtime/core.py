@@ -758,8 +758,8 @@ def _try_unpickle(blob: bytes | None) -> Any:
 def _death_reason(popen: subprocess.Popen) -> tuple[str, int | None, int | None]:
     try:
         code = popen.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:   # still tearing down (threads, big mappings): reap later
-        threading.Thread(target=popen.wait, name="headrace-reaper", daemon=True).start()
+    except subprocess.TimeoutExpired:   # still tearing down (threads, big mappings)
+        _reap_later(popen)
         return "it stopped responding", None, None
     if code < 0:
         sig = -code
@@ -825,7 +825,13 @@ def _reap(procs: list[Proc], grace_s: float) -> None:
         try:
             proc.popen.wait(2.0)
         except subprocess.TimeoutExpired:
-            pass
+            _reap_later(proc.popen)
+
+
+def _reap_later(popen: subprocess.Popen) -> None:
+    """A killed child still dying (threads, big mappings on a loaded host): a daemon thread
+    reaps it, so it never stays a zombie."""
+    threading.Thread(target=popen.wait, name="headrace-reaper", daemon=True).start()
 
 
 def _close_fd(fd: int) -> None:

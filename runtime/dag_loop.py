@@ -189,6 +189,6 @@ def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) 
 def _write(write: Callable[[Any], None], value: Any, task: TaskSpec) -> None:
     try:
         write(value)
-    except TypeError as exc:                # the value does not pickle: its error goes instead
+    except (TypeError, ValueError) as exc:  # it does not pickle, or is too big for the channel
         write(OpFailure(task.name, task.site, error_info(
             exc, task.name, os.getpid(), prefix=f"could not serialize the value of {task.name}: ")))

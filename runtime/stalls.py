@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compiler.plan import DRIVER, Plan, StepKind
+from ..compiler.plan import Plan, StepKind
 
 _MASK = 0xFFFFFFFF
 _STATES = {
@@ -42,9 +42,11 @@ def is_stopped(pid: int | None) -> bool:
 
 def describe_stall(plan: Plan, channels: dict[int, Any], records: dict[str, Any]) -> str:
     """One line per stage that holds the pipeline (every stage if none can be singled out)."""
-    done_in: dict[str, int] = {}       # per process: executions whose inputs it consumed
-    done_out: dict[str, int] = {}      # per process: executions whose outputs it wrote
-    waiting: dict[str, bool] = {}      # per process: input written that it has not consumed
+    # NOTE: a process's first input and first output stand for all of them (it takes and
+    # writes one value per channel per execution); counters wrap, so only differences count
+    took: dict[str, int] = {}          # per process: values taken off its first input
+    wrote: dict[str, int] = {}         # per process: values written to its first output
+    waiting: dict[str, bool] = {}      # per process: every input has a value it has not taken
     unknown = False
     for spec in plan.channels:
         ch = channels.get(spec.id)
@@ -53,17 +55,14 @@ def describe_stall(plan: Plan, channels: dict[int, Any], records: dict[str, Any]
             unknown = True
             continue
         written, consumed = counts
-        if spec.writer != DRIVER:
-            done_out[spec.writer] = min(done_out.get(spec.writer, written), written)
+        wrote.setdefault(spec.writer, written)
         for key, seq in zip(spec.readers, consumed, strict=True):
-            if key == DRIVER:
-                continue
-            done_in[key] = min(done_in.get(key, seq), seq)
-            waiting[key] = waiting.get(key, False) or (written - seq) & _MASK != 0
+            took.setdefault(key, seq)
+            waiting[key] = waiting.get(key, True) and (written - seq) & _MASK != 0
     lines = []
     for proc in plan.processes:
         key = proc.key
-        busy = key in done_in and key in done_out and (done_in[key] - done_out[key]) & _MASK
+        busy = key in took and key in wrote and 0 < (took[key] - wrote[key]) & _MASK < 1 << 31
         if not (busy or waiting.get(key) or unknown):
             continue
         record = records.get(key)

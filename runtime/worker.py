@@ -20,6 +20,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import select
 import shutil
 import signal
 import sys
@@ -65,6 +66,7 @@ class Worker:
         self.spec = spec
         self.pid = os.getpid()
         self.label = spec.label
+        self.driver_fd = _pidfd(spec.driver_pid)     # readable once the driver has exited
         self.ctx = zmq.Context()
         self.inbox = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid), True)
         self.ctl = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".ctl"),
@@ -125,7 +127,7 @@ class Worker:
 
     def _exit(self, code: int) -> None:
         """Flush replies (bounded by the linger time), then end the process at once."""
-        if not is_alive(self.spec.driver_pid):
+        if self._driver_gone():
             _clean_up_after(self.spec)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -292,10 +294,17 @@ class Worker:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
                                                            ctypes.py_object(_Cancelled))
 
+    def _driver_gone(self) -> bool:
+        """The driver exited (its pidfd is readable; without one, its pid is gone)."""
+        fd = self.driver_fd
+        if fd is None:
+            return not is_alive(self.spec.driver_pid)
+        return bool(select.select([fd], [], [], 0)[0])
+
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
-        driver_fd = _pidfd(self.spec.driver_pid)
+        driver_fd = self.driver_fd
         if driver_fd is not None:
             poller.register(driver_fd, zmq.POLLIN)
         while True:     # NOTE: with a pidfd, no timeout: an idle actor wakes for nothing
@@ -315,10 +324,15 @@ class Worker:
 
 def _clean_up_after(spec: WorkerSpec) -> None:
     """The driver died without shutting down: do what its shutdown would have done (every
-    child does it, so one that is stuck in user code does not keep the session's memory)."""
-    unlink_owned(spec.driver_pid)       # its puts, channels and spills, and our results
+    child does it, so one that is stuck in user code does not keep the session's memory).
+
+    Only while the session's directory is there: a child that wakes up long after (it was
+    stopped) must not unlink the segments of a new driver that reuses the old one's pid.
+    """
     unlink_owned(os.getpid())           # our own spills
-    shutil.rmtree(spec.session_dir, ignore_errors=True)
+    if os.path.isdir(spec.session_dir):
+        unlink_owned(spec.driver_pid)   # its puts, channels and spills, and our results
+        shutil.rmtree(spec.session_dir, ignore_errors=True)
 
 
 def _pidfd(pid: int) -> int | None:

@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from headrace.channels.segments import (SHM_DIR, Segment, is_alive, owned_segments,
-                                        segment_name, sweep_dead_owners)
+                                        segment_name, start_ticks, sweep_dead_owners)
 
 
-def test_name_carries_prefix_and_owner_pid() -> None:
+def test_name_carries_prefix_owner_pid_and_its_start_time() -> None:
     name = segment_name()
-    prefix, pid, token = name.split("-")
+    prefix, pid, ticks, token = name.split("-")
     assert prefix == "headrace" and int(pid) == os.getpid() and len(token) == 16
+    assert ticks == f"t{start_ticks(os.getpid())}"
 
 
 def test_owner_unlinks_when_collected_and_mapping_outlives_the_name() -> None:

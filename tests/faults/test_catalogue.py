@@ -216,8 +216,8 @@ def test_teardown_frees_the_inputs_no_loop_read_at_once() -> None:
     teardown itself, not when the CompiledDAG object is collected."""
     t = Chain()
     try:
-        pid = t.mid_pid()
-        os.kill(pid, signal.SIGSTOP)            # the chain holds still: nothing reads input 1
+        pid = hr.get(t.actors["first"].pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGSTOP)            # the first stage holds still: nobody reads
         before = set(owned_segments(os.getpid()))
         t.submit(np.ones(8 << 20, np.uint8))    # larger than a slot: a spill segment
         spilled = set(owned_segments(os.getpid())) - before

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from headrace._config import SHM_PREFIX
-from headrace.channels.segments import SHM_DIR, is_alive, sweep_dead_owners
+from headrace.channels.segments import SHM_DIR, is_alive, start_ticks, sweep_dead_owners
 
 pytestmark = pytest.mark.deadline_s(90)
 
@@ -89,8 +89,9 @@ def _zombie() -> int:
     return pid
 
 
-def _fake_segment(owner: int) -> str:
-    name = f"{SHM_PREFIX}-{owner}-{os.urandom(8).hex()}"
+def _fake_segment(owner: int, ticks: int | None = None) -> str:
+    stamp = "" if ticks is None else f"t{ticks}-"
+    name = f"{SHM_PREFIX}-{owner}-{stamp}{os.urandom(8).hex()}"
     with open(os.path.join(SHM_DIR, name), "wb") as f:
         f.write(b"x")
     return name
@@ -107,19 +108,21 @@ def test_sweep_treats_zombie_owners_as_dead() -> None:
         os.waitpid(pid, 0)
 
 
-def test_a_process_started_after_a_segment_changed_is_not_its_owner() -> None:
-    before = time.time() - 5
+def test_a_segment_whose_owner_pid_was_reused_is_swept_and_a_live_owners_is_kept() -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        assert is_alive(sleeper.pid)
-        assert is_alive(sleeper.pid, since=time.time())
-        assert not is_alive(sleeper.pid, since=before)   # the pid was reused since then
-        mine = _fake_segment(os.getpid())                # our own (running) segment stays
+        ticks = start_ticks(sleeper.pid)
+        assert ticks is not None and is_alive(sleeper.pid, started=ticks)
+        assert not is_alive(sleeper.pid, started=ticks - 1)   # another process had that pid
+        reused = _fake_segment(sleeper.pid, ticks - 1)
+        live = [_fake_segment(sleeper.pid, ticks), _fake_segment(sleeper.pid)]
         try:
-            assert mine not in sweep_dead_owners()
-            assert os.path.exists(os.path.join(SHM_DIR, mine))
+            swept = sweep_dead_owners()
+            assert reused in swept and not os.path.exists(os.path.join(SHM_DIR, reused))
+            assert not set(live) & set(swept)
         finally:
-            os.unlink(os.path.join(SHM_DIR, mine))
+            for name in live:
+                os.unlink(os.path.join(SHM_DIR, name))
     finally:
         sleeper.kill()
         sleeper.wait()

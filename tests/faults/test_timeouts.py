@@ -32,6 +32,9 @@ class Inc:
             time.sleep(0.5)
         return x + 1
 
+    def interrupting(self, x: int) -> Any:
+        return _InterruptsOnLoad() if x < 0 else x + 1
+
 
 @pytest.fixture(scope="module")
 def actor() -> Any:
@@ -91,6 +94,21 @@ class _Interrupted(Exception):
     pass
 
 
+class _InterruptedOnLoad(BaseException):
+    pass
+
+
+def _interrupt_on_load() -> None:
+    raise _InterruptedOnLoad
+
+
+class _InterruptsOnLoad:
+    """A value whose rebuilding on the driver raises a BaseException, as Ctrl-C would there."""
+
+    def __reduce__(self) -> Any:
+        return _interrupt_on_load, ()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise _Interrupted
 
@@ -112,3 +130,21 @@ def test_an_exception_while_get_waits_takes_no_value_and_shifts_nothing(
         signal.signal(signal.SIGALRM, previous)
     assert hr.get(ref, timeout=30) == -9
     assert [hr.get(submit(i), timeout=30) for i in (10, 20)] == [11, 21]
+
+
+def test_an_interrupt_while_a_taken_value_is_rebuilt_loses_only_that_value(actor) -> None:
+    """The value left the channel, then Ctrl-C: that output is an error, later ones are right."""
+    with InputNode() as inp:
+        dag = actor.interrupting.bind(inp)
+    with dag.experimental_compile() as compiled:
+        gone = {compiled.execute: (hr.TaskError, "could not be deserialized on the driver: "
+                                                  "_InterruptedOnLoad"),
+                actor.interrupting.remote: (_InterruptedOnLoad, None)}
+        for submit, (error, message) in gone.items():
+            first, second = submit(-1), submit(10)
+            with pytest.raises(_InterruptedOnLoad):
+                hr.get(first, timeout=30)
+            with pytest.raises(error, match=message):        # its value is gone, and says so
+                hr.get(first, timeout=30)
+            assert hr.get(second, timeout=30) == 11
+            assert [hr.get(submit(i), timeout=30) for i in (20, 30)] == [21, 31]
