@@ -8,6 +8,7 @@ is an argument, so tests drive it by hand (``FakeClock``).
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
     # ints compare exactly (float() of a huge int overflows); other reals become a float first
     # (comparing a numpy float16 with FOREVER_S would overflow in its own type)
     value = timeout if isinstance(timeout, numbers.Integral) else float(timeout)
-    if value != value or value < 0:                 # NaN too
+    if (type(value) is float and math.isnan(value)) or value < 0:
         raise ValueError(f"{name} must be None or >= 0, got {timeout}")
     return None if value >= FOREVER_S else float(value)
 

@@ -137,8 +137,8 @@ def test_an_interrupt_while_a_taken_value_is_rebuilt_loses_only_that_value(actor
     with InputNode() as inp:
         dag = actor.interrupting.bind(inp)
     with dag.experimental_compile() as compiled:
-        gone = {compiled.execute: (hr.TaskError, "could not be deserialized on the driver: "
-                                                  "_InterruptedOnLoad"),
+        gone = {compiled.execute: (hr.TaskError, ("could not be deserialized on the driver: "
+                                                   "_InterruptedOnLoad")),
                 actor.interrupting.remote: (_InterruptedOnLoad, None)}
         for submit, (error, message) in gone.items():
             first, second = submit(-1), submit(10)
