@@ -2,7 +2,8 @@
 
 In: a validated ``DagIR``. Out: a ``DagIR`` where each maximal chain A -> B -> ... is one op, when
 B reads only A, A feeds only B, A is not an output, and both run in the same process (methods of
-one actor, or remote functions, which then share one worker process).
+one actor, with no other method of it bound between them, so bind order holds; or remote
+functions, which then share one worker process).
 Invariants: results are unchanged (``run_local`` gives the same values); a FUSED op takes the
 first op's arguments, and each later part reads the previous part's value through ``PrevArg``.
 """
@@ -28,13 +29,19 @@ def fuse_chains(ir: DagIR) -> DagIR:
     consumers = ir.consumers()
     outputs = set(ir.outputs)
     chains: dict[int, list[Op]] = {}        # last op of a chain -> the chain, first to last
+    latest: dict[Any, int] = {}             # actor home -> its op bound last so far
     for op in ir.ops:
         if op.kind not in CALLS:
             continue
+        where, before = home(op), latest.get(home(op))
+        if where[0] == "actor":
+            latest[where] = op.index
         if len(op.deps) == 1 and op.deps[0] in chains:
             prev = ir.ops[op.deps[0]]
+            # NOTE: an actor runs its methods in bind order: a chain fuses only where no other
+            # method of that actor was bound between its links
             if consumers[prev.index] == [op.index] and prev.index not in outputs \
-                    and home(prev) == home(op):
+                    and home(prev) == where and (where[0] != "actor" or before == prev.index):
                 chain = chains.pop(prev.index)
                 chain.append(op)
                 chains[op.index] = chain

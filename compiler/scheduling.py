@@ -3,6 +3,8 @@
 In: a fused ``DagIR``, its placement and its channels. Out: one ``ProcessPlan`` per process.
 Invariants (why no schedule can deadlock): every process runs its ops in the DAG's one global
 topological order, executions one after another, and every ring holds at least one execution.
+That order is bind order (``trace`` numbers ops so), so an actor runs its methods in the order
+they were bound, as in Ray: pipeline schedules (F F F, then B B B on one actor) depend on it.
 A process blocked reading waits for a writer that is strictly earlier in (execution, op) order;
 one blocked writing waits for a reader a whole ring behind, earlier still. Waits only ever point
 to earlier positions, so they cannot form a cycle. The driver writes inputs and reads outputs;

@@ -122,7 +122,8 @@ class DagIR:
 
 
 def trace(root: DAGNode, *, unused: bool = False) -> DagIR:
-    """Turn the nodes reachable from ``root`` into a DagIR (each node once, inputs first).
+    """Turn the nodes reachable from ``root`` into a DagIR (each node once, in bind order, so
+    ``%i`` is the i-th value bound and ``as_text()`` lists the ops in the order they run).
 
     With ``unused``, calls bound inside the InputNode's ``with`` block that no output depends
     on are traced too (after the others), so that validation can refuse them by name; running
@@ -137,6 +138,9 @@ def trace(root: DAGNode, *, unused: bool = False) -> DagIR:
             for bound in node._bound:
                 if id(bound) not in seen:
                     order += _postorder(bound, seen)
+    # Bind order (Ray's rule: an actor runs its methods in the order they were bound). It is a
+    # topological order too: a node's arguments exist before it does, so were bound earlier.
+    order.sort(key=lambda n: n._uid)
     index: dict[int, int] = {}
     parts: dict[tuple[int, Any, str], int] = {}     # (parent, key, access) of ATTR ops: one op
     ops: list[Op] = []

@@ -41,6 +41,21 @@ def test_fuse_chains_merges_two_methods_of_one_actor() -> None:
     assert run_local(fused, 3) == run_local(ir, 3) == 7
 
 
+def test_ops_follow_bind_order_and_fusion_keeps_it_per_actor() -> None:
+    """a.fwd(0) -> a.bwd is a chain, but a.fwd(1) was bound between them: fusing would run
+    the backward before the second forward, so it stays apart."""
+    a = FakeActor("a")
+    with InputNode() as inp:
+        f0 = a.inc.bind(inp[0])
+        f1 = a.inc.bind(inp[1])
+        dag = MultiOutputNode([a.double.bind(f0), a.double.bind(f1)])
+    ir = trace(dag)
+    assert fuse_chains(ir).as_text() == ir.as_text() == (
+        "%0 = input\n%1 = %0[0]\n%2 = a.inc(%1)\n%3 = %0[1]\n%4 = a.inc(%3)\n"
+        "%5 = a.double(%2)\n%6 = a.double(%4)\nreturn (%5, %6)")
+    assert run_local(fuse_chains(ir), 1, 2) == run_local(ir, 1, 2) == [4, 6]
+
+
 def test_fuse_chains_merges_functions_and_stops_at_fan_out_outputs_and_other_actors() -> None:
     a, b = FakeActor("a"), FakeActor("b")
     with InputNode() as inp:
