@@ -5,17 +5,21 @@ refs that are futures, and (with the DAG work) ``bind()`` + ``experimental_compi
 Re-exports only; importing this module starts nothing and loads no compiled code.
 """
 
-from . import exceptions
-from .exceptions import (ActorDiedError, ChannelClosedError, DAGCompileError, GetTimeoutError,
-                         HeadraceError, ObjectLostError, PipelineFullError, SubmitTimeoutError,
-                         TaskCancelledError, TaskError, WorkerCrashedError)
-from .runtime.api import (cancel, gather, get, get_actor, init, is_initialized, kill, put,
-                          shutdown, wait)
-from .dag import InputNode, MultiOutputNode
-from .runtime.compiled import CompiledDAG
-from .runtime.compiled_ref import CompiledDAGFuture, CompiledDAGRef
-from .runtime.refs import ObjectRef, Ref
-from .runtime.remote import ActorClass, ActorHandle, RemoteFunction, method, remote
+# NOTE: absolute imports: pytest may import this file on its own, as a module named __init__,
+# when the checkout's folder is no valid package name (headrace-main); it then re-exports the
+# installed package instead of failing on a relative import.
+from headrace import exceptions
+from headrace.dag import InputNode, MultiOutputNode
+from headrace.exceptions import (ActorDiedError, ChannelClosedError, DAGCompileError,
+                                 GetTimeoutError, HeadraceError, ObjectLostError,
+                                 PipelineFullError, SubmitTimeoutError, TaskCancelledError,
+                                 TaskError, WorkerCrashedError)
+from headrace.runtime.api import (cancel, gather, get, get_actor, init, is_initialized, kill, put,
+                                  shutdown, wait)
+from headrace.runtime.compiled import CompiledDAG
+from headrace.runtime.compiled_ref import CompiledDAGFuture, CompiledDAGRef
+from headrace.runtime.refs import ObjectRef, Ref
+from headrace.runtime.remote import ActorClass, ActorHandle, RemoteFunction, method, remote
 
 __version__ = "0.1.0"
 
