@@ -154,8 +154,11 @@ class TaskCancelledError(HeadraceError):
     """The task was cancelled with ``hr.cancel`` before it could return."""
 
 
-class DAGCompileError(HeadraceError):
-    """A DAG cannot be compiled: the message says which node, where it was bound and how to fix."""
+class DAGCompileError(HeadraceError, ValueError):
+    """A DAG cannot be compiled: the message says which node, where it was bound and how to fix.
+
+    Also a ``ValueError``, as Ray's graph errors are.
+    """
 
 
 class PipelineFullError(HeadraceError):
@@ -201,7 +204,18 @@ class RefsTypeError(TypeError, ValueError):
     """
 
 
+# Ray's names, for programs that run with ``import headrace as ray`` (same classes, other names).
+RayError = HeadraceError
+RaySystemError = HeadraceError
+RayTaskError = TaskError
+RayActorError = ActorDiedError
+RayChannelError = ChannelClosedError
+RayChannelTimeoutError = ChannelTimeoutError
+RayCgraphCapacityExceeded = PipelineFullError
+
 __all__ = [
+    "RayActorError", "RayCgraphCapacityExceeded", "RayChannelError", "RayChannelTimeoutError",
+    "RayError", "RaySystemError", "RayTaskError",
     "ActorDiedError", "ChannelClosedError", "DAGCompileError", "GetTimeoutError",
     "HeadraceError", "InternalError", "ObjectLostError", "PipelineFullError", "RefsTypeError",
     "RemoteTraceback", "SubmitTimeoutError", "TaskCancelledError", "TaskError", "ValueDecodeError",

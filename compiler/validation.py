@@ -96,8 +96,43 @@ _OPTION_TYPES: dict[str, Any] = {
 _CHOICES = {"channel": ("auto", "shm", "socket"), "sync": ("auto", "spin", "block")}
 
 
+#: Ray's spelling of our options (``dag.experimental_compile(_max_inflight_executions=...)``).
+RAY_ALIASES = {"_max_inflight_executions": "max_inflight_executions",
+               "_submit_timeout": "submit_timeout_s", "_buffer_size_bytes": "buffer_size_bytes",
+               "_max_buffered_results": "max_buffered_results"}
+
+
+def _from_ray(options: dict[str, Any]) -> dict[str, Any]:
+    """Ray's option names as ours; Ray's GPU options refused where they would need a GPU."""
+    out = {k: v for k, v in options.items() if k not in RAY_ALIASES and k not in _RAY_ONLY}
+    for ray_name, ours in RAY_ALIASES.items():
+        if ray_name in options:
+            if ours in options and options[ours] != options[ray_name]:
+                raise TypeError(f"compile options {ray_name}={options[ray_name]!r} and "
+                                f"{ours}={options[ours]!r} disagree; {ray_name} is Ray's name "
+                                f"for {ours}: pass one of them")
+            out[ours] = options[ray_name]
+    if not isinstance(options.get("enable_asyncio", False), bool):
+        raise TypeError(f"compile option enable_asyncio must be a bool, got "
+                        f"{options['enable_asyncio']!r}")
+    gpu = {k: options[k] for k in ("_overlap_gpu_communication", "_default_communicator")
+           if k in options and options[k] not in (None, False, "create")}
+    if gpu:
+        raise ValueError(f"compile option(s) {', '.join(f'{k}={v!r}' for k, v in gpu.items())} "
+                         "need GPUs and a GPU communicator; headrace's compiled DAGs move "
+                         "values through shared memory and sockets on CPUs.\n\nLeave them out "
+                         "(or at their defaults: False, 'create').")
+    return out
+
+
+#: Ray options that change nothing here (execute_async always works; no GPU transport).
+_RAY_ONLY = ("enable_asyncio", "_overlap_gpu_communication", "_default_communicator")
+
+
 def check_options(options: dict[str, Any]) -> PlanOptions:
-    """The compile options as ``PlanOptions``; a clear ``ValueError``/``TypeError`` otherwise."""
+    """The compile options as ``PlanOptions``; a clear ``ValueError``/``TypeError`` otherwise.
+    Ray's names are accepted too (``RAY_ALIASES``, ``enable_asyncio``)."""
+    options = _from_ray(options)
     unknown = sorted(set(options) - set(_OPTION_TYPES))
     if unknown:
         raise TypeError(f"unknown compile option(s) {', '.join(map(repr, unknown))}; valid "

@@ -241,9 +241,10 @@ class MultiOutputNode(DAGNode):
 
     def __init__(self, outputs: list[DAGNode] | tuple[DAGNode, ...]) -> None:
         site = bind_site()
-        if not isinstance(outputs, (list, tuple)) or not outputs:
+        if not isinstance(outputs, (list, tuple)) or not outputs:   # also a ValueError, as Ray
             raise DAGCompileError(f"MultiOutputNode (at {site}) takes a non-empty list of "
-                                  f"nodes, got {outputs!r:.80}")
+                                  f"nodes, got {outputs!r:.80}\n\nWrap one node in a list: "
+                                  "MultiOutputNode([node]).")
         for i, node in enumerate(outputs):
             if not isinstance(node, DAGNode) or isinstance(node, MultiOutputNode):
                 raise DAGCompileError(

@@ -395,8 +395,8 @@ class CompiledDAG:
     def _closed_error(self) -> BaseException:
         if self._error is not None:
             return self._error
-        return ChannelClosedError("the compiled DAG was torn down; compile the DAG again to "
-                                  "run it")
+        return ChannelClosedError("Channel closed. The compiled DAG was torn down; compile "
+                                  "the DAG again to run it.")
 
     def teardown(self) -> None:
         """Close every channel and stop the DAG's loops; idempotent, returns in milliseconds.

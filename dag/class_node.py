@@ -1,0 +1,5 @@
+"""Ray's import path ``ray.dag.class_node`` for nodes defined in nodes.py."""
+
+from .nodes import ClassMethodNode
+
+__all__ = ["ClassMethodNode"]

@@ -1,0 +1,5 @@
+"""Ray's import path ``ray.dag.function_node`` for nodes defined in nodes.py."""
+
+from .nodes import FunctionNode
+
+__all__ = ["FunctionNode"]

@@ -1,0 +1,77 @@
+"""Ray's spelling works: compile options, import paths, exception names, graph errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import headrace as hr
+from headrace.compiler import check_options
+from headrace.dag import InputNode, MultiOutputNode
+
+pytestmark = pytest.mark.usefixtures("runtime")
+
+
+@hr.remote
+class Echo:
+    def echo(self, x):
+        return x
+
+
+def test_ray_option_names_mean_ours() -> None:
+    opts = check_options({"_max_inflight_executions": 3, "_submit_timeout": 7.5,
+                          "_buffer_size_bytes": 4096, "_max_buffered_results": 9,
+                          "enable_asyncio": True})
+    assert (opts.max_inflight_executions, opts.submit_timeout_s, opts.buffer_size_bytes,
+            opts.max_buffered_results) == (3, 7.5, 4096, 9)
+    assert check_options({"_max_inflight_executions": 3, "max_inflight_executions": 3}) \
+        .max_inflight_executions == 3
+    with pytest.raises(TypeError, match=r"^compile options _max_inflight_executions=3 and "
+                                        r"max_inflight_executions=4 disagree"):
+        check_options({"_max_inflight_executions": 3, "max_inflight_executions": 4})
+    with pytest.raises(TypeError, match="enable_asyncio must be a bool"):
+        check_options({"enable_asyncio": "yes"})
+
+
+@pytest.mark.parametrize("option, value", [("_overlap_gpu_communication", True),
+                                           ("_default_communicator", object())])
+def test_ray_gpu_options_that_need_a_gpu_are_refused(option, value) -> None:
+    with pytest.raises(ValueError, match=rf"^compile option\(s\) {option}=.* need GPUs"):
+        check_options({option: value})
+    assert check_options({option: False if option.startswith("_overlap") else "create"})
+
+
+def test_a_dag_compiled_with_ray_options_runs() -> None:
+    a = Echo.remote()
+    with InputNode() as inp:
+        dag = a.echo.bind(inp)
+    with dag.experimental_compile(_max_inflight_executions=2, _submit_timeout=5,
+                                  enable_asyncio=False) as compiled:
+        assert compiled.plan.options.max_inflight_executions == 2
+        assert hr.get([compiled.execute(i) for i in range(5)], timeout=30) == list(range(5))
+    with pytest.raises(hr.ChannelClosedError, match=r"^Channel closed\. The compiled DAG was "
+                                                    r"torn down; compile the DAG again"):
+        compiled.execute(1)
+
+
+def test_multi_output_node_of_one_node_is_a_value_error_and_graph_errors_are_too() -> None:
+    with InputNode() as inp:
+        with pytest.raises(ValueError, match=r"takes a non-empty list of nodes.*\n\nWrap one "
+                                             r"node in a list: MultiOutputNode\(\[node\]\)"):
+            MultiOutputNode(inp)
+    assert issubclass(hr.DAGCompileError, ValueError)
+
+
+def test_ray_import_paths_and_exception_names_resolve() -> None:
+    from headrace import exceptions
+    from headrace.dag.class_node import ClassMethodNode
+    from headrace.dag.function_node import FunctionNode
+    from headrace.dag.input_node import InputAttributeNode, InputNode as RayInputNode
+    from headrace.dag.output_node import MultiOutputNode as RayMultiOutputNode
+    assert (RayInputNode, RayMultiOutputNode) == (InputNode, MultiOutputNode)
+    assert ClassMethodNode and FunctionNode and InputAttributeNode
+    assert exceptions.RayTaskError is hr.TaskError
+    assert exceptions.RayActorError is hr.ActorDiedError
+    assert exceptions.RayChannelError is hr.ChannelClosedError
+    assert issubclass(hr.SubmitTimeoutError, exceptions.RayChannelTimeoutError)
+    assert exceptions.RaySystemError is exceptions.RayError is hr.HeadraceError
+    assert exceptions.RayCgraphCapacityExceeded is hr.PipelineFullError
