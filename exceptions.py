@@ -59,7 +59,10 @@ class TaskError(HeadraceError):
             self.__cause__ = RemoteTraceback(traceback_str)
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        """The message, then the remote traceback with the user's source lines (as Ray's)."""
+        message = str(self.args[0]) if self.args else ""
+        text = getattr(self, "traceback_str", "")
+        return f"{message}\n\n{text.rstrip()}" if text else message
 
     def __reduce__(self) -> tuple[Any, ...]:     # rebuilt on unpickle, dynamic class included
         return (_rebuild_task_error, (self.args[0] if self.args else "", self.cause_type,

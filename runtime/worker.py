@@ -42,6 +42,9 @@ from .protocol import ErrorInfo, Msg, WorkerSpec
 from .refs import resolving_refs
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
+#: headrace's own code: a remote traceback starts at the first frame outside it.
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                  + os.sep for d in ("runtime", "channels", "dag", "compiler"))
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
 
@@ -355,8 +358,13 @@ def _split_returns(value: Any, nret: int, name: str) -> list[Any]:
 
 
 def error_info(exc: BaseException, name: str, pid: int, prefix: str = "") -> ErrorInfo:
-    """Describe ``exc`` for the driver, pickling what can be pickled."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """Describe ``exc`` for the driver, pickling what can be pickled. The traceback starts at
+    the user's code: the frames of headrace's own call into it are left out."""
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_next is not None and \
+            frames.tb_frame.f_code.co_filename.startswith(_OWN_DIRS):
+        frames = frames.tb_next
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
     return ErrorInfo(function_name=name, type_name=type(exc).__qualname__,
                      message=prefix + str(exc), traceback_str=tb, pid=pid,
                      type_blob=_try_pickle(type(exc)), exc_blob=_try_pickle(exc))

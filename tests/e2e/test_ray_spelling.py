@@ -75,3 +75,25 @@ def test_ray_import_paths_and_exception_names_resolve() -> None:
     assert issubclass(hr.SubmitTimeoutError, exceptions.RayChannelTimeoutError)
     assert exceptions.RaySystemError is exceptions.RayError is hr.HeadraceError
     assert exceptions.RayCgraphCapacityExceeded is hr.PipelineFullError
+
+
+@hr.remote
+class Fails:
+    def divide(self, x):
+        return 1 / x
+
+
+def test_str_of_a_compiled_task_error_shows_the_remote_traceback_with_source_lines() -> None:
+    a = Fails.remote()
+    with InputNode() as inp:
+        dag = a.divide.bind(inp)
+    with dag.experimental_compile() as compiled:
+        with pytest.raises(ZeroDivisionError) as info:
+            hr.get(compiled.execute(0), timeout=30)
+    text = str(info.value)
+    head, tb = text.split("\n\n", 1)
+    assert head.startswith("Fails.divide (bound at ") and head.endswith(
+        "raised ZeroDivisionError: division by zero")
+    assert tb.startswith('Traceback (most recent call last):\n  File "' + __file__)
+    assert "    return 1 / x\n" in tb and tb.endswith("ZeroDivisionError: division by zero")
+    assert "dag_loop.py" not in tb                  # headrace's own frames are left out

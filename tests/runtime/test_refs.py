@@ -55,7 +55,10 @@ def test_task_error_carries_name_traceback_and_cause() -> None:
         fails.remote().result(timeout=10)
     err = info.value
     assert isinstance(err, hr.TaskError)
-    assert re.match(r"^fails \(pid \d+\) raised KeyError: 'missing'$", str(err))
+    # the message, then the remote traceback from the user's code, its source line included
+    assert re.match(r"^fails \(pid \d+\) raised KeyError: 'missing'\n\nTraceback \(most recent "
+                    r"call last\):\n  File \".*test_refs\.py\", line \d+, in fails\n    raise "
+                    r"KeyError\(\"missing\"\)\nKeyError: 'missing'$", str(err)), str(err)
     assert err.function_name == "fails" and isinstance(err.cause, KeyError)
     assert "in fails" in str(err.__cause__)          # the remote traceback as __cause__
 
