@@ -146,8 +146,11 @@ class CompiledDAG:
             self._finish_driver_output(refs[k], task, args, kwargs)
         return refs if self.plan.multi else refs[0]
 
-    async def execute_async(self, *args: Any, **kwargs: Any) -> CompiledDAGFuture:
+    async def execute_async(self, *args: Any, **kwargs: Any) -> Any:
         """``execute`` for asyncio: ``fut = await compiled.execute_async(x); v = await fut``.
+
+        As in Ray, a ``MultiOutputNode`` gives a list of futures, one per output
+        (``for f in futs: await f``, ``await asyncio.gather(*futs)``).
 
         It never blocks the event loop: when ``execute`` could wait (the pipeline is full, or
         refs among the arguments must be resolved first), it runs on a worker thread.
@@ -158,7 +161,9 @@ class CompiledDAG:
         else:
             import asyncio
             refs = await asyncio.to_thread(self.execute, *args, **kwargs)
-        return CompiledDAGFuture(refs if self.plan.multi else [refs], self.plan.multi)
+        if self.plan.multi:
+            return [CompiledDAGFuture([ref], False) for ref in refs]
+        return CompiledDAGFuture([refs], False)
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
         try:       # one positional argument travels as itself (the codec's fast paths apply)

@@ -67,7 +67,8 @@ class CompiledDAGRef(Ref):
 
 
 class CompiledDAGFuture:
-    """What ``await compiled.execute_async(...)`` gives: await it for the value (or values)."""
+    """What ``await compiled.execute_async(...)`` gives, one per output: await it for the value
+    (with ``multi``, for the list of values of several refs)."""
 
     __slots__ = ("_refs", "_multi")
 

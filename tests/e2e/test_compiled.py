@@ -155,6 +155,19 @@ def test_callbacks_futures_and_await_without_anyone_in_get(stages) -> None:
         assert asyncio.run(asyncio.wait_for(main(), 10)) == (9, 10)
 
 
+def test_execute_async_of_a_multi_output_dag_gives_one_future_per_output(stages) -> None:
+    a, b, _ = stages
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.echo.bind(inp), b.echo.bind(inp)])
+    with dag.experimental_compile() as compiled:
+        async def main():
+            futs = await compiled.execute_async(5)
+            assert isinstance(futs, list) and len(futs) == 2
+            each = [await f for f in futs]
+            return each, await asyncio.gather(*await compiled.execute_async(6))
+        assert asyncio.run(asyncio.wait_for(main(), 10)) == ([5, 5], [6, 6])
+
+
 def test_execute_async_never_blocks_the_event_loop_when_the_pipeline_is_full(stages) -> None:
     a, _, _ = stages
     with InputNode() as inp:
