@@ -446,9 +446,13 @@ class CompiledDAG:
         self.teardown()
 
     def __del__(self) -> None:
+        # NOTE: garbage collection runs this on any thread, at any point (maybe while that
+        # thread holds the runtime's lock, or another thread waits on it): teardown, which takes
+        # locks, runs on a thread of its own
         try:
             if not self._closed:
-                self.teardown()
+                threading.Thread(target=self.teardown, name="headrace-dag-teardown",
+                                 daemon=True).start()
         except Exception:                   # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -86,6 +86,7 @@ class Runtime:
         self.dags: weakref.WeakSet = weakref.WeakSet()     # compiled DAGs not torn down
         self.dag_hosts: dict[str, list[Any]] = {}   # idle function hosts by label (compiled.py)
         self.new_pidfds: list[Proc] = []
+        self.released: deque[ActorRecord] = deque()  # handles all dropped (GC): to release
         self.start_failures = 0                      # children in a row that died unstarted
         self.closed = False
         self._ids = itertools.count(1)
@@ -166,6 +167,7 @@ class Runtime:
                     elif what == self.wake_r:
                         os.read(self.wake_r, 4096)
                         self._watch_new((full, side), by_fd)
+                        self._release_dropped()
                     else:
                         proc = by_fd.pop(what)
                         for poller in (full, side):
@@ -596,6 +598,15 @@ class Runtime:
                     del self.named[actor.name]       # the name is free again at once
             proc = actor.proc
         _kill(proc.popen)
+
+    def release_actor_soon(self, actor: ActorRecord) -> None:
+        """From a garbage-collection callback: the I/O thread releases the actor (no lock here)."""
+        self.released.append(actor)
+        self.wake_io()
+
+    def _release_dropped(self) -> None:
+        while self.released:
+            self.release_actor(self.released.popleft())
 
     def release_actor(self, actor: ActorRecord) -> None:
         """The last handle to an unnamed actor is gone: end it once its queue is done."""

@@ -197,7 +197,10 @@ def _drop_handle(record_ref: weakref.ref, runtime_ref: weakref.ref) -> None:
         return
     record.handles -= 1
     if record.handles == 0 and rt is not None:
-        rt.release_actor(record)
+        # NOTE: garbage collection runs this on any thread, at any point, also while that
+        # thread holds the runtime's lock or another thread waits for it: hand it over, never
+        # take the lock here
+        rt.release_actor_soon(record)
 
 
 class ActorMethod:
