@@ -17,6 +17,8 @@ import headrace as hr
 from headrace.dag import InputNode
 from headrace.runtime import api
 
+from ..channels.peers import in_thread
+
 
 @hr.remote
 class Stage:
@@ -108,23 +110,13 @@ class Pending:
     """``hr.get(ref, timeout=None)`` on a thread: what it ended with, and when."""
 
     def __init__(self, ref: Any) -> None:
-        self.outcome: Any = None
-        self.at: float | None = None
-        self._thread = threading.Thread(target=self._get, args=(ref,), daemon=True)
-        self._thread.start()
-
-    def _get(self, ref: Any) -> None:
-        try:
-            self.outcome = hr.get(ref)
-        except BaseException as exc:        # noqa: BLE001 - the outcome under test
-            self.outcome = exc
-        self.at = time.monotonic()
+        self._thread, self._out = in_thread(lambda: hr.get(ref))
 
     def result(self, within_s: float) -> tuple[Any, float]:
-        """(outcome, monotonic time it came); fails if it did not come within ``within_s``."""
+        """(value or error, monotonic time it came); fails if it did not come in time."""
         self._thread.join(within_s)
         assert not self._thread.is_alive(), f"get(timeout=None) still waiting after {within_s} s"
-        return self.outcome, self.at
+        return self._out.get("value", self._out.get("error")), self._out["at"]
 
     def is_waiting(self) -> bool:
         return self._thread.is_alive()
