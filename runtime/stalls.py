@@ -36,10 +36,6 @@ def os_state(pid: int | None) -> str:
     return _STATES.get(code, f"in state {code!r}")
 
 
-def is_stopped(pid: int | None) -> bool:
-    return os_state(pid).startswith("stopped")
-
-
 def describe_stall(plan: Plan, channels: dict[int, Any], records: dict[str, Any]) -> str:
     """One line per stage that holds the pipeline (every stage if none can be singled out)."""
     # NOTE: a process's first input and first output stand for all of them (it takes and
