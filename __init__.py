@@ -27,7 +27,7 @@ __all__ = [
     "ActorClass", "ActorDiedError", "ActorHandle", "ChannelClosedError", "CompiledDAG",
     "CompiledDAGFuture", "CompiledDAGRef", "DAGCompileError", "InputNode", "MultiOutputNode",
     "GetTimeoutError", "HeadraceError", "ObjectLostError", "ObjectRef", "PipelineFullError",
-    "Ref", "RemoteFunction", "SubmitTimeoutError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "cancel",
-    "exceptions", "gather", "get", "get_actor", "init", "is_initialized", "kill", "method", "put",
+    "Ref", "RemoteFunction", "SubmitTimeoutError", "TaskCancelledError", "TaskError",
+    "WorkerCrashedError", "cancel", "exceptions", "gather", "get", "get_actor", "init", "is_initialized", "kill", "method", "put",
     "remote", "shutdown", "wait",
 ]

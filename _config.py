@@ -39,8 +39,9 @@ WATCHED_CHECK_S = 5.0
 
 
 def cache_dir() -> str:
-    """The per-user cache directory (numba's compiled ops, the compile lock): ``HEADRACE_CACHE_DIR``,
-    else ``$XDG_CACHE_HOME/headrace``, else ``~/.cache/headrace``; never inside the package."""
+    """The per-user cache directory (numba's compiled ops, the compile lock):
+    ``HEADRACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/headrace``, else ``~/.cache/headrace``; never
+    inside the package."""
     explicit = os.environ.get("HEADRACE_CACHE_DIR")
     if explicit:
         return os.path.abspath(explicit)

@@ -2,8 +2,8 @@
 
 In: a size, or a name. Out: ``Segment`` (a mapped segment with a writable or read-only view).
 Invariants: names are ``headrace-<owner pid>-t<owner start ticks>-<hex id>``, never reused; only
-the owner unlinks (``Segment.unlink``, or its finalizer once the owning object is garbage-collected);
-a mapping stays valid after the name is unlinked, so zero-copy views outlive the name safely.
+the owner unlinks (``Segment.unlink``, or its finalizer once the owning object is collected); a
+mapping stays valid after the name is unlinked, so zero-copy views outlive the name safely.
 We use ``os.open('/dev/shm/...')`` + ``mmap`` rather than ``multiprocessing.shared_memory``,
 whose resource tracker unlinks segments when any process that opened them exits.
 """

@@ -90,7 +90,8 @@ def _only_nodes(value: Any) -> bool:
 
 
 _OPTION_TYPES: dict[str, Any] = {
-    "max_inflight_executions": int, "buffer_size_bytes": int, "submit_timeout_s": (int, float, type(None)),
+    "max_inflight_executions": int, "buffer_size_bytes": int,
+    "submit_timeout_s": (int, float, type(None)),
     "max_buffered_results": (int, type(None)), "channel": str, "sync": str, "profile": (bool, str),
 }
 _CHOICES = {"channel": ("auto", "shm", "socket"), "sync": ("auto", "spin", "block")}

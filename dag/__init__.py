@@ -1,8 +1,9 @@
 """DAG nodes and tracing: ``bind()``, ``InputNode``, ``MultiOutputNode``, ``trace`` -> ``DagIR``."""
 
 from .ir import DagIR, NodeArg, Op, OpKind, run_local, trace
-from .nodes import (ClassMethodNode, DAGNode, FunctionNode, InputAttributeNode, InputNode,
-                    MultiOutputNode)
+from .nodes import (ClassMethodNode, ClassNode, DAGNode, FunctionNode, InputAttributeNode,
+                    InputNode, MultiOutputNode)
 
-__all__ = ["ClassMethodNode", "DAGNode", "DagIR", "FunctionNode", "InputAttributeNode",
-           "InputNode", "MultiOutputNode", "NodeArg", "Op", "OpKind", "run_local", "trace"]
+__all__ = ["ClassMethodNode", "ClassNode", "DAGNode", "DagIR", "FunctionNode",
+           "InputAttributeNode", "InputNode", "MultiOutputNode", "NodeArg", "Op", "OpKind",
+           "run_local", "trace"]

@@ -1,5 +1,5 @@
 """Ray's import path ``ray.dag.class_node`` for nodes defined in nodes.py."""
 
-from .nodes import ClassMethodNode
+from .nodes import ClassMethodNode, ClassNode
 
-__all__ = ["ClassMethodNode"]
+__all__ = ["ClassMethodNode", "ClassNode"]

@@ -192,6 +192,7 @@ def _op(node: DAGNode, i: int, index: dict[int, int]) -> Op:
     if isinstance(node, FunctionNode):
         return Op(kind=OpKind.FUNCTION, args=args, kwargs=kwargs, target=node.body, **common)
     if isinstance(node, ClassMethodNode):
+        node.resolve_actor()                # bound on a ClassNode: its actor is made now
         return Op(kind=OpKind.METHOD, args=args, kwargs=kwargs, target=node.actor,
                   method=node.method, actor=node.actor_key, **common)
     raise TypeError(f"cannot trace a {type(node).__name__} (bound at {node._site})")

@@ -213,14 +213,15 @@ class ClassMethodNode(DAGNode):
     """``actor.method.bind(*args, **kwargs)``: a call of a method of a live actor.
 
     ``actor`` is the handle (opaque to the compiler), ``actor_key`` identifies its process and
-    ``actor_label`` names it in messages.
+    ``actor_label`` names it in messages. Bound on a ``ClassNode``, both are None until the DAG
+    is traced to run or compile (``resolve_actor`` creates the actor then).
     """
 
-    __slots__ = ("actor", "actor_key", "actor_label", "method")
+    __slots__ = ("actor", "actor_key", "actor_label", "class_node", "method")
 
     def __init__(self, actor: Any, actor_key: Any, actor_label: str, method: str,
                  num_returns: int, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 site: str | None = None) -> None:
+                 site: str | None = None, class_node: ClassNode | None = None) -> None:
         super().__init__(args, kwargs, site)
         _one_return(num_returns, f"{actor_label}.{method}", self._site)
         _record_binding(self)
@@ -228,10 +229,59 @@ class ClassMethodNode(DAGNode):
         self.actor_key = actor_key
         self.actor_label = actor_label
         self.method = method
+        self.class_node = class_node
 
     @property
     def _name(self) -> str:
         return f"{self.actor_label}.{self.method}"
+
+    def resolve_actor(self) -> None:
+        """Bound on a ClassNode: create its actor now (once) and point at it."""
+        if self.actor is None and self.class_node is not None:
+            self.actor, self.actor_key = self.class_node.actor()
+
+
+class ClassNode:
+    """``ActorClass.bind(*args, **kwargs)`` (Ray's ClassNode): an actor made when a DAG that
+    uses it first runs or compiles. ``node.method.bind(...)`` binds its methods.
+
+    ``create()`` (the runtime's) makes the actor and returns ``(handle, actor_key)``.
+    """
+
+    __slots__ = ("_actor", "_create", "_label", "_lock", "_site")
+
+    def __init__(self, label: str, create: Callable[[], tuple[Any, Any]]) -> None:
+        self._label = label
+        self._create = create
+        self._actor: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()
+        self._site = bind_site()
+
+    def actor(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._actor is None:
+                self._actor = self._create()
+            return self._actor
+
+    def __getattr__(self, method: str) -> _ClassNodeMethod:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _ClassNodeMethod(self, method)
+
+    def __repr__(self) -> str:
+        state = "created" if self._actor is not None else "not created yet"
+        return f"<ClassNode {self._label} bound at {self._site}, {state}>"
+
+
+class _ClassNodeMethod:
+    __slots__ = ("_method", "_node")
+
+    def __init__(self, node: ClassNode, method: str) -> None:
+        self._node, self._method = node, method
+
+    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
+        return ClassMethodNode(None, None, self._node._label, self._method, 1, args, kwargs,
+                               class_node=self._node)
 
 
 class MultiOutputNode(DAGNode):

@@ -147,6 +147,16 @@ class ActorClass:
         rt = _runtime()
         return ActorHandle(rt.create_actor(self._body, self._options, args, kwargs), rt)
 
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        """Ray's ``ClassNode``: an actor made when a DAG using it first runs or compiles;
+        bind its methods with ``node.method.bind(...)``."""
+        from ..dag.nodes import ClassNode
+
+        def create() -> tuple[ActorHandle, Any]:
+            handle = self.remote(*args, **kwargs)
+            return handle, handle._record.aid
+        return ClassNode(self._body.name, create)
+
     def options(self, **options: Any) -> ActorClass:
         given = {k: v for k, v in self._options.items() if v != _ACTOR_OPTIONS[k]}
         return ActorClass(self._body.cls, {**given, **options}, self._body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import headrace as hr
@@ -97,3 +99,32 @@ def test_str_of_a_compiled_task_error_shows_the_remote_traceback_with_source_lin
     assert tb.startswith('Traceback (most recent call last):\n  File "' + __file__)
     assert "    return 1 / x\n" in tb and tb.endswith("ZeroDivisionError: division by zero")
     assert "dag_loop.py" not in tb                  # headrace's own frames are left out
+
+
+@hr.remote
+class Counter:
+    def __init__(self, start):
+        self.total = start
+
+    def add(self, x):
+        self.total += x
+        return self.total
+
+
+def _children() -> int:
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return len(f.read().split())
+
+
+def test_actor_class_bind_makes_the_actor_when_the_dag_first_compiles() -> None:
+    from headrace.dag.class_node import ClassNode
+    before = _children()
+    counter = Counter.bind(10)
+    assert isinstance(counter, ClassNode) and "not created yet" in repr(counter)
+    with InputNode() as inp:
+        dag = counter.add.bind(inp)
+    assert _children() == before                      # binding made no process
+    with dag.experimental_compile() as compiled:
+        assert hr.get([compiled.execute(1), compiled.execute(2)], timeout=30) == [11, 13]
+    assert hr.get(dag.execute(3), timeout=30) == 16   # the same actor, uncompiled
+    assert "created" in repr(counter)
