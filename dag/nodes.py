@@ -21,9 +21,10 @@ from ..exceptions import DAGCompileError
 
 _ids = itertools.count()
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Frames in these files are headrace's own: a bind site is the first frame outside them.
-_INTERNAL = tuple(os.path.join(_PACKAGE_DIR, d) + os.sep
-                  for d in ("dag", "compiler", "runtime", "channels", "experimental"))
+#: Frames in these files are headrace's own: a bind site (and a remote traceback) starts at the
+#: first frame outside them.
+INTERNAL_DIRS = tuple(os.path.join(_PACKAGE_DIR, d) + os.sep
+                      for d in ("dag", "compiler", "runtime", "channels", "experimental"))
 #: Entry points the runtime provides: "compile" (node, options) and "execute" (node, args).
 _ENTRY: dict[str, Callable[..., Any]] = {}
 
@@ -46,7 +47,7 @@ def bind_site() -> str:
     """``file:line`` of the innermost caller outside headrace itself (where the user bound)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if not os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        if not os.path.abspath(frame.f_code.co_filename).startswith(INTERNAL_DIRS):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"

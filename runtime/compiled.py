@@ -162,8 +162,8 @@ class CompiledDAG:
             import asyncio
             refs = await asyncio.to_thread(self.execute, *args, **kwargs)
         if self.plan.multi:
-            return [CompiledDAGFuture([ref], False) for ref in refs]
-        return CompiledDAGFuture([refs], False)
+            return [CompiledDAGFuture(ref) for ref in refs]
+        return CompiledDAGFuture(refs)
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
         try:       # one positional argument travels as itself (the codec's fast paths apply)

@@ -67,25 +67,20 @@ class CompiledDAGRef(Ref):
 
 
 class CompiledDAGFuture:
-    """What ``await compiled.execute_async(...)`` gives, one per output: await it for the value
-    (with ``multi``, for the list of values of several refs)."""
+    """What ``await compiled.execute_async(...)`` gives, one per output: await it for the value."""
 
-    __slots__ = ("_refs", "_multi")
+    __slots__ = ("_ref",)
 
-    def __init__(self, refs: list[CompiledDAGRef], multi: bool) -> None:
-        self._refs = refs
-        self._multi = multi
+    def __init__(self, ref: CompiledDAGRef) -> None:
+        self._ref = ref
 
     @property
-    def refs(self) -> Any:
-        return list(self._refs) if self._multi else self._refs[0]
+    def refs(self) -> CompiledDAGRef:
+        """The output's ``CompiledDAGRef``."""
+        return self._ref
 
     def __await__(self) -> Any:
-        return self._gather().__await__()
-
-    async def _gather(self) -> Any:
-        values = [await ref for ref in self._refs]
-        return values if self._multi else values[0]
+        return self._ref.__await__()
 
     def __repr__(self) -> str:
-        return f"<CompiledDAGFuture {self.refs!r}>"
+        return f"<CompiledDAGFuture {self._ref!r}>"

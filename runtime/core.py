@@ -61,8 +61,7 @@ class Runtime:
         # after an install: compile the channels' numba ops in the background, once
         self.warmup = warmup.start()
         if self.warmup is not None:     # reap it as soon as it is done: no zombie meanwhile
-            threading.Thread(target=self.warmup.wait, name="headrace-warmup-reaper",
-                             daemon=True).start()
+            _reap_later(self.warmup)
         self.pid = os.getpid()
         self.num_cpus = num_cpus
         self.free_cpus: float = num_cpus
@@ -840,8 +839,8 @@ def _reap(procs: list[Proc], grace_s: float) -> None:
 
 
 def _reap_later(popen: subprocess.Popen) -> None:
-    """A killed child still dying (threads, big mappings on a loaded host): a daemon thread
-    reaps it, so it never stays a zombie."""
+    """A daemon thread reaps ``popen`` once it ends (a killed child still dying, the warm-up),
+    so it never stays a zombie."""
     threading.Thread(target=popen.wait, name="headrace-reaper", daemon=True).start()
 
 

@@ -33,6 +33,7 @@ import cloudpickle
 import zmq
 
 from ..channels.segments import is_alive, unlink_owned
+from ..dag.nodes import INTERNAL_DIRS
 from . import protocol
 from .output import install_prefixed_output
 from ..exceptions import ChannelClosedError
@@ -42,9 +43,6 @@ from .protocol import ErrorInfo, Msg, WorkerSpec
 from .refs import resolving_refs
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
-#: headrace's own code: a remote traceback starts at the first frame outside it.
-_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
-                  + os.sep for d in ("runtime", "channels", "dag", "compiler"))
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
 
@@ -362,7 +360,7 @@ def error_info(exc: BaseException, name: str, pid: int, prefix: str = "") -> Err
     the user's code: the frames of headrace's own call into it are left out."""
     frames = exc.__traceback__
     while frames is not None and frames.tb_next is not None and \
-            frames.tb_frame.f_code.co_filename.startswith(_OWN_DIRS):
+            frames.tb_frame.f_code.co_filename.startswith(INTERNAL_DIRS):
         frames = frames.tb_next
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     return ErrorInfo(function_name=name, type_name=type(exc).__qualname__,

@@ -128,7 +128,7 @@ def test_sigstop_meets_a_deadline_and_everything_resumes_on_sigcont(make, kind) 
         assert 0.9 < time.monotonic() - stopped < 3.0
         pending = Pending(refs[0])
         time.sleep(0.3)
-        assert pending.is_waiting()                  # timeout=None keeps waiting, as documented
+        assert pending.is_waiting(), pending._out      # timeout=None keeps waiting, as documented
     finally:
         os.kill(pid, signal.SIGCONT)
     assert pending.result(10)[0] == t.expected(0)
