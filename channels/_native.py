@@ -390,6 +390,24 @@ def close(h, code):
     _wake(h, WR_NOTIFY, WR_WAITERS)
 
 
+# A doorbell (channels.doorbell) is a header of its own whose RD_NOTIFY word the writers of
+# several channels bump after each value: one reader waits on it for whichever comes first.
+BELL_WORDS = CLOSED + 16
+
+
+@njit(cache=True)
+def ring(b):
+    """Writer of a channel with a doorbell: a value was published (or the channel closed)."""
+    _wake(b, RD_NOTIFY, RD_WAITERS)
+
+
+@njit(nogil=True, cache=True)
+def bell_wait(b, st, seen, budget):
+    """Reader of several channels: wait until the bell rang since it read ``seen`` from it, it
+    was closed (-1), or ``budget`` ns passed (0); spins as the endpoint state ``st`` says."""
+    return _wait_adapt(b, st, RD_NOTIFY, seen, False, RD_NOTIFY, RD_WAITERS, budget)
+
+
 @njit(cache=True)
 def write_wait_try(h, st, budget):
     return write_wait(h, st, 0)
@@ -422,7 +440,10 @@ def entry_points() -> dict[str, object]:
     st = np.zeros(ST_WORDS, np.int64)
     st[ST_SLOT0], st[ST_SLOT_SIZE] = 0, 128
     recent = np.full(1, -1, np.int64)
+    bell = np.zeros(BELL_WORDS, np.uint32)
     calls = {
+        "ring": (ring, (bell,)),
+        "bell_wait": (bell_wait, (bell, st, 0, 0)),
         "write_wait": (write_wait, (h, st, 0)),
         "write_scalar": (write_scalar, (h, m64, st, 4, 7, 0)),
         "write_float": (write_float, (h, m64, st, 5, 1.5, 0)),

@@ -185,14 +185,21 @@ def sweep_dead_owners() -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
-        parts = name.split("-")
-        if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
-            continue
-        ticks = int(parts[2][1:]) if parts[2][:1] == "t" and parts[2][1:].isdigit() else None
-        if not is_alive(int(parts[1]), started=ticks):
+        owner = owner_of(name)
+        if owner is not None and not is_alive(*owner):
             _unlink(name)
             removed.append(name)
     return removed
+
+
+def owner_of(name: str) -> tuple[int, int | None] | None:
+    """``(pid, start ticks or None)`` of the process that made segment ``name``; None if the
+    name is not one of ours."""
+    parts = name.split("-")
+    if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
+        return None
+    ticks = int(parts[2][1:]) if parts[2][:1] == "t" and parts[2][1:].isdigit() else None
+    return int(parts[1]), ticks
 
 
 def is_alive(pid: int, started: int | None = None) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .._config import INLINE_MAX_BYTES
-from ..exceptions import ChannelClosedError, ValueDecodeError
+from ..exceptions import ChannelClosedError, ValueDecodeError, WouldBlock
 from . import _native as nat
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
 from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
@@ -125,13 +125,15 @@ class ShmChannel(Channel):
         slot_bytes: payload bytes per slot; larger values spill (never an error).
         sync: "auto" (spin up to ``spin_us``, then sleep), "spin" or "block".
         spin_us: the spin window of "auto".
+        ring: a ``channels.doorbell.Doorbell`` the writer rings after each value, and every
+            endpoint when it closes (one reader then waits for several channels at once).
     """
 
     kind = "shm"
 
     def __init__(self, n_readers: int = 1, capacity: int = 8, slot_bytes: int = 1 << 20, *,
                  sync: str = "auto", spin_us: float = SPIN_US,
-                 check_s: float = _SLICE_NS / 1e9) -> None:
+                 check_s: float = _SLICE_NS / 1e9, ring: Any = None) -> None:
         if not 1 <= n_readers <= nat.MAX_READERS:
             raise ValueError(f"n_readers must be in 1..{nat.MAX_READERS}, not {n_readers}")
         if capacity < 1:
@@ -146,14 +148,15 @@ class ShmChannel(Channel):
         h[nat.SLOT_SIZE_LO], h[nat.SLOT_SIZE_HI] = slot_size & _MASK, slot_size >> 32
         h[nat.VERSION] = _VERSION
         nat.store(h, nat.MAGIC, _MAGIC)
-        self._setup(seg, None, sync, spin_us, check_s, owner=True)
+        self._setup(seg, None, sync, spin_us, check_s, owner=True, bell=ring)
 
     def _setup(self, seg: Segment, role: int | None, sync: str, spin_us: float,
-               check_s: float, owner: bool) -> None:
+               check_s: float, owner: bool, bell: Any = None) -> None:
         if sync not in ("auto", "spin", "block"):
             raise ValueError(f"sync must be 'auto', 'spin' or 'block', not {sync!r}")
         self._seg = seg
         self._owner = owner
+        self._bell = bell
         capacity = int(np.frombuffer(seg.mmap, np.uint32, nat.N_SLOTS + 1)[nat.N_SLOTS])
         self._h = h = np.frombuffer(seg.mmap, np.uint32, nat.header_words(capacity))
         if h[nat.MAGIC] != _MAGIC or h[nat.VERSION] != _VERSION:
@@ -197,11 +200,13 @@ class ShmChannel(Channel):
 
     def _endpoint(self, role: int) -> ShmChannel:
         ep = object.__new__(ShmChannel)
-        ep._setup(self._seg, role, self._sync, self._spin_us, self._check_s, owner=self._owner)
+        ep._setup(self._seg, role, self._sync, self._spin_us, self._check_s, owner=self._owner,
+                  bell=self._bell)
         return ep
 
     def __reduce__(self) -> Any:
-        return _attach, (self._seg.name, self.role, self._sync, self._spin_us, self._check_s)
+        return _attach, (self._seg.name, self.role, self._sync, self._spin_us, self._check_s,
+                         self._bell)
 
     @property
     def name(self) -> str:
@@ -209,6 +214,11 @@ class ShmChannel(Channel):
 
     # writing -----------------------------------------------------------------------------
     def write(self, value: Any, timeout_s: float | None = None) -> None:
+        self._write(value, timeout_s)
+        if self._bell is not None:
+            self._bell.ring()
+
+    def _write(self, value: Any, timeout_s: float | None) -> None:
         if self.role != WRITER:
             self._check_role("writer")
         budget = self._slice_ns if timeout_s is None else \
@@ -291,10 +301,23 @@ class ShmChannel(Channel):
             self._check_role("reader")
         budget = self._slice_ns if timeout_s is None else \
             min(timeout_ns(timeout_s), self._slice_ns)
+        return self._take(self._run("read_wait", (self._h, self._m64, self._st, self.role),
+                                    budget, timeout_s, "read"))
+
+    def read_nowait(self) -> Any:
+        if self.role is None or self.role < 0:
+            self._check_role("reader")
+        res = self._ops["read_wait_try"](self._h, self._m64, self._st, self.role, 0)
+        if res[0] != 1:
+            if res[0] == -1:
+                raise closed_error(self, self._reason())
+            raise WouldBlock("no value is waiting")
+        return self._take(res)
+
+    def _take(self, waited: tuple) -> Any:
+        """Take the value whose header ``read_wait`` returned off the ring, and rebuild it."""
+        rc, tag, aux, size, bits, area = waited
         h = self._h
-        rc, tag, aux, size, bits, area = self._run("read_wait",
-                                             (h, self._m64, self._st, self.role), budget,
-                                             timeout_s, "read")
         commit = self._ops["read_commit"]
         if tag <= T_FLOAT:              # header-only: everything is in the locals already
             commit(h, self._st, self.role, False, 0)
@@ -442,6 +465,8 @@ class ShmChannel(Channel):
             raw = reason.encode()[:_REASON_BYTES - 1]
             self._mv[self._reason_off:self._reason_off + len(raw) + 1] = raw + b"\0"
         nat.close(h, code)
+        if self._bell is not None:
+            self._bell.ring()
         for entry in [e for e in self._spills if nat.load(e[1], 0) == 0]:
             self._drop_spill(entry)     # spills still unread stay for their readers
         self._spill_cache = None
@@ -490,7 +515,7 @@ class _SpillPin(_Pin):
 
 
 def _attach(name: str, role: int | None, sync: str, spin_us: float,
-            check_s: float) -> ShmChannel:
+            check_s: float, bell: Any = None) -> ShmChannel:
     """Open an endpoint of an existing channel (unpickling lands here)."""
     try:
         seg = Segment.open(name, writable=True)
@@ -499,5 +524,5 @@ def _attach(name: str, role: int | None, sync: str, spin_us: float,
         raise ChannelClosedError(f"shared-memory channel {name} no longer exists "
                                  "(its owner closed it or exited)") from None
     ep = object.__new__(ShmChannel)
-    ep._setup(seg, role, sync, spin_us, check_s, owner=False)
+    ep._setup(seg, role, sync, spin_us, check_s, owner=False, bell=bell)
     return ep

@@ -110,6 +110,8 @@ class SocketChannel(Channel):
         max_message_bytes: The biggest encoded value (payload bytes) ``write`` sends and a reader
             accepts; a peer announcing more is dropped before anything is allocated for it.
             Default ``MAX_MESSAGE_BYTES`` (1 GiB).
+        ring: a ``channels.doorbell.Doorbell`` the writer rings after each value, and every
+            endpoint when it closes (a writer on another host cannot, and does not).
 
     Raises:
         ValueError: a bad count, port or size, or a non-loopback ``host`` without ``auth``.
@@ -122,7 +124,7 @@ class SocketChannel(Channel):
 
     def __init__(self, n_readers: int = 1, capacity: int = 8, *, host: str = "127.0.0.1",
                  port: int = 0, auth: HMACAuth | CurveAuth | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, ring: Any = None) -> None:
         if not isinstance(n_readers, int) or n_readers < 1:
             raise ValueError(f"n_readers must be >= 1, not {n_readers}")
         if not isinstance(capacity, int) or capacity < 1:
@@ -135,10 +137,11 @@ class SocketChannel(Channel):
         auth = _checked_auth(auth, host)
         cfg = _Config(host, port or _free_port(host), n_readers, capacity, auth, os.urandom(16),
                       max_message_bytes)
-        self._attach(cfg, None)
+        self._attach(cfg, None, ring)
 
-    def _attach(self, cfg: _Config, role: int | None) -> None:
+    def _attach(self, cfg: _Config, role: int | None, bell: Any) -> None:
         self._cfg = cfg
+        self._bell = bell
         self.role = role
         self._local = _local(cfg.cid)
         self._io: Any = None
@@ -156,12 +159,12 @@ class SocketChannel(Channel):
         return self._cfg.endpoint
 
     def writer(self) -> SocketChannel:
-        return _endpoint(self._cfg, WRITER)
+        return _endpoint(self._cfg, WRITER, self._bell)
 
     def reader(self, index: int = 0) -> SocketChannel:
         if not 0 <= index < self._cfg.n_readers:
             raise IndexError(f"reader index {index} out of range for {self._cfg.n_readers} readers")
-        return _endpoint(self._cfg, index)
+        return _endpoint(self._cfg, index, self._bell)
 
     def write(self, value: Any, timeout_s: float | None = None) -> None:
         self._check_role("writer")
@@ -170,6 +173,8 @@ class SocketChannel(Channel):
         if enc.size > self._cfg.max_message_bytes:
             raise _too_big(self, enc.size, self._cfg.max_message_bytes)
         (self._io or self._open()).write(self, enc, limit, timeout_s)
+        if self._bell is not None:
+            self._bell.ring()
 
     def read(self, timeout_s: float | None = None) -> Any:
         self._check_role("reader")
@@ -227,6 +232,8 @@ class SocketChannel(Channel):
             told = io.close(reason) or told
         if not told:
             _notify_close(self._cfg, reason)
+        if self._bell is not None:
+            self._bell.ring()
 
     @property
     def closed(self) -> bool:
@@ -242,7 +249,7 @@ class SocketChannel(Channel):
                 "refused": io.refused if io else 0}
 
     def __reduce__(self) -> Any:
-        return _endpoint, (self._cfg, self.role)
+        return _endpoint, (self._cfg, self.role, self._bell)
 
     def __repr__(self) -> str:
         role = "owner" if self.role is None else "writer" if self.role == WRITER \
@@ -250,7 +257,7 @@ class SocketChannel(Channel):
         return f"<SocketChannel {role}, {self._cfg.n_readers} readers, {self._cfg.endpoint}>"
 
 
-def _endpoint(cfg: _Config, role: int | None) -> SocketChannel:
+def _endpoint(cfg: _Config, role: int | None, bell: Any = None) -> SocketChannel:
     ep = SocketChannel.__new__(SocketChannel)
-    ep._attach(cfg, role)
+    ep._attach(cfg, role, bell)
     return ep

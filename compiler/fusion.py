@@ -63,7 +63,7 @@ def _fused(chain: list[Op]) -> Op:
     label = first.name.rsplit(".", 1)[0] + "." if first.kind is OpKind.METHOD else ""
     return Op(index=last.index, kind=OpKind.FUSED, name=f"{label}[{', '.join(names)}]",
               site=last.site, args=first.args, kwargs=first.kwargs, deps=first.deps,
-              actor=first.actor, parts=tuple(parts))
+              actor=first.actor, parts=tuple(parts), num_returns=last.num_returns)
 
 
 def _prev(template: Any, index: int) -> Any:

@@ -45,4 +45,4 @@ def task_spec(op: Op) -> TaskSpec:
     blob = op.target.blob if op.kind is OpKind.FUNCTION else None
     return TaskSpec(op.index, op.kind, op.name, op.site, op.args, op.kwargs, op.deps,
                     op.method, blob, op.key, op.access,
-                    tuple(task_spec(p) for p in op.parts))
+                    tuple(task_spec(p) for p in op.parts), op.num_returns)

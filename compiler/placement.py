@@ -23,8 +23,15 @@ def process_key(op: Op) -> str:
 
 
 def place(ir: DagIR) -> dict[int, str]:
-    """The process of every call op; INPUT and ATTR ops run wherever they are read."""
-    return {op.index: process_key(op) for op in ir.ops if op.kind in CALLS}
+    """The process of every call op and of ITEM ops (their call's); INPUT and ATTR ops run
+    wherever they are read."""
+    placement: dict[int, str] = {}
+    for op in ir.ops:
+        if op.kind in CALLS:
+            placement[op.index] = process_key(op)
+        elif op.kind is OpKind.ITEM:
+            placement[op.index] = placement[op.deps[0]]
+    return placement
 
 
 def input_needs(ir: DagIR, placement: dict[int, str]) -> dict[str, list[int]]:

@@ -73,6 +73,7 @@ class TaskSpec:
     key: int | str | None = None
     access: str | None = None
     parts: tuple[TaskSpec, ...] = ()
+    num_returns: int = 1
 
     def line(self) -> str:
         return op_line(self)

@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 
 from .nodes import (ClassMethodNode, DAGNode, FunctionNode, InputAttributeNode, InputNode,
-                    MultiOutputNode)
+                    ItemNode, MultiOutputNode)
 
 
 class OpKind(Enum):
@@ -26,6 +26,7 @@ class OpKind(Enum):
     ATTR = "attr"           # a part of the input: inp[0], inp.key
     FUNCTION = "function"   # a remote function
     METHOD = "method"       # an actor method
+    ITEM = "item"           # return value `key` of a call with num_returns > 1 (same process)
     FUSED = "fused"         # a chain of ops in one process, run back to back (compiler pass)
 
 
@@ -64,6 +65,7 @@ class Op:
     key: int | str | None = None        # ATTR: the argument or attribute
     access: str | None = None           # ATTR: "item" or "attr"
     parts: tuple[Op, ...] = ()          # FUSED: the chain, first to last
+    num_returns: int = 1                # calls: > 1 returns a tuple of that many (ITEM ops)
 
     def line(self) -> str:
         """This op as one line of ``as_text()``."""
@@ -74,10 +76,11 @@ def op_line(op: Any) -> str:
     """One line of ``as_text()`` for an ``Op`` or anything with its fields (a ``TaskSpec``)."""
     if op.kind is OpKind.INPUT:
         return f"%{op.index} = input"
-    if op.kind is OpKind.ATTR:
+    if op.kind is OpKind.ATTR or op.kind is OpKind.ITEM:
         sub = f".{op.key}" if op.access == "attr" else f"[{op.key!r}]"
         return f"%{op.index} = %{op.deps[0]}{sub}"
-    return f"%{op.index} = {op.name}({format_args(op.args, op.kwargs)})"
+    returns = f"  -> {op.num_returns} values" if op.num_returns > 1 else ""
+    return f"%{op.index} = {op.name}({format_args(op.args, op.kwargs)}){returns}"
 
 
 def format_args(args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> str:
@@ -189,12 +192,16 @@ def _op(node: DAGNode, i: int, index: dict[int, int]) -> Op:
         return Op(kind=OpKind.INPUT, **common)
     if isinstance(node, InputAttributeNode):
         return Op(kind=OpKind.ATTR, key=node._key, access=node._access, **common)
+    if isinstance(node, ItemNode):
+        return Op(kind=OpKind.ITEM, key=node._index, access="item", **common)
     if isinstance(node, FunctionNode):
-        return Op(kind=OpKind.FUNCTION, args=args, kwargs=kwargs, target=node.body, **common)
+        return Op(kind=OpKind.FUNCTION, args=args, kwargs=kwargs, target=node.body,
+                  num_returns=node.num_returns, **common)
     if isinstance(node, ClassMethodNode):
         node.resolve_actor()                # bound on a ClassNode: its actor is made now
         return Op(kind=OpKind.METHOD, args=args, kwargs=kwargs, target=node.actor,
-                  method=node.method, actor=node.actor_key, **common)
+                  method=node.method, actor=node.actor_key, num_returns=node.num_returns,
+                  **common)
     raise TypeError(f"cannot trace a {type(node).__name__} (bound at {node._site})")
 
 
@@ -292,13 +299,32 @@ def _run_op(ops: tuple[Op, ...], op: Op, values: dict[int, Any], args: tuple[Any
     if op.kind is OpKind.INPUT or op.kind is OpKind.ATTR:
         parent = attr_parent(ops, op, values) if op.kind is OpKind.ATTR else _WHOLE
         return input_value(op, parent, args, kwargs)
+    if op.kind is OpKind.ITEM:
+        return values[op.deps[0]][op.key]
     if op.kind is OpKind.FUSED:
         value = None
         for part in op.parts:
             value = call(part)(*fill(part.args, values, value),
                                **dict(fill(part.kwargs, values, value)))
+        return split_returns(value, op.num_returns, op.name)
+    value = call(op)(*fill(op.args, values), **dict(fill(op.kwargs, values)))
+    return split_returns(value, op.num_returns, op.name)
+
+
+def split_returns(value: Any, num_returns: int, name: str) -> Any:
+    """A call's value as its ITEM ops read it: itself, or (``num_returns > 1``) a tuple of that
+    many values; ValueError if it is not an iterable of that length (Ray's rule too)."""
+    if num_returns == 1:
         return value
-    return call(op)(*fill(op.args, values), **dict(fill(op.kwargs, values)))
+    try:
+        values = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} was declared with num_returns={num_returns} but returned a "
+                         f"{type(value).__name__}, which is not iterable") from None
+    if len(values) != num_returns:
+        raise ValueError(f"{name} was declared with num_returns={num_returns} but returned "
+                         f"{len(values)} values")
+    return values
 
 
 def _local_callable(op: Op) -> Callable[..., Any]:

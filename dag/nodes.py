@@ -195,12 +195,12 @@ class FunctionNode(DAGNode):
     ``body`` is opaque to the compiler apart from ``name`` and ``blob`` (the pickled function).
     """
 
-    __slots__ = ("body", "options")
+    __slots__ = ("body", "num_returns", "options")
 
     def __init__(self, body: Any, options: dict[str, Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], site: str | None = None) -> None:
         super().__init__(args, kwargs, site)
-        _one_return(options.get("num_returns", 1), body.name, self._site)
+        self.num_returns = _num_returns(options.get("num_returns", 1), body.name, self._site)
         _record_binding(self)
         self.body = body
         self.options = dict(options)
@@ -208,6 +208,10 @@ class FunctionNode(DAGNode):
     @property
     def _name(self) -> str:
         return self.body.name
+
+    def returns(self) -> DAGNode | tuple[ItemNode, ...]:
+        """What ``bind()`` gives: this node, or one ``ItemNode`` per return value."""
+        return _returns(self)
 
 
 class ClassMethodNode(DAGNode):
@@ -218,13 +222,13 @@ class ClassMethodNode(DAGNode):
     is traced to run or compile (``resolve_actor`` creates the actor then).
     """
 
-    __slots__ = ("actor", "actor_key", "actor_label", "class_node", "method")
+    __slots__ = ("actor", "actor_key", "actor_label", "class_node", "method", "num_returns")
 
     def __init__(self, actor: Any, actor_key: Any, actor_label: str, method: str,
                  num_returns: int, args: tuple[Any, ...], kwargs: dict[str, Any],
                  site: str | None = None, class_node: ClassNode | None = None) -> None:
         super().__init__(args, kwargs, site)
-        _one_return(num_returns, f"{actor_label}.{method}", self._site)
+        self.num_returns = _num_returns(num_returns, f"{actor_label}.{method}", self._site)
         _record_binding(self)
         self.actor = actor
         self.actor_key = actor_key
@@ -236,24 +240,56 @@ class ClassMethodNode(DAGNode):
     def _name(self) -> str:
         return f"{self.actor_label}.{self.method}"
 
+    def returns(self) -> DAGNode | tuple[ItemNode, ...]:
+        """What ``bind()`` gives: this node, or one ``ItemNode`` per return value."""
+        return _returns(self)
+
     def resolve_actor(self) -> None:
         """Bound on a ClassNode: create its actor now (once) and point at it."""
         if self.actor is None and self.class_node is not None:
             self.actor, self.actor_key = self.class_node.actor()
 
 
+class ItemNode(DAGNode):
+    """Return value ``index`` of a call bound with ``num_returns > 1``: what ``bind()`` gives
+    for it, one node per value (``a, b = actor.split.options(num_returns=2).bind(x)``).
+
+    Each can be used on its own (an output, an argument of other calls; one may be unused). An
+    exception of the call is the value of every one of them.
+    """
+
+    __slots__ = ("_index",)
+
+    def __init__(self, call: DAGNode, index: int) -> None:
+        super().__init__((call,), site=call._site)
+        self._index = index
+
+    @property
+    def _name(self) -> str:
+        return f"{self._args[0]._name}[{self._index}]"
+
+
+def _returns(call: Any) -> DAGNode | tuple[ItemNode, ...]:
+    if call.num_returns == 1:
+        return call
+    return tuple(ItemNode(call, i) for i in range(call.num_returns))
+
+
 class ClassNode:
     """``ActorClass.bind(*args, **kwargs)`` (Ray's ClassNode): an actor made when a DAG that
     uses it first runs or compiles. ``node.method.bind(...)`` binds its methods.
 
-    ``create()`` (the runtime's) makes the actor and returns ``(handle, actor_key)``.
+    ``create()`` (the runtime's) makes the actor and returns ``(handle, actor_key)``;
+    ``methods`` maps each method to its declared ``num_returns``.
     """
 
-    __slots__ = ("_actor", "_create", "_label", "_lock", "_site")
+    __slots__ = ("_actor", "_create", "_label", "_lock", "_methods", "_site")
 
-    def __init__(self, label: str, create: Callable[[], tuple[Any, Any]]) -> None:
+    def __init__(self, label: str, create: Callable[[], tuple[Any, Any]],
+                 methods: dict[str, int] | None = None) -> None:
         self._label = label
         self._create = create
+        self._methods = dict(methods or {})
         self._actor: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._site = bind_site()
@@ -267,7 +303,7 @@ class ClassNode:
     def __getattr__(self, method: str) -> _ClassNodeMethod:
         if method.startswith("_"):
             raise AttributeError(method)
-        return _ClassNodeMethod(self, method)
+        return _ClassNodeMethod(self, method, self._methods.get(method, 1))
 
     def __repr__(self) -> str:
         state = "created" if self._actor is not None else "not created yet"
@@ -275,14 +311,19 @@ class ClassNode:
 
 
 class _ClassNodeMethod:
-    __slots__ = ("_method", "_node")
+    __slots__ = ("_method", "_node", "_num_returns")
 
-    def __init__(self, node: ClassNode, method: str) -> None:
-        self._node, self._method = node, method
+    def __init__(self, node: ClassNode, method: str, num_returns: int) -> None:
+        self._node, self._method, self._num_returns = node, method, num_returns
 
-    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
-        return ClassMethodNode(None, None, self._node._label, self._method, 1, args, kwargs,
-                               class_node=self._node)
+    def bind(self, *args: Any, **kwargs: Any) -> DAGNode | tuple[ItemNode, ...]:
+        return ClassMethodNode(None, None, self._node._label, self._method, self._num_returns,
+                               args, kwargs, class_node=self._node).returns()
+
+    def options(self, *, num_returns: int | None = None) -> _ClassNodeMethod:
+        """``node.method.options(num_returns=2).bind(x)``, as on an actor handle."""
+        return _ClassNodeMethod(self._node, self._method,
+                                self._num_returns if num_returns is None else num_returns)
 
 
 class MultiOutputNode(DAGNode):
@@ -318,9 +359,10 @@ def _record_binding(node: DAGNode) -> None:
         stack[-1]._bound.append(node)
 
 
-def _one_return(num_returns: int, name: str, site: str) -> None:
-    if num_returns != 1:
+def _num_returns(num_returns: Any, name: str, site: str) -> int:
+    if type(num_returns) is not int or num_returns < 1:
         raise DAGCompileError(
-            f"{name} (bound at {site}) has num_returns={num_returns}; a DAG node has one value."
-            "\n\nReturn a tuple and index it in the next node, or bind a method with "
-            "num_returns=1.")
+            f"{name} (bound at {site}) has num_returns={num_returns!r}; it must be an int >= 1"
+            ".\n\nBind with num_returns=1 (one value) or the number of values the call "
+            "returns (a tuple or list of that length).")
+    return num_returns

@@ -32,7 +32,7 @@ from ..compiler.plan import DRIVER, ChannelKind, Plan
 from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
 from ..dag.nodes import DAGNode
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
-                          PipelineFullError, SubmitTimeoutError, ValueDecodeError,
+                          PipelineFullError, SubmitTimeoutError, ValueDecodeError, WouldBlock,
                           make_task_error)
 from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
 from .compiled_values import FunctionHost, OpFailure, PackedArgs
@@ -47,6 +47,8 @@ START_TIMEOUT_S = 120.0
 _SLICE_S = 0.05
 #: After a channel broke on its own, how long to wait for the runtime to say which process died.
 _DEATH_REPORT_S = 1.0
+#: A wait on the output channels' doorbell re-checks the DAG's state this often.
+_BELL_SLICE_NS = 100_000_000
 #: stats() reports the latency of this many latest executions.
 _LATENCY_SAMPLES = 16_384
 
@@ -56,7 +58,7 @@ class CompiledDAG:
 
     def __init__(self, runtime: Any, ir: DagIR, plan: Plan, actors: dict[str, Any],
                  hosts: list[tuple[str, Any]], channels: dict[int, Any],
-                 trace: tuple[str, str] | None = None) -> None:
+                 trace: tuple[str, str] | None = None, bell: Any = None) -> None:
         self._rt = runtime
         self.ir = ir
         self.plan = plan
@@ -70,6 +72,11 @@ class CompiledDAG:
         order = list(dict.fromkeys(c for c in plan.output_channels if c >= 0))
         self._readers = [(c, channels[c].reader(channels_readers(plan, c).index(DRIVER)))
                          for c in order]
+        # per reader: the outputs it carries, and the next execution it has a value of
+        self._outputs_of = [tuple(k for k, oc in enumerate(plan.output_channels) if oc == c)
+                            for c in order]
+        self._next = [0] * len(order)
+        self._bell = bell           # the output channels' writers ring it (several readers)
         self._driver_outputs = [(k, plan.tasks[i]) for k, (i, c) in
                                 enumerate(zip(plan.outputs, plan.output_channels, strict=True))
                                 if c < 0]
@@ -80,7 +87,6 @@ class CompiledDAG:
         self._waiters = 0
         self._submitted = 0
         self._fetched = 0
-        self._partial: dict[int, Any] = {}      # outputs of execution _fetched read so far
         self._pending: dict[int, list[weakref.ref]] = {}
         self._started: dict[int, int] = {}      # execution -> perf_counter_ns at submit
         # the latest _LATENCY_SAMPLES latencies, a ring of fixed size: a long run's memory stays
@@ -267,7 +273,7 @@ class CompiledDAG:
             self._fetching = True
         try:
             while not satisfied() and self._fetched < self._submitted:
-                if not self._fetch_one(deadline):
+                if not self._read_some(deadline):
                     break
         finally:
             with cv:
@@ -276,36 +282,88 @@ class CompiledDAG:
                     cv.notify_all()
         return ref is not None and ref._state is not RefState.PENDING
 
-    def _fetch_one(self, deadline: Deadline) -> bool:
-        """Read the outputs of the oldest execution in flight; False on timeout or close."""
+    def _read_some(self, deadline: Deadline) -> bool:
+        """Read at least one output value (of any execution in flight); False on timeout or
+        close. With several output channels, whichever has a value first is read: an error of
+        one output is seen at once, whatever its siblings do (one wait, on the doorbell)."""
         if self._closed or self._error is not None:
             self._fail_pending(self._closed_error())
             return False
-        e = self._fetched
-        partial = self._partial
+        if self._bell is None:
+            if not self._readers:       # every output is an argument of execute()
+                self._complete(self._fetched)
+                return True
+            return self._read_from(0, deadline.remaining_s())
+        readers, nxt, bell = self._readers, self._next, self._bell
+        while True:
+            seen = bell.seen()
+            got = False
+            for i in range(len(readers)):
+                if nxt[i] < self._submitted and self._read_from(i, 0):
+                    got = True
+            if got:
+                return True
+            if self._closed or self._error is not None:
+                self._fail_pending(self._closed_error())
+                return False
+            remaining = deadline.remaining_s()
+            if remaining == 0:
+                return False
+            bell.wait(seen, _BELL_SLICE_NS if remaining is None
+                      else min(_BELL_SLICE_NS, int(remaining * 1e9)))
+
+    def _read_from(self, i: int, timeout_s: float | None) -> bool:
+        """Read output channel ``i``'s value of its next execution (``timeout_s=0``: only if it
+        is there); False on timeout or close."""
+        c, reader = self._readers[i]
+        taken = reader.taken()
         start = time.monotonic_ns() if self._recorder is not None else 0
-        for c, reader in self._readers:
-            if c in partial:
-                continue
-            taken = reader.taken()
-            try:
-                partial[c] = reader.read(deadline.remaining_s())
-            except ChannelTimeoutError:
-                return False
-            except ChannelClosedError as exc:
-                self._on_broken(str(exc))
-                return False
-            except ValueDecodeError as exc:     # taken, but could not be rebuilt
-                partial[c] = _ReadFailure(c, exc.__cause__ or exc)  # its error; order holds
-            except BaseException as exc:        # e.g. Ctrl-C, or a signal handler's error
-                # NOTE: it propagates, and nothing else moves: a value left on the ring is read
-                # next time; one taken off it is this output's error, so nothing shifts
-                if reader.taken() != taken:
-                    partial[c] = _ReadFailure(c, exc)
-                raise
-        self._partial = {}
+        try:
+            value = reader.read_nowait() if timeout_s == 0 and self._bell is not None \
+                else reader.read(timeout_s)
+        except (ChannelTimeoutError, WouldBlock):
+            return False
+        except ChannelClosedError as exc:
+            self._on_broken(str(exc))
+            return False
+        except ValueDecodeError as exc:     # taken, but could not be rebuilt
+            value = _ReadFailure(c, exc.__cause__ or exc)       # its error; order holds
+        except BaseException as exc:        # e.g. Ctrl-C, or a signal handler's error
+            # NOTE: it propagates, and nothing else moves: a value left on the ring is read
+            # next time; one taken off it is this output's error, so nothing shifts
+            if reader.taken() != taken:
+                self._deliver(i, _ReadFailure(c, exc))
+            raise
         if start:
-            self._recorder.add(_READ_OUTPUTS, e, start, time.monotonic_ns())
+            self._recorder.add(_READ_OUTPUTS, self._next[i], start, time.monotonic_ns())
+        self._deliver(i, value)
+        return True
+
+    def _deliver(self, i: int, value: Any) -> None:
+        """Output channel ``i``'s value of its next execution: finish the refs it feeds."""
+        e = self._next[i]
+        refs = self._pending.get(e)
+        if refs is not None:
+            for k in self._outputs_of[i]:
+                ref = refs[k]()
+                if ref is None or ref._state is not RefState.PENDING:
+                    continue
+                if type(value) is OpFailure:
+                    ref._finish_error(_task_error(value))
+                elif type(value) is _ReadFailure:
+                    ref._finish_error(value.error(self.plan, e))
+                else:
+                    ref._finish_value(value)
+        self._next[i] = e + 1
+        done = min(self._next) if self._bell is not None else e + 1
+        while self._fetched < done:
+            self._complete(self._fetched)
+        if self._waiters:       # NOTE: unlocked (hot path); waiters re-check every _SLICE_S
+            with self._cond:
+                self._cond.notify_all()
+
+    def _complete(self, e: int) -> None:
+        """Every output of execution ``e`` was read."""
         refs = self._pending.pop(e, [])
         self._fetched = e + 1
         started = self._started.pop(e, None)
@@ -318,22 +376,6 @@ class CompiledDAG:
                 self._unread.append(refs)
                 if len(self._unread) > 2 * self._max_inflight + 64:
                     self._prune_unread()
-        outs = self.plan.output_channels
-        for k, w in enumerate(refs):
-            ref = w()
-            if ref is None or ref._state is not RefState.PENDING or outs[k] < 0:
-                continue
-            value = partial[outs[k]]
-            if type(value) is OpFailure:
-                ref._finish_error(_task_error(value))
-            elif type(value) is _ReadFailure:
-                ref._finish_error(value.error(self.plan, e))
-            else:
-                ref._finish_value(value)
-        if self._waiters:       # NOTE: unlocked (hot path); waiters re-check every _SLICE_S
-            with self._cond:
-                self._cond.notify_all()
-        return True
 
     def poll(self) -> None:
         """Read whatever outputs are already there, without waiting (for ``done()``)."""
@@ -414,6 +456,8 @@ class CompiledDAG:
             self._closed = True
         for ch in self._channels.values():
             ch.close()
+        if self._bell is not None:
+            self._bell.close()
         if self._input is not None:     # its spills of executions no loop will read
             # NOTE: not while execute() is making a spill on another thread (it wakes at once:
             # the channel is closed); abandon it anyway if that takes more than a second
@@ -469,11 +513,16 @@ class CompiledDAG:
                 "channels": {f"ch{c}": ch.statistics() for c, ch in self._channels.items()},
                 "closed": self._closed}
 
-    def visualize(self, path: str | None = None, format: str = "dot") -> str:
-        """The plan as Graphviz DOT source; with ``path``, also written there (PNG/SVG via
-        the ``dot`` program)."""
+    def visualize(self, filename: str = "compiled_graph", format: str = "png",
+                  view: bool = False, return_dot: bool = False,
+                  channel_details: bool = False) -> str:
+        """Draw the plan, as Ray does: returns the Graphviz DOT source and writes it to
+        ``filename`` and the drawing to ``filename.<format>`` (png, svg, pdf, ... with
+        Graphviz's ``dot`` program; ``"dot"`` without it). ``return_dot=True`` only returns the
+        source; ``format="ascii"`` returns the plan as text; ``view`` opens the drawing;
+        ``channel_details`` labels each channel with its kind, size and readers."""
         from .visualize import render
-        return render(self.plan, path, format)
+        return render(self.plan, filename, format, view, return_dot, channel_details)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self._error else "open"
@@ -543,15 +592,21 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     hosts: list[Any] = []
     channels: dict[int, Any] = {}
     files = _trace_files(plan.options.profile)
+    outputs = {c for c in plan.output_channels if c >= 0}
+    bell = None
     try:
+        if len(outputs) > 1:    # the driver waits for whichever output comes first
+            from ..channels.doorbell import Doorbell
+            bell = Doorbell(_config.DAG_SPIN_US)
         for proc in plan.processes:
             if proc.actor is None:
                 handle = _take_host(rt, proc.label)
                 hosts.append((proc.label, handle))
                 actors[proc.key] = handle._record
         for spec in plan.channels:
-            channels[spec.id] = _open_channel(spec, plan.options.sync)
-        dag = CompiledDAG(rt, ir, plan, actors, hosts, channels, files)
+            channels[spec.id] = _open_channel(spec, plan.options.sync,
+                                              bell if spec.id in outputs else None)
+        dag = CompiledDAG(rt, ir, plan, actors, hosts, channels, files, bell)
         starts = []
         for proc in plan.processes:
             ends = {}
@@ -568,6 +623,8 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     except BaseException:
         for ch in channels.values():
             ch.close()
+        if bell is not None:
+            bell.close()
         for _, handle in hosts:
             rt.kill_actor(handle._record)
         if files is not None:
@@ -624,16 +681,16 @@ def _release_hosts(rt: Any, hosts: list[tuple[str, Any]]) -> None:
             rt.kill_actor(handle._record)
 
 
-def _open_channel(spec: Any, sync: str) -> Any:
+def _open_channel(spec: Any, sync: str, bell: Any) -> Any:
     if spec.kind is ChannelKind.SOCKET:
         from ..channels.socket import SocketChannel
-        return SocketChannel(len(spec.readers), spec.capacity)
+        return SocketChannel(len(spec.readers), spec.capacity, ring=bell)
     from ..channels.shm import ShmChannel
     # NOTE: room for the codec's framing on top, so a value of exactly buffer_size_bytes (a
     # 1 MiB array) fits in its slot instead of spilling.
     return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes + _FRAMING_BYTES,
                       sync=sync, spin_us=_config.DAG_SPIN_US,
-                      check_s=_config.WATCHED_CHECK_S)
+                      check_s=_config.WATCHED_CHECK_S, ring=bell)
 
 
 def execute_uncompiled(root: DAGNode, args: tuple, kwargs: dict) -> Any:

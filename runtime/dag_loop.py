@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from ..compiler.plan import Plan, StepKind, TaskSpec
-from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value
+from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value, split_returns
 from ..exceptions import ChannelClosedError, ValueDecodeError
 from .compiled_values import OpFailure, PackedArgs
 from .worker import error_info
@@ -72,6 +72,8 @@ def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
                 parent = plan.tasks[task.deps[0]] if task.kind is OpKind.ATTR else None
                 nested = parent is not None and parent.kind is OpKind.ATTR
                 out.append((_INPUT, task, parent.index if nested else -2))
+            elif task.kind is OpKind.ITEM:
+                out.append((_COMPUTE, _item(task.deps[0], task.key), task))
             else:
                 out.append((_COMPUTE, _timed(recorder, _callable(worker, task), task.name,
                                              "compute"), task))
@@ -111,9 +113,19 @@ def _callable(worker: Any, task: TaskSpec) -> Callable[[dict[int, Any]], Any]:
                     value = fn(*args, **kwargs)
                 if asyncio.iscoroutine(value):
                     value = awaiter(value)
+                if part.num_returns > 1:
+                    value = split_returns(value, part.num_returns, part.name)
             except BaseException as exc:    # noqa: BLE001 - the user's error is the value
                 return OpFailure(part.name, part.site, error_info(exc, part.name, pid))
         return value
+    return run
+
+
+def _item(source: int, index: int) -> Callable[[dict[int, Any]], Any]:
+    """Return value ``index`` of op ``source`` (num_returns > 1); its failure is each one's."""
+    def run(values: dict[int, Any]) -> Any:
+        value = values[source]
+        return value if type(value) is OpFailure else value[index]
     return run
 
 

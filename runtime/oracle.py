@@ -25,13 +25,17 @@ def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
             parent = ir.ops[op.deps[0]]
             base = _WHOLE if parent.kind is OpKind.INPUT else values[parent.index]
             values[op.index] = input_value(op, base, args, kwargs)
+        elif op.kind is OpKind.ITEM:        # the call gave one ref per return value
+            values[op.index] = values[op.deps[0]][op.key]
         else:
             call_args = fill(op.args, values)
             call_kwargs = dict(fill(op.kwargs, values))
             if op.kind is OpKind.FUNCTION:
-                call = RemoteFunction(op.target.fn, None, op.target).remote
+                call = RemoteFunction(op.target.fn, {"num_returns": op.num_returns},
+                                      op.target).remote
             else:
-                call = getattr(op.target, op.method).remote
+                call = getattr(op.target, op.method).options(
+                    num_returns=op.num_returns).remote
             values[op.index] = call(*call_args, **call_kwargs)
     outs = [_as_ref(values[i]) for i in ir.outputs]
     return outs if ir.multi else outs[0]

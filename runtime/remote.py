@@ -84,9 +84,10 @@ class RemoteFunction:
         return refs[0] if self._options["num_returns"] == 1 else refs
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
-        """A DAG node calling this function; args may be nodes, constants, or both nested."""
+        """A DAG node calling this function; args may be nodes, constants, or both nested.
+        With ``num_returns=n > 1``: a tuple of n nodes, one per return value."""
         from ..dag.nodes import FunctionNode
-        return FunctionNode(self._body, self._options, args, kwargs)
+        return FunctionNode(self._body, self._options, args, kwargs).returns()
 
     def options(self, **options: Any) -> RemoteFunction:
         """A copy with some options changed (``num_returns``, ``num_cpus``, ``name``, ...)."""
@@ -155,7 +156,7 @@ class ActorClass:
         def create() -> tuple[ActorHandle, Any]:
             handle = self.remote(*args, **kwargs)
             return handle, handle._record.aid
-        return ClassNode(self._body.name, create)
+        return ClassNode(self._body.name, create, self._body.methods)
 
     def options(self, **options: Any) -> ActorClass:
         given = {k: v for k, v in self._options.items() if v != _ACTOR_OPTIONS[k]}
@@ -230,11 +231,12 @@ class ActorMethod:
         return refs[0] if self._num_returns == 1 else refs
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
-        """A DAG node calling this method of this actor (in submission order, like .remote)."""
+        """A DAG node calling this method of this actor (in submission order, like .remote).
+        With ``num_returns=n > 1``: a tuple of n nodes, one per return value."""
         from ..dag.nodes import ClassMethodNode
         record = self._handle._record
         return ClassMethodNode(self._handle, record.aid, record.label, self._name,
-                               self._num_returns, args, kwargs)
+                               self._num_returns, args, kwargs).returns()
 
     def options(self, *, num_returns: int | None = None) -> ActorMethod:
         nret = self._num_returns if num_returns is None else num_returns

@@ -1,20 +1,25 @@
 """``compiled.visualize()``: a Plan as Graphviz DOT (processes as clusters, channels as edges).
 
-In: a ``Plan``, an optional path and format. Out: the DOT source; with a path, the file too
-(``dot``: the source itself; ``png``/``svg``: rendered by Graphviz's ``dot`` program).
+In: a ``Plan`` and Ray's arguments (``filename``, ``format``, ``view``, ``return_dot``,
+``channel_details``). Out: the DOT source; unless ``return_dot``, also the files Ray's (graphviz's
+``render``) writes: the source at ``filename`` and the drawing at ``filename.<format>``, drawn by
+Graphviz's ``dot`` program (``format="dot"`` needs no Graphviz: the source is the drawing).
+``format="ascii"`` gives the plan as text instead, as Ray gives its ASCII drawing.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import warnings
 
 from ..compiler.plan import DRIVER, Plan, StepKind
 
-_FORMATS = ("dot", "png", "svg")
+_FORMATS = ("dot", "png", "svg", "pdf", "jpeg", "jpg", "gif", "ascii")
 
 
-def to_dot(plan: Plan) -> str:
+def to_dot(plan: Plan, channel_details: bool = False) -> str:
     lines = ["digraph compiled_dag {", "  rankdir=LR;", '  node [shape=box, fontsize=10];',
              f'  "{DRIVER}" [shape=doublecircle, label="driver"];']
     for i, proc in enumerate(plan.processes):
@@ -29,8 +34,8 @@ def to_dot(plan: Plan) -> str:
         src = DRIVER if spec.writer == DRIVER else f"{spec.writer}/%{spec.op}"
         for reader in spec.readers:
             dst = DRIVER if reader == DRIVER else _first_use(plan, reader, spec.op)
-            lines.append(f'  "{_q(src)}" -> "{_q(dst)}" '
-                         f'[label="ch{spec.id} {spec.kind.value}"];')
+            label = spec.line() if channel_details else f"ch{spec.id} {spec.kind.value}"
+            lines.append(f'  "{_q(src)}" -> "{_q(dst)}" [label="{_q(label)}"];')
     for proc in plan.processes:         # values handed over inside one process
         for step in proc.steps:
             if step.kind is not StepKind.COMPUTE:
@@ -55,23 +60,45 @@ def _q(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
-def render(plan: Plan, path: str | None, format: str) -> str:
-    """The DOT source; writes ``path`` when given (rendering png/svg with ``dot``)."""
+def render(plan: Plan, filename: str, format: str, view: bool, return_dot: bool,
+           channel_details: bool) -> str:
+    """``visualize()``'s work: see the module docstring."""
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
-    source = to_dot(plan)
-    if path is None:
+    if format == "ascii":
+        if channel_details:
+            raise ValueError("channel_details=True does not apply to format='ascii'; "
+                             "the text lists every channel already")
+        text = plan.as_text()
+        if view:
+            print(text)
+        return text
+    source = to_dot(plan, channel_details)
+    if return_dot:
         return source
+    with open(filename, "w") as f:             # graphviz's render() writes the source too
+        f.write(source)
+    target = f"{filename}.{format}"
     if format == "dot":
-        with open(path, "w") as f:
-            f.write(source)
-        return source
-    exe = shutil.which("dot")
-    if exe is None:
-        raise RuntimeError(
-            f"visualize(format={format!r}) needs Graphviz's `dot` program, which is not on "
-            "PATH.\n\nInstall Graphviz (e.g. `apt install graphviz`), or call "
-            "visualize(path, format='dot') and render the file elsewhere.")
-    subprocess.run([exe, f"-T{format}", "-o", path], input=source.encode(), check=True,
-                   timeout=60)
+        shutil.copyfile(filename, target)
+    else:
+        exe = shutil.which("dot")
+        if exe is None:
+            raise RuntimeError(
+                f"visualize(format={format!r}) needs Graphviz's `dot` program, which is not on "
+                f"PATH; the DOT source is in {filename}.\n\nInstall Graphviz (e.g. `apt install "
+                "graphviz`), or call visualize(format='dot') or visualize(return_dot=True).")
+        subprocess.run([exe, f"-T{format}", "-o", target], input=source.encode(), check=True,
+                       timeout=60)
+    if view:
+        _open(target)
     return source
+
+
+def _open(path: str) -> None:
+    opener = shutil.which("xdg-open") or shutil.which("open")
+    if opener is None:
+        warnings.warn(f"visualize(view=True): no viewer (xdg-open) here; the drawing is in "
+                      f"{os.path.abspath(path)}", RuntimeWarning, stacklevel=3)
+        return
+    subprocess.Popen([opener, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,6 +33,7 @@ import cloudpickle
 import zmq
 
 from ..channels.segments import is_alive, unlink_owned
+from ..dag.ir import split_returns
 from ..dag.nodes import INTERNAL_DIRS
 from . import protocol
 from .output import install_prefixed_output
@@ -211,7 +212,7 @@ class Worker:
 
     def _reply_value(self, tid: str, name: str, value: Any, nret: int) -> None:
         try:
-            values = [value] if nret == 1 else _split_returns(value, nret, name)
+            values = [value] if nret == 1 else list(split_returns(value, nret, name))
             frames: list[Any] = [None]
             descs = [self._encode(v).to_wire(frames) for v in values]
         except BaseException as exc:          # noqa: BLE001
@@ -341,18 +342,6 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
-
-
-def _split_returns(value: Any, nret: int, name: str) -> list[Any]:
-    try:
-        values = list(value)
-    except TypeError:
-        raise ValueError(f"{name} was declared with num_returns={nret} but returned a "
-                         f"{type(value).__name__}, which is not iterable") from None
-    if len(values) != nret:
-        raise ValueError(f"{name} was declared with num_returns={nret} but returned "
-                         f"{len(values)} values")
-    return values
 
 
 def error_info(exc: BaseException, name: str, pid: int, prefix: str = "") -> ErrorInfo:

@@ -64,3 +64,10 @@ def write_then_sleep(writer: Any, value: Any, ready: Any) -> None:
     writer.write(value, timeout_s=10)
     ready.send("ready")
     time.sleep(60)
+
+
+def write_later(writer: Any, value: Any, delay_s: float) -> None:
+    """Sleep ``delay_s``, write ``value``, close the writer (its values stay readable)."""
+    time.sleep(delay_s)
+    writer.write(value, timeout_s=10)
+    writer.close()

@@ -42,10 +42,14 @@ class FakeActor:
 
 
 class _FakeMethod:
-    def __init__(self, actor: FakeActor, method: str) -> None:
-        self.actor, self.method = actor, method
+    def __init__(self, actor: FakeActor, method: str, num_returns: int = 1) -> None:
+        self.actor, self.method, self.num_returns = actor, method, num_returns
 
-    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
+    def options(self, *, num_returns: int) -> _FakeMethod:
+        return _FakeMethod(self.actor, self.method, num_returns)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
         caller = sys._getframe(1)           # the test's line, as bind() records for real actors
-        return ClassMethodNode(self.actor, self.actor.label, self.actor.label, self.method, 1,
-                               args, kwargs, site=f"{caller.f_code.co_filename}:{caller.f_lineno}")
+        return ClassMethodNode(self.actor, self.actor.label, self.actor.label, self.method,
+                               self.num_returns, args, kwargs,
+                               site=f"{caller.f_code.co_filename}:{caller.f_lineno}").returns()

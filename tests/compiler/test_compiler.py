@@ -110,6 +110,40 @@ return (%2 <- ch1, %5 <- ch3, %3 (driver))"""
     assert plan.tasks[2].fn_blob is not None and plan.tasks[4].method == "add"
 
 
+def test_the_values_of_a_call_with_num_returns_leave_its_process_separately() -> None:
+    a, b = FakeActor("a"), FakeActor("b")
+    with InputNode() as inp:
+        first, second = a.pair.options(num_returns=2).bind(inp, 7)
+        _unused, used = b.pair.options(num_returns=2).bind(inp, second)
+        dag = MultiOutputNode([b.inc.bind(used), first])
+    ir = trace(dag, unused=True)
+    assert run_local(ir, 1) == [8, 1]
+    plan = lower(ir)
+    assert "\n".join(line.split("  @")[0] for line in plan.as_text().splitlines()[1:]) == """\
+process actor:a (a)
+  READ    ch0 input
+  COMPUTE %0 = input
+  COMPUTE %1 = a.pair(%0, 7)  -> 2 values
+  COMPUTE %2 = %1[0]
+  WRITE   ch1 %2
+  COMPUTE %3 = %1[1]
+  WRITE   ch2 %3
+process actor:b (b)
+  READ    ch0 input
+  COMPUTE %0 = input
+  READ    ch2 %3
+  COMPUTE %4 = b.pair(%0, %3)  -> 2 values
+  COMPUTE %5 = %4[1]
+  COMPUTE %6 = b.inc(%5)
+  WRITE   ch3 %6
+channels
+  ch0 shm    input  driver -> actor:a, actor:b  (1 MiB x 10)
+  ch1 shm    %2     actor:a -> driver  (1 MiB x 10)
+  ch2 shm    %3     actor:a -> actor:b  (1 MiB x 10)
+  ch3 shm    %6     actor:b -> driver  (1 MiB x 10)
+return (%6 <- ch3, %2 <- ch1)"""
+
+
 def test_a_process_with_no_channel_input_reads_the_input_as_its_trigger() -> None:
     a, b = FakeActor("a"), FakeActor("b")
     with InputNode() as inp:

@@ -19,6 +19,11 @@ def add(x, y=0):
     return x + y
 
 
+@hr.remote
+def pair(x):
+    return x, -x
+
+
 def _line() -> int:
     return sys._getframe(1).f_lineno
 
@@ -105,8 +110,28 @@ def test_multi_output_and_num_returns_errors() -> None:
         MultiOutputNode([])
     with pytest.raises(DAGCompileError, match="output 1 is int, not a node"):
         MultiOutputNode([InputNode(), 3])
-    with pytest.raises(DAGCompileError, match=r"add \(bound at .*\) has num_returns=2"):
-        add.options(num_returns=2).bind(1)
+    with pytest.raises(ValueError, match="num_returns must be an int >= 1, got 0"):
+        add.options(num_returns=0).bind(1)
+    with pytest.raises(DAGCompileError, match=r"a.inc \(bound at .*\) has num_returns=0; it "):
+        FakeActor("a").inc.options(num_returns=0).bind(1)
+
+
+def test_num_returns_gives_one_node_per_value_and_checks_the_count() -> None:
+    with InputNode() as inp:
+        first, second = pair.options(num_returns=2).bind(inp)
+        ir = trace(MultiOutputNode([second, add.bind(first, 1)]))
+    assert [op.kind for op in ir.ops] == [OpKind.INPUT, OpKind.FUNCTION, OpKind.ITEM,
+                                          OpKind.ITEM, OpKind.FUNCTION]
+    assert ir.as_text().splitlines()[1:4] == ["%1 = pair(%0)  -> 2 values", "%2 = %1[0]",
+                                              "%3 = %1[1]"]
+    assert repr(second).startswith("<ItemNode pair[1] bound at ")
+    assert run_local(ir, 4) == [-4, 5]
+    with InputNode() as inp:
+        x, _y, z = pair.options(num_returns=3).bind(inp)
+        ir = trace(MultiOutputNode([x, z]))
+    with pytest.raises(ValueError, match="^pair was declared with num_returns=3 but returned "
+                                         "2 values$"):
+        run_local(ir, 4)
 
 
 def test_nodes_do_not_pickle_and_say_why() -> None:

@@ -301,18 +301,31 @@ def test_socket_channels_visualize_and_stats(stages, tmp_path) -> None:
     with dag.experimental_compile(channel="socket") as compiled:
         assert hr.get([compiled.execute(i) for i in range(30)], timeout=30) == \
             [i + 3 for i in range(30)]
-        dot = compiled.visualize(str(tmp_path / "plan.dot"))
-        assert dot.startswith("digraph compiled_dag {") and "ch1 socket" in dot
-        assert (tmp_path / "plan.dot").read_text() == dot
+        base = str(tmp_path / "plan")
+        dot = compiled.visualize(base, format="dot")        # Ray's signature
+        assert dot.startswith("digraph compiled_dag {") and '"ch1 socket"' in dot
+        assert (tmp_path / "plan").read_text() == (tmp_path / "plan.dot").read_text() == dot
+        detailed = compiled.visualize(return_dot=True, channel_details=True)
+        assert "ch1 socket" in detailed and "actor:" in detailed and "x 10" in detailed
+        assert compiled.visualize(format="ascii") == compiled.plan.as_text()
         with pytest.raises(ValueError, match="format must be one of"):
-            compiled.visualize(format="gif")
+            compiled.visualize(base, format="gif2")
         if shutil.which("dot"):             # Graphviz here: a real PNG
-            compiled.visualize(str(tmp_path / "plan.png"), format="png")
+            compiled.visualize(base)
             assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with pytest.MonkeyPatch.context() as mp:    # no Graphviz: says what to install
             mp.setenv("PATH", str(tmp_path))
-            with pytest.raises(RuntimeError, match="needs Graphviz's `dot` program"):
-                compiled.visualize(str(tmp_path / "plan.svg"), format="svg")
+            with pytest.raises(RuntimeError, match=r"needs Graphviz's `dot` program, .* the "
+                                                   r"DOT source is in .*other"):
+                compiled.visualize(str(tmp_path / "other"), format="svg")
+            assert (tmp_path / "other").read_text() == dot
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:                                # Ray's default name, in the current directory
+            assert compiled.visualize(format="dot") == dot
+            assert (tmp_path / "compiled_graph.dot").read_text() == dot
+        finally:
+            os.chdir(cwd)
         stats = compiled.stats()
         assert stats["executions"] == stats["completed"] == 30
         assert stats["latency_us"]["samples"] == 30 and stats["latency_us"]["median"] > 0
