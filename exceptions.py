@@ -184,6 +184,14 @@ class SubmitTimeoutError(ChannelTimeoutError, GetTimeoutError):
     """
 
 
+class CompiledGetTimeoutError(GetTimeoutError, ChannelTimeoutError):
+    """A wait for ``CompiledDAGRef``s passed its deadline (``get``, ``result``, ``wait``...).
+
+    A ``GetTimeoutError`` (our one timeout rule) and a ``ChannelTimeoutError``, so Ray's
+    ``except RayChannelTimeoutError`` catches it as it does in Ray.
+    """
+
+
 class ValueDecodeError(HeadraceError):
     """A channel took a value off its ring but could not rebuild it (``__cause__`` says why).
 
@@ -219,7 +227,8 @@ RayCgraphCapacityExceeded = PipelineFullError
 __all__ = [
     "RayActorError", "RayCgraphCapacityExceeded", "RayChannelError", "RayChannelTimeoutError",
     "RayError", "RaySystemError", "RayTaskError",
-    "ActorDiedError", "ChannelClosedError", "DAGCompileError", "GetTimeoutError",
+    "ActorDiedError", "ChannelClosedError", "ChannelTimeoutError", "CompiledGetTimeoutError",
+    "DAGCompileError", "GetTimeoutError",
     "HeadraceError", "InternalError", "ObjectLostError", "PipelineFullError", "RefsTypeError",
     "RemoteTraceback", "SubmitTimeoutError", "TaskCancelledError", "TaskError", "ValueDecodeError",
     "WorkerCrashedError", "WouldBlock",

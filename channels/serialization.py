@@ -11,6 +11,7 @@ A value that cannot be pickled raises ``TypeError`` naming its type.
 from __future__ import annotations
 
 import io
+import linecache
 import pickle
 import types
 from collections import ChainMap
@@ -29,12 +30,29 @@ def _code_reduce_keeping_file(code: types.CodeType) -> Any:
                        for a in args)
 
 
+def _code_reduce_with_source(code: types.CodeType) -> Any:
+    ctor, args = _code_reduce_keeping_file(code)
+    lines = linecache.getlines(code.co_filename)
+    if not lines:
+        return ctor, args
+    # NOTE: every code object of one file shares linecache's one list: pickled once (memo)
+    return _code_with_source, (ctor, args, code.co_filename, lines)
+
+
+def _code_with_source(ctor: Any, args: tuple, filename: str, lines: list[str]) -> Any:
+    """Unpickling code shipped by value: its source lines join this process's ``linecache``
+    (where the file is not readable, e.g. a notebook cell or another host), so tracebacks
+    raised here show the user's source."""
+    if not linecache.getlines(filename):
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return ctor(*args)
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, keeping each code object's file name.
 
     cloudpickle >= 3.1 writes ``<dynamic-code>`` instead, so a remote traceback would lose the
-    user's file, line text and bind-site match; headrace ships code to processes of one session,
-    where the file is the same.
+    user's file, line text and bind-site match.
     """
 
     if _code_reduce is not None:
@@ -42,10 +60,21 @@ class _Pickler(cloudpickle.Pickler):
                                   cloudpickle.Pickler.dispatch_table)
 
 
-def cloud_dumps(value: Any, buffer_callback: Any = None) -> bytes:
-    """``cloudpickle.dumps(value, protocol=5)``, file names of code kept."""
+class _FunctionPickler(_Pickler):
+    """``_Pickler`` for functions and classes shipped to run elsewhere: each code object also
+    carries its file's source lines, which the receiving process puts in its ``linecache``."""
+
+    if _code_reduce is not None:
+        dispatch_table = ChainMap({types.CodeType: _code_reduce_with_source},
+                                  cloudpickle.Pickler.dispatch_table)
+
+
+def cloud_dumps(value: Any, buffer_callback: Any = None, *, source: bool = False) -> bytes:
+    """``cloudpickle.dumps(value, protocol=5)``, file names of code kept (``source``: and the
+    source lines of by-value code)."""
     out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(value)
+    pickler = _FunctionPickler if source else _Pickler
+    pickler(out, protocol=5, buffer_callback=buffer_callback).dump(value)
     return out.getvalue()
 
 
@@ -79,7 +108,7 @@ def loads(meta: bytes | memoryview, buffers: Sequence[Any] = ()) -> Any:
 def dumps_function(fn: Any) -> bytes:
     """Pickle a function or class by value where needed (cloudpickle), for shipping to workers."""
     try:
-        return cloud_dumps(fn)
+        return cloud_dumps(fn, source=True)
     except Exception as exc:
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         raise TypeError(f"cannot serialize {name!r} to send it to a worker process: "

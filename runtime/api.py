@@ -185,7 +185,7 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     if single:
         ref = items[0]
         if not ref._wait(deadline):
-            raise _timeout_error(deadline, 1, 1)
+            raise _timeout_error(deadline, [ref], 1)
         return ref._outcome()
     _wait_all(items, deadline)
     return [ref._outcome() for ref in items]
@@ -209,7 +209,7 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
             if not pending:
                 return
             if deadline.remaining_s() == 0:
-                still = sum(r._state is RefState.PENDING for r in items)
+                still = [r for r in items if r._state is RefState.PENDING]
                 raise _timeout_error(deadline, still, len(items))
             wait_event(event, pending, deadline)
             event.clear()
@@ -317,8 +317,7 @@ def gather(obj: Any, *, errors: str = "raise", timeout: float | None = None,
 def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
     for ref in refs:
         if not ref._wait(deadline):
-            pending = sum(not r.done() for r in refs)
-            raise _timeout_error(deadline, pending, len(refs))
+            raise _timeout_error(deadline, [r for r in refs if not r.done()], len(refs))
 
 
 def _collect(obj: Any) -> Iterator[Ref]:
@@ -391,7 +390,9 @@ async def _gather_async(obj: Any, errors: str, timeout: float | None) -> Any:
         for task in not_done:
             task.cancel()
         if not_done:
-            raise _timeout_error(Deadline(timeout), len(not_done), len(refs))
+            raise _timeout_error(Deadline(timeout),
+                                 [r for r, w in zip(refs, waits, strict=True) if w in not_done],
+                                 len(refs))
     return _rebuild(obj, errors)
 
 

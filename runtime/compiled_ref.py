@@ -21,6 +21,7 @@ class CompiledDAGRef(Ref):
     """A handle to output ``index`` of execution ``execution`` of a compiled DAG."""
 
     __slots__ = ("_dag", "_execution", "_index", "_read")
+    _compiled = True
 
     def __init__(self, dag: Any, execution: int, index: int, name: str) -> None:
         super().__init__(new_ref_id(), name)

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
-from ..exceptions import GetTimeoutError, InternalError, TaskCancelledError
+from ..exceptions import (CompiledGetTimeoutError, GetTimeoutError, InternalError,
+                          TaskCancelledError)
 from .deadline import Deadline, check_timeout
 
 log = logging.getLogger("headrace")
@@ -58,6 +59,7 @@ class Ref:
 
     __slots__ = ("_id", "_name", "_state", "_value", "_payload", "_error", "_callbacks",
                  "__weakref__")
+    _compiled = False       # a CompiledDAGRef: its waits time out as Ray's channels do
 
     def __init__(self, ref_id: str, name: str) -> None:
         self._id = ref_id
@@ -252,14 +254,14 @@ class Ref:
         """
         deadline = Deadline(_pick_timeout(timeout, timeout_s))
         if not self._wait(deadline):
-            raise _timeout_error(deadline, 1, 1)
+            raise _timeout_error(deadline, [self], 1)
         return self._outcome()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error the ref ended with, or None if it has a value; waits like ``result``."""
         deadline = Deadline(check_timeout(timeout))
         if not self._wait(deadline):
-            raise _timeout_error(deadline, 1, 1)
+            raise _timeout_error(deadline, [self], 1)
         if self._state is RefState.READY:
             try:
                 self._outcome()
@@ -362,13 +364,16 @@ def _pick_timeout(timeout: float | None, timeout_s: float | None) -> float | Non
                          "timeout" if timeout_s is None else "timeout_s")
 
 
-def _timeout_error(deadline: Deadline, pending: int, total: int) -> BaseException:
-    """The error of a wait that gave up: its deadline passed (never one without a deadline)."""
+def _timeout_error(deadline: Deadline, pending: list[Ref], total: int) -> BaseException:
+    """The error of a wait that gave up: its deadline passed (never one without a deadline).
+    A ``CompiledGetTimeoutError`` if ``pending`` holds a CompiledDAGRef (Ray's channel
+    timeout), else a ``GetTimeoutError``."""
     if deadline.timeout_s is None:
-        return InternalError(f"a wait without a deadline gave up with {pending} of {total} "
-                             "refs pending; this is a bug in headrace, please report it")
-    return GetTimeoutError(f"get timed out after {deadline.timeout_s:g} s: {pending} of "
-                           f"{total} ref{'s' if total != 1 else ''} still pending")
+        return InternalError(f"a wait without a deadline gave up with {len(pending)} of {total}"
+                             " refs pending; this is a bug in headrace, please report it")
+    cls = CompiledGetTimeoutError if any(r._compiled for r in pending) else GetTimeoutError
+    return cls(f"get timed out after {deadline.timeout_s:g} s: {len(pending)} of {total} "
+               f"ref{'s' if total != 1 else ''} still pending")
 
 
 def _format_local(exc: BaseException) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import linecache
 import os
+import time
+import uuid
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,9 @@ pytestmark = pytest.mark.usefixtures("runtime")
 class Echo:
     def echo(self, x):
         return x
+
+    def nap(self, delay_s):
+        time.sleep(delay_s)
 
 
 def test_ray_option_names_mean_ours() -> None:
@@ -80,6 +87,29 @@ def test_ray_import_paths_and_exception_names_resolve() -> None:
 
 
 @hr.remote
+def nap(delay_s):
+    time.sleep(delay_s)
+
+
+def test_a_timed_out_wait_for_compiled_refs_is_rays_channel_timeout_too() -> None:
+    from headrace.exceptions import GetTimeoutError, RayChannelTimeoutError
+    with InputNode() as inp:
+        dag = Echo.remote().nap.bind(inp)
+    with dag.experimental_compile() as compiled:
+        ref = compiled.execute(1.0)
+        for wait in (lambda: hr.get(ref, timeout=0.05), lambda: ref.result(timeout=0.05),
+                     lambda: hr.get([ref], timeout=0.05)):
+            with pytest.raises(RayChannelTimeoutError, match="1 of 1 ref still pending") as info:
+                wait()
+            assert isinstance(info.value, GetTimeoutError) and isinstance(info.value,
+                                                                          TimeoutError)
+        assert hr.get(ref, timeout=30) is None
+    with pytest.raises(GetTimeoutError) as info:    # an ObjectRef's: no channel involved
+        hr.get(nap.remote(1.0), timeout=0.05)
+    assert not isinstance(info.value, RayChannelTimeoutError)
+
+
+@hr.remote
 class Fails:
     def divide(self, x):
         return 1 / x
@@ -99,6 +129,33 @@ def test_str_of_a_compiled_task_error_shows_the_remote_traceback_with_source_lin
     assert tb.startswith('Traceback (most recent call last):\n  File "' + __file__)
     assert "    return 1 / x\n" in tb and tb.endswith("ZeroDivisionError: division by zero")
     assert "dag_loop.py" not in tb                  # headrace's own frames are left out
+
+
+def _cell(source: str, name: str) -> Any:
+    """Define ``name`` as a notebook does: from a cell whose file exists nowhere, but whose
+    lines are in this process's linecache (so by-value pickling must carry them along)."""
+    filename = f"<headrace-test-cell-{uuid.uuid4().hex}>"
+    lines = source.splitlines(True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[name]
+
+
+def test_code_from_a_file_the_workers_cannot_read_still_shows_its_source_lines() -> None:
+    divide = hr.remote(_cell("def divide(x):\n    return 10 // x  # the cell's line\n",
+                             "divide"))
+    with pytest.raises(ZeroDivisionError) as info:
+        hr.get(divide.remote(0), timeout=30)
+    assert "    return 10 // x  # the cell's line\n" in str(info.value)
+    Cell = hr.remote(_cell("class Cell:\n    def half(self, x):\n"
+                           "        return {}[x]  # a compiled node's line\n", "Cell"))
+    with InputNode() as inp:
+        dag = Cell.remote().half.bind(inp)
+    with dag.experimental_compile() as compiled:
+        with pytest.raises(KeyError) as info:
+            hr.get(compiled.execute(3), timeout=30)
+    assert "    return {}[x]  # a compiled node's line\n" in str(info.value)
 
 
 @hr.remote
