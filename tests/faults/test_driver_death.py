@@ -78,15 +78,14 @@ def test_driver_sigkill_leaves_no_process_and_no_segment_after_two_seconds() -> 
         driver.wait()
 
 
-def _zombie() -> int:
-    """A child that has exited and is not reaped: its pid still exists."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
+def _zombie() -> subprocess.Popen:
+    """A child that has exited and is not reaped: its pid still exists. (Not os.fork():
+    forking a process with threads is deprecated.)"""
+    child = subprocess.Popen(["true"])
     deadline = time.monotonic() + 5
-    while is_alive(pid) and time.monotonic() < deadline:
+    while is_alive(child.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return pid
+    return child
 
 
 def _fake_segment(owner: int, ticks: int | None = None) -> str:
@@ -98,14 +97,14 @@ def _fake_segment(owner: int, ticks: int | None = None) -> str:
 
 
 def test_sweep_treats_zombie_owners_as_dead() -> None:
-    pid = _zombie()
+    child = _zombie()
     try:
-        assert os.path.exists(f"/proc/{pid}")       # the pid exists, as a zombie
-        name = _fake_segment(pid)
+        assert os.path.exists(f"/proc/{child.pid}")     # the pid exists, as a zombie
+        name = _fake_segment(child.pid)
         assert name in sweep_dead_owners()
         assert not os.path.exists(os.path.join(SHM_DIR, name))
     finally:
-        os.waitpid(pid, 0)
+        child.wait()
 
 
 def test_a_segment_whose_owner_pid_was_reused_is_swept_and_a_live_owners_is_kept() -> None:
