@@ -208,7 +208,8 @@ class InternalError(HeadraceError):
 
 
 class RefsTypeError(TypeError, ValueError):
-    """``get``/``wait`` got a tuple, generator or other non-list container of refs.
+    """``get``/``wait`` got something other than a ref or a list of refs (a tuple, a generator,
+    a list holding ``None``), or a ref was pickled on its own.
 
     Both a ``TypeError`` (Python's convention) and a ``ValueError`` (what Ray raises), so either
     ``except`` works.

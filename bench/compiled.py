@@ -63,23 +63,28 @@ class Echo:
 class Graphs:
     """Builds one graph per case for one framework (headrace or Ray), compiled on demand."""
 
-    def __init__(self, name: str, hr_mod: Any, input_node: Any, cls: Any) -> None:
+    def __init__(self, name: str, hr_mod: Any, input_node: Any, cls: Any,
+                 multi_output: Any) -> None:
         self.name, self.mod, self.InputNode = name, hr_mod, input_node
+        self.MultiOutputNode = multi_output
         self.actors = [cls.remote() for _ in range(3)]
         self.pids = self.mod.get([a.pid.remote() for a in self.actors], timeout=TIMEOUT_S)
         self.compiled: Any = None
 
-    def dag(self, n_actors: int) -> Any:
+    def dag(self, shape: int | str) -> Any:
+        """A chain of ``shape`` actors, or ``"fan2"``: two actors fed the input, two outputs."""
         with self.InputNode() as inp:
+            if shape == "fan2":
+                return self.MultiOutputNode([a.echo.bind(inp) for a in self.actors[:2]])
             node = inp
-            for a in self.actors[:n_actors]:
+            for a in self.actors[:shape]:
                 node = a.echo.bind(node)
         return node
 
-    def hooks(self, n_actors: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    def hooks(self, shape: int | str) -> tuple[Callable[[], None], Callable[[], None]]:
         def before() -> None:
             common.settle()         # the other implementation's processes are quiet again
-            self.compiled = self.dag(n_actors).experimental_compile()
+            self.compiled = self.dag(shape).experimental_compile()
 
         def after() -> None:
             self.compiled.teardown()
@@ -179,15 +184,15 @@ def compile_1000(n: int) -> list[float]:
 def _headrace() -> Graphs:
     import headrace as hr
     hr.init(num_cpus=2, ignore_reinit_error=True)
-    return Graphs("headrace", hr, hr.InputNode, hr.remote(Echo))
+    return Graphs("headrace", hr, hr.InputNode, hr.remote(Echo), hr.MultiOutputNode)
 
 
 def _ray() -> Graphs:
     import ray
-    from ray.dag import InputNode
+    from ray.dag import InputNode, MultiOutputNode
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
              ignore_reinit_error=True)
-    return Graphs("ray-cg", ray, InputNode, ray.remote(Echo))
+    return Graphs("ray-cg", ray, InputNode, ray.remote(Echo), MultiOutputNode)
 
 
 def judge(records: list[Record]) -> list[Target]:
@@ -271,6 +276,7 @@ def run(quick: bool = False) -> list[Record]:
                            Any]] = {
         "rt_1actor": (1, lambda g: g.one(small), None, 1, small),
         "chain_3actor": (3, lambda g: g.one(small), None, 1, small),
+        "fanout_2actor": ("fan2", lambda g: g.one(small), None, 1, None),
         "pipelined_1actor": (1, lambda g: g.pipelined(), None, INFLIGHT, small),
         "pipelined_3actor": (3, lambda g: g.pipelined(), None, INFLIGHT, small),
         "echo_1mb": (1, lambda g: g.one(mb), mb.nbytes, 1, mb),

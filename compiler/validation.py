@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..dag.ir import DagIR, NodeArg, Op, OpKind
+from ..dag.context import DAGContext
+from ..dag.nodes import DAGNode
+from ..dag.ir import DagIR, NodeArg, Op, OpKind, is_used_whole
 from ..exceptions import DAGCompileError
 from .plan import PlanOptions
 
@@ -27,6 +29,8 @@ def validate(ir: DagIR, is_alive: Callable[[Any], bool] | None = None) -> DagIR:
         cycle = nx.find_cycle(graph)
         raise DAGCompileError(f"the DAG has a cycle through {[ir.ops[a].name for a, _ in cycle]}"
                               "; this is a bug in headrace (bind() cannot make cycles)")
+    for op in ir.ops:       # first: a node hidden in an object hides the input too
+        _check_op(op, is_alive)
     _check_input(ir)
     reach = set(ir.outputs)
     for out in ir.outputs:
@@ -39,8 +43,6 @@ def validate(ir: DagIR, is_alive: Callable[[Any], bool] | None = None) -> DagIR:
                 f"Return it from the DAG, e.g. MultiOutputNode([..., {op.name}]), or remove "
                 "the bind() call. (Every call bound inside a `with InputNode()` block is part "
                 "of that DAG: build each DAG in a block of its own.)")
-    for op in ir.ops:
-        _check_op(op, is_alive)
     return ir
 
 
@@ -57,10 +59,20 @@ def _check_input(ir: DagIR) -> None:
             f"the DAG ending at {ir.root_site} has no InputNode, so execute() would have "
             "nothing to start an execution with.\n\nBind the first node to an input: "
             "`with InputNode() as inp: dag = f.bind(inp)`.")
+    whole = is_used_whole(ir, inputs[0].index)
+    parts = [op for op in ir.ops if op.kind is OpKind.ATTR and op.deps[0] == inputs[0].index]
+    if whole and parts:     # Ray refuses this too: inp is one argument, inp[0] picks among many
+        user = next((op for op in ir.ops
+                     if inputs[0].index in op.deps and op.kind is not OpKind.ATTR), None)
+        where = f"{user.name!r} (bound at {user.site})" if user else "an output"
+        raise DAGCompileError(
+            f"the DAG uses its InputNode whole (in {where}) and parts of it ({parts[0].name}, "
+            f"bound at {parts[0].site}): execute() would have to take one argument and "
+            "several at once.\n\nUse one form (Ray's rule too): either pass one value and "
+            "bind `inp` itself, or bind only inp[0], inp[1], inp.key, ...")
 
 
 def _check_op(op: Op, is_alive: Callable[[Any], bool] | None) -> None:
-    import cloudpickle      # NOTE: not at import time: `import headrace` stays light
     parts = op.parts or (op,)
     for part in parts:
         if part.kind is OpKind.METHOD and is_alive is not None and not is_alive(part.actor):
@@ -70,13 +82,39 @@ def _check_op(op: Op, is_alive: Callable[[Any], bool] | None) -> None:
                 "instead.")
         for where, value in _constants(part):
             try:
-                cloudpickle.dumps(value, protocol=5)
+                hidden = _hidden_nodes(value)
             except Exception as exc:            # noqa: BLE001 - any pickling failure
                 raise DAGCompileError(
                     f"node {part.name!r} (bound at {part.site}): {where} is a "
                     f"{type(value).__name__} that cannot be pickled ({exc}), so it cannot be "
                     "sent to the process that runs the node.\n\nPass a picklable value, or "
                     "create the object inside the function or actor.") from exc
+            if hidden:
+                raise DAGCompileError(
+                    f"node {part.name!r} (bound at {part.site}): {where} is a "
+                    f"{type(value).__name__} holding the DAG node {hidden[0]._name!r} (bound at "
+                    f"{hidden[0]._site}) inside it, where the compiler cannot see it: nodes are "
+                    "found as arguments and inside lists, tuples and dicts only.\n\nPass the "
+                    "node itself (or in a list or dict) and build the "
+                    f"{type(value).__name__} inside the function or method.")
+
+
+def _hidden_nodes(value: Any) -> list[Any]:
+    """The DAG nodes inside ``value`` (an object the argument walker does not open), found by
+    pickling it as cloudpickle would; raises what pickling raises."""
+    import io
+
+    import cloudpickle      # NOTE: not at import time: `import headrace` stays light
+    found: list[Any] = []
+
+    class _Scan(cloudpickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            if isinstance(obj, DAGNode):
+                found.append(obj)
+                return len(found)           # not pickled: it would refuse
+            return None
+    _Scan(io.BytesIO(), protocol=5).dump(value)
+    return found
 
 
 def _constants(op: Op) -> list[tuple[str, Any]]:
@@ -130,10 +168,22 @@ def _from_ray(options: dict[str, Any]) -> dict[str, Any]:
 _RAY_ONLY = ("enable_asyncio", "_overlap_gpu_communication", "_default_communicator")
 
 
+def _context_defaults() -> dict[str, Any]:
+    """The options ``DAGContext.get_current()`` sets (Ray's process-wide defaults)."""
+    ctx = DAGContext.get_current()
+    if ctx.overlap_gpu_communication:
+        raise ValueError("DAGContext.get_current().overlap_gpu_communication is True, which "
+                         "needs GPUs; headrace's compiled DAGs move values through shared "
+                         "memory and sockets on CPUs.\n\nSet it back to False.")
+    return {"submit_timeout_s": ctx.submit_timeout, "buffer_size_bytes": ctx.buffer_size_bytes,
+            "max_inflight_executions": ctx.max_inflight_executions,
+            "max_buffered_results": ctx.max_buffered_results}
+
+
 def check_options(options: dict[str, Any]) -> PlanOptions:
     """The compile options as ``PlanOptions``; a clear ``ValueError``/``TypeError`` otherwise.
     Ray's names are accepted too (``RAY_ALIASES``, ``enable_asyncio``)."""
-    options = _from_ray(options)
+    options = {**_context_defaults(), **_from_ray(options)}
     unknown = sorted(set(options) - set(_OPTION_TYPES))
     if unknown:
         raise TypeError(f"unknown compile option(s) {', '.join(map(repr, unknown))}; valid "

@@ -53,6 +53,35 @@ def bind_site() -> str:
     return "<unknown>"
 
 
+def check_signature(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
+                    method: bool = False) -> None:
+    """TypeError at ``bind()`` (as Ray) if ``fn`` cannot take these arguments (nodes stand for
+    values); ``method``: ``fn`` is a class's function, called with the instance first."""
+    import inspect
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):         # a builtin or C function: nothing to check
+        return
+    try:
+        signature.bind(*((None,) if method else ()), *args, **kwargs)
+    except TypeError as exc:
+        shown = signature.replace(parameters=list(signature.parameters.values())[1:]) \
+            if method and signature.parameters else signature
+        raise TypeError(f"{name}.bind() at {bind_site()}: {exc}. The function {name!r} has "
+                        f"the signature {shown}.\n\nBind it with the arguments it takes (nodes "
+                        "stand for the values they will have).") from None
+
+
+def check_method_signature(cls: type | None, method: str, args: tuple[Any, ...],
+                           kwargs: dict[str, Any], name: str) -> None:
+    """``check_signature`` for method ``method`` of actor class ``cls`` (if it has one)."""
+    import inspect
+    fn = getattr(cls, method, None) if cls is not None else None
+    if fn is not None:
+        static = isinstance(inspect.getattr_static(cls, method), (staticmethod, classmethod))
+        check_signature(fn, args, kwargs, name, method=not static)
+
+
 class DAGNode:
     """A node of a DAG being bound. ``experimental_compile()`` and ``execute()`` start from here.
 
@@ -283,13 +312,14 @@ class ClassNode:
     ``methods`` maps each method to its declared ``num_returns``.
     """
 
-    __slots__ = ("_actor", "_create", "_label", "_lock", "_methods", "_site")
+    __slots__ = ("_actor", "_cls", "_create", "_label", "_lock", "_methods", "_site")
 
     def __init__(self, label: str, create: Callable[[], tuple[Any, Any]],
-                 methods: dict[str, int] | None = None) -> None:
+                 methods: dict[str, int] | None = None, cls: type | None = None) -> None:
         self._label = label
         self._create = create
         self._methods = dict(methods or {})
+        self._cls = cls
         self._actor: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
         self._site = bind_site()
@@ -317,6 +347,8 @@ class _ClassNodeMethod:
         self._node, self._method, self._num_returns = node, method, num_returns
 
     def bind(self, *args: Any, **kwargs: Any) -> DAGNode | tuple[ItemNode, ...]:
+        check_method_signature(self._node._cls, self._method, args, kwargs,
+                               f"{self._node._label}.{self._method}")
         return ClassMethodNode(None, None, self._node._label, self._method, self._num_returns,
                                args, kwargs, class_node=self._node).returns()
 

@@ -146,8 +146,8 @@ def _check_refs(refs: Any, fn: str) -> tuple[list[Ref], bool]:
                else ""))
     for i, ref in enumerate(refs):
         if not isinstance(ref, Ref):
-            raise TypeError(f"{fn}() expects a list of refs, but element {i} is "
-                            f"{type(ref).__name__}: {ref!r:.60}")
+            raise RefsTypeError(f"{fn}() expects a list of refs, but element {i} is "
+                                f"{type(ref).__name__}: {ref!r:.60}")
     return refs, False
 
 
@@ -179,8 +179,8 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
         GetTimeoutError: The deadline passed; the message counts the refs still pending.
         TaskError: A task raised; raised as soon as it arrives, without waiting for the rest.
     """
-    deadline = Deadline(timeout)
     items, single = _check_refs(refs, "get")
+    deadline = Deadline(timeout if timeout is not None else _dag_get_timeout(items))
     _warn_if_in_loop("get")
     if single:
         ref = items[0]
@@ -189,6 +189,14 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
         return ref._outcome()
     _wait_all(items, deadline)
     return [ref._outcome() for ref in items]
+
+
+def _dag_get_timeout(items: list[Ref]) -> float | None:
+    """``get(timeout=None)``: the shortest ``DAGContext.get_timeout`` of the compiled DAGs of
+    ``items`` (None, the default, for all: no deadline)."""
+    found = [r._dag.get_timeout_s for r in items if r._compiled and
+             r._dag.get_timeout_s is not None]
+    return min(found) if found else None
 
 
 def _wait_all(items: list[Ref], deadline: Deadline) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import os
+import uuid
 import shutil
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 from .. import _config
 from .. import dag as dag_layer
 from ..compiler.plan import DRIVER, ChannelKind, Plan
+from ..dag.context import DAGContext
 from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
 from ..dag.nodes import DAGNode
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
@@ -81,6 +83,10 @@ class CompiledDAG:
                                 enumerate(zip(plan.outputs, plan.output_channels, strict=True))
                                 if c < 0]
         self._names = [plan.tasks[i].name for i in plan.outputs]
+        self._arity = _arity(plan)              # what execute() must be given (Ray checks it)
+        self._id = uuid.uuid4().hex
+        #: get(timeout=None) of this DAG's refs waits this long (DAGContext.get_timeout)
+        self.get_timeout_s: float | None = DAGContext.get_current().get_timeout
         self._submit_lock = threading.Lock()
         self._cond = threading.Condition()
         self._fetching = False                  # a thread is reading the output channels
@@ -124,6 +130,8 @@ class CompiledDAG:
         """
         if self._closed:
             raise self._closed_error()
+        if kwargs or len(args) != 1 or self._arity[0] != 1:
+            self._check_arguments(args, kwargs)
         if (kwargs or len(args) != 1 or type(args[0]) not in _PLAIN) and (
                 _has_refs(args) or _has_refs(kwargs)):
             from .api import gather
@@ -170,6 +178,31 @@ class CompiledDAG:
         if self.plan.multi:
             return [CompiledDAGFuture(ref) for ref in refs]
         return CompiledDAGFuture(refs)
+
+    def _check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """ValueError (Ray's) unless ``execute(*args, **kwargs)`` gives the DAG's input what it
+        reads: as many positional arguments as it indexes, each keyword it reads."""
+        count, names, site = self._arity
+        if count is not None and len(args) != count:
+            whole = " (it binds its InputNode itself: one value)" if count == 1 and not \
+                names else ""
+            raise ValueError(
+                f"dag.execute() or dag.execute_async() must be called with {count} positional "
+                f"args, got {len(args)}: the DAG's input (bound at {site}) reads {count}"
+                f"{whole}.\n\nPass exactly those; nothing was submitted.")
+        if count == 1 and not names and kwargs:
+            raise ValueError(
+                f"dag.execute() or dag.execute_async() got keyword arguments "
+                f"{sorted(kwargs)}, but the DAG binds its InputNode (bound at {site}) itself, "
+                "so it takes one value.\n\nPass one value, or bind inp.key to read keywords; "
+                "nothing was submitted.")
+        for name in names:
+            if name not in kwargs and len(args) != 1:
+                raise ValueError(
+                    f"dag.execute() or dag.execute_async() must be called with kwarg `{name}` "
+                    f"(the DAG reads inp.{name}, bound at {site}); got "
+                    f"{sorted(kwargs) or 'no keyword arguments'}.\n\nPass {name}=...; "
+                    "nothing was submitted.")
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
         try:       # one positional argument travels as itself (the codec's fast paths apply)
@@ -501,6 +534,10 @@ class CompiledDAG:
             pass
 
     # -- introspection ----------------------------------------------------------------------
+    def get_id(self) -> str:
+        """This compiled DAG's id (hex), as Ray's ``get_id()``."""
+        return self._id
+
     def stats(self) -> dict[str, Any]:
         """Executions, latency (submit to outputs read, in µs) and per-channel statistics."""
         lat = sorted(self._latency_ns[:min(self._latencies, _LATENCY_SAMPLES)])
@@ -528,6 +565,25 @@ class CompiledDAG:
         state = "closed" if self._closed else "broken" if self._error else "open"
         return (f"<CompiledDAG {len(self.plan.processes)} processes, "
                 f"{self._submitted} executions, {state}>")
+
+
+def _arity(plan: Plan) -> tuple[int | None, tuple[str, ...], str]:
+    """What ``execute()`` must be given: the exact positional count (None: any), the keywords
+    read, and the InputNode's bind site. ``inp`` used whole takes one value; ``inp[i]`` takes
+    as many as the largest index needs; ``inp.key`` a keyword (or, alone, an attribute of the
+    one positional argument)."""
+    inp = next((t for t in plan.tasks if t.kind is OpKind.INPUT), None)
+    if inp is None:
+        return None, (), "?"
+    keys = [t.key for t in plan.tasks if t.kind is OpKind.ATTR and t.deps[0] == inp.index]
+    ints = [k for k in keys if isinstance(k, int)]
+    names = tuple(dict.fromkeys(k for k in keys if isinstance(k, str)))
+    if any(inp.index in t.deps for t in plan.tasks if t.kind is not OpKind.ATTR) or \
+            inp.index in plan.outputs:
+        return 1, (), inp.site
+    if ints and min(ints) >= 0:
+        return max(ints) + 1, names, inp.site
+    return None, names, inp.site
 
 
 def channels_readers(plan: Plan, channel: int) -> tuple[str, ...]:

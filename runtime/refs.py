@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
-from ..exceptions import (CompiledGetTimeoutError, GetTimeoutError, InternalError,
+from ..exceptions import (CompiledGetTimeoutError, GetTimeoutError, InternalError, RefsTypeError,
                           TaskCancelledError)
 from .deadline import Deadline, check_timeout
 
@@ -88,10 +88,16 @@ class Ref:
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: status: {self._state.value}, key: {self.key}>"
 
+    def __copy__(self) -> Ref:
+        return self             # a handle to one value: a copy is the same handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Ref:
+        return self
+
     def __reduce__(self) -> Any:
         deps = getattr(_CAPTURE, "deps", None)
         if deps is None:
-            raise TypeError(
+            raise RefsTypeError(
                 f"{type(self).__name__} {self.key} cannot be pickled on its own.\n\n"
                 "Pass refs as arguments of .remote() or execute() calls (they are resolved "
                 "first, also inside lists, tuples and dicts), or pass hr.get(ref) instead.")

@@ -86,7 +86,8 @@ class RemoteFunction:
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         """A DAG node calling this function; args may be nodes, constants, or both nested.
         With ``num_returns=n > 1``: a tuple of n nodes, one per return value."""
-        from ..dag.nodes import FunctionNode
+        from ..dag.nodes import FunctionNode, check_signature
+        check_signature(self._body.fn, args, kwargs, self._body.name)
         return FunctionNode(self._body, self._options, args, kwargs).returns()
 
     def options(self, **options: Any) -> RemoteFunction:
@@ -156,7 +157,7 @@ class ActorClass:
         def create() -> tuple[ActorHandle, Any]:
             handle = self.remote(*args, **kwargs)
             return handle, handle._record.aid
-        return ClassNode(self._body.name, create, self._body.methods)
+        return ClassNode(self._body.name, create, self._body.methods, self._body.cls)
 
     def options(self, **options: Any) -> ActorClass:
         given = {k: v for k, v in self._options.items() if v != _ACTOR_OPTIONS[k]}
@@ -233,8 +234,10 @@ class ActorMethod:
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         """A DAG node calling this method of this actor (in submission order, like .remote).
         With ``num_returns=n > 1``: a tuple of n nodes, one per return value."""
-        from ..dag.nodes import ClassMethodNode
+        from ..dag.nodes import ClassMethodNode, check_method_signature
         record = self._handle._record
+        check_method_signature(record.body.cls, self._name, args, kwargs,
+                               f"{record.label}.{self._name}")
         return ClassMethodNode(self._handle, record.aid, record.label, self._name,
                                self._num_returns, args, kwargs).returns()
 

@@ -84,7 +84,7 @@ def render(plan: Plan, filename: str, format: str, view: bool, return_dot: bool,
     else:
         exe = shutil.which("dot")
         if exe is None:
-            raise RuntimeError(
+            raise ImportError(      # Ray's type: its drawing needs the graphviz package
                 f"visualize(format={format!r}) needs Graphviz's `dot` program, which is not on "
                 f"PATH; the DOT source is in {filename}.\n\nInstall Graphviz (e.g. `apt install "
                 "graphviz`), or call visualize(format='dot') or visualize(return_dot=True).")

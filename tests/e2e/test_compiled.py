@@ -11,6 +11,7 @@ import signal
 import tempfile
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -217,9 +218,18 @@ def test_unpicklable_output_and_bad_input_are_errors_of_that_execution(stages) -
     with dag.experimental_compile() as compiled:
         with pytest.raises(TaskError, match="could not serialize the value of Stage.lock"):
             hr.get(compiled.execute(v=1), timeout=30)
-        with pytest.raises(TypeError, match=r"keyword argument 'v' .* got \['w'\]"):
-            hr.get(compiled.execute(w=1), timeout=30)
+        with pytest.raises(ValueError, match=r"must be called with kwarg `v` .* got \['w'\]"):
+            compiled.execute(w=1)           # refused before it is submitted (Ray's rule)
+        with pytest.raises(TypeError, match=r"^keyword argument 'v' of execute\(\) cannot be "
+                                            "serialized: lock"):
+            compiled.execute(v=threading.Lock())
         assert hr.get(compiled.execute(v=2)[1], timeout=30) == 2
+    with InputNode() as inp:
+        dag = a.echo.bind(inp[0].missing)
+    with dag.experimental_compile() as compiled:      # a bad part of a good argument
+        with pytest.raises(TaskError, match=r"has no attribute 'missing'"):
+            hr.get(compiled.execute(1), timeout=30)
+        assert hr.get(compiled.execute(types.SimpleNamespace(missing=3)), timeout=30) == 3
 
 
 def test_teardown_is_idempotent_fast_and_later_calls_raise(stages) -> None:
@@ -315,7 +325,7 @@ def test_socket_channels_visualize_and_stats(stages, tmp_path) -> None:
             assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with pytest.MonkeyPatch.context() as mp:    # no Graphviz: says what to install
             mp.setenv("PATH", str(tmp_path))
-            with pytest.raises(RuntimeError, match=r"needs Graphviz's `dot` program, .* the "
+            with pytest.raises(ImportError, match=r"needs Graphviz's `dot` program, .* the "
                                                    r"DOT source is in .*other"):
                 compiled.visualize(str(tmp_path / "other"), format="svg")
             assert (tmp_path / "other").read_text() == dot
