@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..dag.ir import DagIR, NodeArg, Op, OpKind, PrevArg, renumber
+from ..dag.walk import map_leaves
 
 CALLS = frozenset({OpKind.FUNCTION, OpKind.METHOD, OpKind.FUSED})
 
@@ -67,12 +68,5 @@ def _fused(chain: list[Op]) -> Op:
 
 
 def _prev(template: Any, index: int) -> Any:
-    if isinstance(template, NodeArg):
-        return PrevArg() if template.index == index else template
-    if isinstance(template, tuple):
-        return tuple(_prev(x, index) for x in template)
-    if isinstance(template, list):
-        return [_prev(x, index) for x in template]
-    if isinstance(template, dict):
-        return {k: _prev(v, index) for k, v in template.items()}
-    return template
+    return map_leaves(template, lambda a: PrevArg() if a.index == index else a,
+                      lambda x: type(x) is NodeArg)

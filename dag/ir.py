@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from .walk import map_leaves
 from .nodes import (ClassMethodNode, DAGNode, FunctionNode, InputAttributeNode, InputNode,
                     ItemNode, MultiOutputNode)
 
@@ -206,30 +207,19 @@ def _op(node: DAGNode, i: int, index: dict[int, int]) -> Op:
 
 
 def _template(obj: Any, index: dict[int, int]) -> Any:
-    if isinstance(obj, DAGNode):
-        return NodeArg(index[id(obj)])
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_template(x, index) for x in obj)
-    if isinstance(obj, list):
-        return [_template(x, index) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _template(v, index) for k, v in obj.items()}
-    return obj
+    return map_leaves(obj, lambda node: NodeArg(index[id(node)]),
+                      lambda x: isinstance(x, DAGNode))
+
+
+def is_arg(obj: Any) -> bool:
+    """A leaf of an argument template: ``NodeArg`` or ``PrevArg``."""
+    return type(obj) is NodeArg or type(obj) is PrevArg
 
 
 def fill(template: Any, values: Any, prev: Any = None) -> Any:
     """The template with each ``NodeArg(i)`` replaced by ``values[i]`` (and ``PrevArg``)."""
-    if isinstance(template, NodeArg):
-        return values[template.index]
-    if isinstance(template, PrevArg):
-        return prev
-    if isinstance(template, tuple):
-        return tuple(fill(x, values, prev) for x in template)
-    if isinstance(template, list):
-        return [fill(x, values, prev) for x in template]
-    if isinstance(template, dict):
-        return {k: fill(v, values, prev) for k, v in template.items()}
-    return template
+    return map_leaves(template, lambda a: values[a.index] if type(a) is NodeArg else prev,
+                      is_arg)
 
 
 def input_value(op: Op, parent: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -338,15 +328,8 @@ def renumber(ops: list[Op], outputs: tuple[int, ...], multi: bool, site: str) ->
     new = {op.index: i for i, op in enumerate(ops)}
 
     def move(template: Any) -> Any:
-        if isinstance(template, NodeArg):
-            return NodeArg(new[template.index])
-        if isinstance(template, tuple):
-            return tuple(move(x) for x in template)
-        if isinstance(template, list):
-            return [move(x) for x in template]
-        if isinstance(template, dict):
-            return {k: move(v) for k, v in template.items()}
-        return template
+        return map_leaves(template, lambda a: NodeArg(new[a.index]),
+                          lambda x: type(x) is NodeArg)
 
     def moved(op: Op, index: int | None) -> Op:
         return replace(op, index=op.index if index is None else index,

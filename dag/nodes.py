@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import DAGCompileError
+from .walk import leaves
 
 _ids = itertools.count()
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,9 +106,7 @@ class DAGNode:
 
     def _upstream(self) -> list[DAGNode]:
         """The nodes among this node's arguments, nested ones included, in argument order."""
-        found: list[DAGNode] = []
-        _walk((self._args, self._kwargs), found)
-        return found
+        return list(leaves((self._args, self._kwargs), _is_node))
 
     def experimental_compile(self, **options: Any) -> Any:
         """Compile this DAG to actor pipelines over channels; returns a ``CompiledDAG``.
@@ -140,15 +139,8 @@ class DAGNode:
             "Compile the DAG with dag.experimental_compile() and pass values to execute().")
 
 
-def _walk(obj: Any, found: list[DAGNode]) -> None:
-    if isinstance(obj, DAGNode):
-        found.append(obj)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for item in obj:
-            _walk(item, found)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _walk(item, found)
+def _is_node(obj: Any) -> bool:
+    return isinstance(obj, DAGNode)
 
 
 class InputNode(DAGNode):

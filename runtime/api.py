@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ..dag.walk import DROP, leaves, map_leaves
 from ..exceptions import RefsTypeError
 from .deadline import Deadline, check_timeout
 from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_error
@@ -328,40 +329,25 @@ def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
             raise _timeout_error(deadline, [r for r in refs if not r.done()], len(refs))
 
 
+def _is_ref(obj: Any) -> bool:
+    return isinstance(obj, Ref)
+
+
 def _collect(obj: Any) -> Iterator[Ref]:
-    if isinstance(obj, Ref):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _collect(value)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for value in obj:
-            yield from _collect(value)
-
-
-_SKIP = object()
+    return leaves(obj, _is_ref)
 
 
 def _rebuild(obj: Any, errors: str) -> Any:
-    if isinstance(obj, Ref):
-        if errors == "skip" and obj._state is not RefState.READY:
-            return _SKIP
+    def outcome(ref: Ref) -> Any:
+        if errors == "skip" and ref._state is not RefState.READY:
+            return DROP
         try:
-            return obj._outcome()
+            return ref._outcome()
         except Exception:
             if errors == "skip":
-                return _SKIP
+                return DROP
             raise
-    if isinstance(obj, dict):
-        out = {k: _rebuild(v, errors) for k, v in obj.items()}
-        return type(obj)({k: v for k, v in out.items() if v is not _SKIP}) \
-            if type(obj) is not dict else {k: v for k, v in out.items() if v is not _SKIP}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [v for v in (_rebuild(x, errors) for x in obj) if v is not _SKIP]
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):      # a namedtuple
-            return type(obj)(*items)
-        return type(obj)(items)
-    return obj
+    return map_leaves(obj, outcome, _is_ref)
 
 
 def _gather_iter(items: Iterator[Any], errors: str, timeout: float | None) -> Iterator[Any]:

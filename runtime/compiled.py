@@ -33,6 +33,7 @@ from ..compiler.plan import DRIVER, ChannelKind, Plan
 from ..dag.context import DAGContext
 from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
 from ..dag.nodes import DAGNode
+from ..dag.walk import has_leaf
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
                           PipelineFullError, SubmitTimeoutError, ValueDecodeError, WouldBlock,
                           make_task_error)
@@ -625,13 +626,11 @@ _SUBMIT, _READ_OUTPUTS = 0, 1           # the driver's kinds of span (profile=Tr
 
 
 def _has_refs(obj: Any) -> bool:
-    if isinstance(obj, Ref):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return any(_has_refs(x) for x in obj)
-    if isinstance(obj, dict):
-        return any(_has_refs(x) for x in obj.values())
-    return False
+    return has_leaf(obj, _is_ref)
+
+
+def _is_ref(obj: Any) -> bool:
+    return isinstance(obj, Ref)
 
 
 # -- compiling ----------------------------------------------------------------------------------
