@@ -80,11 +80,5 @@ def start() -> subprocess.Popen | None:
     if is_ready():
         return None
     return subprocess.Popen(
-        [sys.executable, "-c", "from headrace.channels import warmup; warmup.compile_all()"],
+        [sys.executable, "-c", "from headrace.channels import shm; shm.warm_up()"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def compile_all() -> None:
-    """Compile (or load) every hot op: the entry points and the helpers called directly."""
-    from . import shm
-    shm.warm_up()

@@ -37,10 +37,10 @@ def register(name: str, fn: Callable[..., Any]) -> None:
 
 def _entry(name: str) -> Callable[..., Any]:
     fn = _ENTRY.get(name)
-    if fn is None:      # `import headrace` registers them; importing only headrace.dag does not
-        import importlib
-        importlib.import_module("headrace.runtime.compiled")
-        fn = _ENTRY[name]
+    if fn is None:      # NOTE: importing any headrace module runs headrace/__init__, which does
+        from ..exceptions import InternalError
+        raise InternalError(f"headrace.runtime did not register {name!r}; this is a bug in "
+                            "headrace; please report it")
     return fn
 
 

@@ -9,9 +9,6 @@ whole call; the first error is raised as soon as it arrives; no wait outlives a 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import logging
-import os
 import queue
 import threading
 import warnings
@@ -20,87 +17,17 @@ from typing import Any
 
 from ..dag.walk import DROP, leaves, map_leaves
 from ..exceptions import RefsTypeError
+from . import session
 from .deadline import Deadline, check_timeout
 from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_error
+from .session import init, is_initialized, shutdown  # noqa: F401 - re-exported: the public API
 
-_LOCK = threading.RLock()
-_RUNTIME: Any = None
 _WARNED_LOOP = False
-_ATEXIT = False
-
-
-def init(num_cpus: int | None = None, *, address: str | None = None,
-         log_to_driver: bool = True, logging_level: int = logging.INFO,
-         ignore_reinit_error: bool = False) -> dict[str, Any]:
-    """Start the embedded local runtime: ``num_cpus`` pooled task workers (default: all cores).
-
-    Args:
-        num_cpus: Task worker processes and CPU slots; default ``os.cpu_count()``.
-        address: None or ``"local"``; clusters come with the scale-out work (DESIGN 5).
-        log_to_driver: Copy workers' and actors' output to this process's stderr.
-        logging_level: Root logging level inside workers and actors.
-        ignore_reinit_error: Return quietly if already initialised (Ray's flag).
-
-    Returns:
-        A dict describing the runtime (``num_cpus``, ``session_dir``, ``driver_pid``).
-
-    Raises:
-        RuntimeError: already initialised and ``ignore_reinit_error`` is False.
-    """
-    global _RUNTIME, _ATEXIT
-    if address not in (None, "local", "auto"):
-        raise ValueError(f"address={address!r}: only the embedded local runtime exists so far; "
-                         "pass address=None")
-    if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int)
-                                 or num_cpus < 1):
-        raise ValueError(f"num_cpus must be an int >= 1, got {num_cpus!r}")
-    with _LOCK:
-        if _RUNTIME is not None:
-            if ignore_reinit_error:
-                return _describe(_RUNTIME)
-            raise RuntimeError("headrace is already initialised; call hr.shutdown() first, or "
-                               "pass ignore_reinit_error=True")
-        from .core import Runtime
-        _RUNTIME = Runtime(num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver,
-                           logging_level=logging_level)
-        if not _ATEXIT:
-            atexit.register(shutdown)
-            _ATEXIT = True
-        return _describe(_RUNTIME)
-
-
-def _describe(rt: Any) -> dict[str, Any]:
-    return {"num_cpus": rt.num_cpus, "session_dir": rt.dir, "driver_pid": rt.pid}
-
-
-def shutdown() -> None:
-    """Stop every child process and unlink every shared-memory segment. Idempotent."""
-    global _RUNTIME
-    with _LOCK:
-        rt, _RUNTIME = _RUNTIME, None
-    if rt is not None:
-        rt.shutdown()
-
-
-def is_initialized() -> bool:
-    return _RUNTIME is not None
-
-
-def _auto_runtime() -> Any:
-    rt = _RUNTIME
-    if rt is None:
-        init(ignore_reinit_error=True)
-        rt = _RUNTIME
-    return rt
-
-
-def _current_runtime() -> Any:
-    return _RUNTIME
 
 
 def put(value: Any) -> ObjectRef:
     """Store ``value`` once; large buffers go to shared memory and are read without copies."""
-    return _auto_runtime().put(value)
+    return session.current().put(value)
 
 
 def cancel(ref: Ref, *, force: bool = False, recursive: bool = True) -> None:
@@ -120,13 +47,13 @@ def kill(actor: Any, *, no_restart: bool = True) -> None:
     from .remote import ActorHandle
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"hr.kill() expects an actor handle, got {type(actor).__name__}")
-    _auto_runtime().kill_actor(actor._record, no_restart=no_restart)
+    session.current().kill_actor(actor._record, no_restart=no_restart)
 
 
 def get_actor(name: str) -> Any:
     """A handle to the live actor created with ``.options(name=name)``."""
     from .remote import ActorHandle
-    rt = _auto_runtime()
+    rt = session.current()
     with rt.lock:
         record = rt.named.get(name)
     if record is None:

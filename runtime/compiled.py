@@ -592,16 +592,8 @@ def channels_readers(plan: Plan, channel: int) -> tuple[str, ...]:
 
 
 def _task_error(failure: OpFailure) -> BaseException:
-    from .core import _try_unpickle
-    info = failure.info
-    cause_type = _try_unpickle(info.type_blob)
-    cause = _try_unpickle(info.exc_blob)
-    message = (f"{failure.name} (bound at {failure.site}, pid {info.pid}) raised "
-               f"{info.type_name}: {info.message}")
-    return make_task_error(message, cause_type=cause_type if isinstance(cause_type, type)
-                           else None, cause=cause if isinstance(cause, BaseException) else None,
-                           function_name=failure.name, traceback_str=info.traceback_str,
-                           site=failure.site, pid=info.pid)
+    from .errors import task_error     # NOTE: loads cloudpickle: not at import time
+    return task_error(failure.info, name=failure.name, site=failure.site)
 
 
 class _ReadFailure:
@@ -637,9 +629,10 @@ def _is_ref(obj: Any) -> bool:
 def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     """``dag.experimental_compile(**options)``: trace, lower, open the plan, start the loops."""
     from ..compiler.lowering import lower      # NOTE: loads cloudpickle: not at import time
-    from .api import _auto_runtime, get
+    from . import session
+    from .api import get
     from .worker import DAG_START
-    rt = _auto_runtime()
+    rt = session.current()
     ir = trace(root, unused=True)          # validation refuses calls no output depends on
     plan = lower(ir, options, is_alive=lambda key: rt.actors.get(key) is not None)
     actors = {f"actor:{op.actor}": op.target._record for op in ir.ops

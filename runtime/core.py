@@ -36,14 +36,14 @@ import zmq
 from .. import _config
 from ..channels import warmup
 from ..channels.segments import sweep_dead_owners, unlink_owned
-from ..exceptions import (ActorDiedError, ObjectLostError, TaskCancelledError,
-                          WorkerCrashedError, make_task_error)
+from ..exceptions import ActorDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
 from . import protocol
 from .inbox import Inbox
 from .output import LogForwarder
+from .errors import task_error
 from .lane import DriverLane
 from .payload import Payload, SegmentPool, SegmentTable, encode, from_wire
-from .protocol import ErrorInfo, Msg, WorkerSpec
+from .protocol import Msg, WorkerSpec
 from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState
 from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
 from .worker import SPEC_ENV
@@ -229,7 +229,8 @@ class Runtime:
         actor = proc.actor
         frames_out: list[Any] = [None]
         args = actor.init_args.to_wire(frames_out)
-        deps = {rid: _payload_of(r).to_wire(frames_out) for rid, r in actor.init_deps.items()}
+        deps = {rid: _payload_of(r, self).to_wire(frames_out)
+                for rid, r in actor.init_deps.items()}
         self._send(proc, (Msg.INIT_ACTOR, actor.body.blob, args, deps, actor.max_concurrency,
                           actor.label), frames_out, lane_timeout_s=_LANE_SEND_S)
         actor.state = ActorState.ALIVE
@@ -495,7 +496,7 @@ class Runtime:
             task.state, task.proc, proc.task = TaskState.SENT, proc, task
             frames: list[Any] = [None]
             args = task.args.to_wire(frames)
-            deps = {rid: _payload_of(r).to_wire(frames) for rid, r in task.deps.items()}
+            deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()}
             body = task.fn
             blob = None if body.fn_id in proc.fn_ids else body.blob
             proc.fn_ids.add(body.fn_id)
@@ -521,7 +522,7 @@ class Runtime:
                 continue
             frames: list[Any] = [None]
             args = task.args.to_wire(frames)
-            deps = {rid: _payload_of(r).to_wire(frames) for rid, r in task.deps.items()}
+            deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()}
             header = (Msg.CALL, task.tid, task.method, args, deps, len(task.refs))
             if lane is not None:
                 if not lane.send(header, frames):
@@ -736,33 +737,11 @@ def _run(finishes: list[Finish]) -> None:
         fn()
 
 
-def _payload_of(ref: Ref) -> Payload:
+def _payload_of(ref: Ref, rt: Runtime) -> Payload:
     payload = ref._payload
     if payload is None:          # a ref that finished with a plain value (a compiled DAG's)
-        from .api import _auto_runtime
-        rt = _auto_runtime()
         payload = encode(ref._outcome(), owner_pid=rt.pid, own=True, table=rt.table)
     return payload
-
-
-def task_error(info: ErrorInfo) -> BaseException:
-    """Rebuild a remote exception as a TaskError that is also an instance of its class."""
-    cause_type = _try_unpickle(info.type_blob)
-    cause = _try_unpickle(info.exc_blob)
-    message = (f"{info.function_name} (pid {info.pid}) raised {info.type_name}: {info.message}")
-    return make_task_error(message, cause_type=cause_type if isinstance(cause_type, type)
-                           else None, cause=cause if isinstance(cause, BaseException) else None,
-                           function_name=info.function_name, traceback_str=info.traceback_str,
-                           pid=info.pid)
-
-
-def _try_unpickle(blob: bytes | None) -> Any:
-    if blob is None:
-        return None
-    try:
-        return cloudpickle.loads(blob)
-    except Exception:                  # noqa: BLE001 - a class the driver cannot import
-        return None
 
 
 def _death_reason(popen: subprocess.Popen) -> tuple[str, int | None, int | None]:

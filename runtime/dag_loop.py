@@ -25,7 +25,7 @@ from ..compiler.plan import Plan, StepKind, TaskSpec
 from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value, split_returns
 from ..exceptions import ChannelClosedError, ValueDecodeError
 from .compiled_values import OpFailure, PackedArgs
-from .worker import error_info
+from .errors import error_info
 
 log = logging.getLogger(__name__)
 _READ, _COMPUTE, _WRITE, _INPUT = 0, 1, 2, 3

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import session
 from .records import ActorRecord
 
 _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
@@ -24,8 +25,7 @@ _ids = itertools.count(1)
 
 
 def _runtime() -> Any:
-    from .api import _auto_runtime       # the api module owns the process-wide runtime
-    return _auto_runtime()
+    return session.current()
 
 
 def _check_options(kind: str, allowed: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -34,13 +33,13 @@ import zmq
 
 from ..channels.segments import is_alive, unlink_owned
 from ..dag.ir import split_returns
-from ..dag.nodes import INTERNAL_DIRS
 from . import protocol
 from .output import install_prefixed_output
 from ..exceptions import ChannelClosedError
 from .lane import WorkerLane
+from .errors import error_info
 from .payload import Payload, SegmentTable, encode, from_wire
-from .protocol import ErrorInfo, Msg, WorkerSpec
+from .protocol import Msg, WorkerSpec
 from .refs import resolving_refs
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
@@ -341,28 +340,6 @@ def _pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
-        return None
-
-
-def error_info(exc: BaseException, name: str, pid: int, prefix: str = "") -> ErrorInfo:
-    """Describe ``exc`` for the driver, pickling what can be pickled. The traceback starts at
-    the user's code: the frames of headrace's own call into it are left out."""
-    frames = exc.__traceback__
-    while frames is not None and frames.tb_next is not None and \
-            frames.tb_frame.f_code.co_filename.startswith(INTERNAL_DIRS):
-        frames = frames.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
-    return ErrorInfo(function_name=name, type_name=type(exc).__qualname__,
-                     message=prefix + str(exc), traceback_str=tb, pid=pid,
-                     type_blob=_try_pickle(type(exc)), exc_blob=_try_pickle(exc))
-
-
-def _try_pickle(obj: Any) -> bytes | None:
-    try:
-        blob = cloudpickle.dumps(obj, protocol=5)
-        cloudpickle.loads(blob)             # refuse what would not come back either
-        return blob
-    except Exception:                       # noqa: BLE001
         return None
 
 

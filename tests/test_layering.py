@@ -1,4 +1,5 @@
-"""Imports go one way: runtime -> compiler -> dag, runtime -> channels (nested imports count)."""
+"""Imports go one way: runtime -> compiler -> dag, runtime -> channels (nested imports count);
+no module imports itself through others (no cycles), and none reaches ours through importlib."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +65,77 @@ def test_import_headrace_loads_no_heavy_module() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the package by dotted name (``headrace.runtime.api``)."""
+    found = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("tests", "bench", "build") or rel.parts[0].startswith("."):
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(["headrace", *parts])] = path
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> nx.DiGraph:
+    """Module -> the modules of ours it imports (nested imports count; ``from .. import x`` of a
+    module ``x`` imports ``x``, not the package)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                subs = [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in modules]
+                targets = subs + ([module] if len(subs) < len(node.names) else [])
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph.add_edges_from((name, t) for t in targets if t in modules and t != name)
+    return graph
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    cycles = sorted(" -> ".join(c) for c in nx.simple_cycles(import_graph(_modules())))
+    assert cycles == [], "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_cycle_checker_sees_nested_and_relative_cycles(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("def f():\n    from . import b\n")
+    (tmp_path / "pkg" / "b.py").write_text("from .a import f\n")
+    cycles = list(nx.simple_cycles(import_graph(_modules(tmp_path))))
+    assert sorted(map(sorted, cycles)) == [["headrace.pkg.a", "headrace.pkg.b"]]
+
+
+def _importlib_of_ours(path: Path) -> list[str]:
+    """``importlib.import_module("headrace...")`` / ``__import__`` calls naming our modules."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            fn = node.func
+            called = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            target = node.args[0].value
+            if called in ("import_module", "__import__") and isinstance(target, str) and (
+                    target.startswith(("headrace", "."))):
+                found.append(f"{path.name}:{node.lineno} {target}")
+    return found
+
+
+def test_no_module_reaches_ours_through_importlib(tmp_path: Path) -> None:
+    found = [hit for path in _modules().values() for hit in _importlib_of_ours(path)]
+    assert found == []
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib\nimportlib.import_module('headrace.runtime.compiled')\n")
+    assert _importlib_of_ours(probe) == ["probe.py:2 headrace.runtime.compiled"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import headrace as hr
 from headrace.dag import InputNode
-from headrace.runtime import api
+from headrace.runtime import session
 
 from ..channels.peers import in_thread
 
@@ -56,7 +56,7 @@ class Target:
     def __init__(self, fail_init: bool = False, **options: Any) -> None:
         self.actors = {"mid": Stage.remote("mid", fail_init)}
         self.mid = self.actors["mid"]
-        self.runtime = api._RUNTIME
+        self.runtime = session.running()
 
     def submit(self, x: Any) -> Any:
         return self.mid.run.remote(x)
@@ -73,7 +73,7 @@ class Target:
         return hr.get([a.run.remote(1) for a in others], timeout=10) == [2] * len(others)
 
     def close(self) -> None:
-        if api._RUNTIME is self.runtime:             # not shut down under us
+        if session.running() is self.runtime:       # not shut down under us
             for actor in self.actors.values():
                 hr.kill(actor)
 
@@ -85,7 +85,7 @@ class Chain(Target):
         self.actors = {role: Stage.remote(role, fail_init and role == "mid")
                        for role in ("first", "mid", "last")}
         self.mid = self.actors["mid"]
-        self.runtime = api._RUNTIME
+        self.runtime = session.running()
         with InputNode() as inp:
             dag = self.actors["last"].run.bind(self.actors["mid"].run.bind(
                 self.actors["first"].run.bind(inp)))
