@@ -36,6 +36,7 @@ from .common import Record, Target, alternate, missing, progress, summarize
 SUITE = "compiled"
 TIMEOUT_S = 60.0
 INFLIGHT = 10
+MULTI_ARGS = 8          # Ray's microbenchmark "multi-args": 8 actors, a 1 MiB array each
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Echo:
     def pid(self) -> int:
         return os.getpid()
 
+    def nbytes(self, x: Any) -> int:
+        return int(x.nbytes)
+
 
 class Graphs:
     """Builds one graph per case for one framework (headrace or Ray), compiled on demand."""
@@ -67,15 +71,23 @@ class Graphs:
                  multi_output: Any) -> None:
         self.name, self.mod, self.InputNode = name, hr_mod, input_node
         self.MultiOutputNode = multi_output
+        self.cls = cls
         self.actors = [cls.remote() for _ in range(3)]
         self.pids = self.mod.get([a.pid.remote() for a in self.actors], timeout=TIMEOUT_S)
         self.compiled: Any = None
 
     def dag(self, shape: int | str) -> Any:
-        """A chain of ``shape`` actors, or ``"fan2"``: two actors fed the input, two outputs."""
+        """A chain of ``shape`` actors; ``"fan2"``: two actors fed the input, two outputs;
+        ``"args8"``: Ray's multi-args case, 8 actors, actor i reads argument i."""
+        if shape == "args8":
+            while len(self.actors) < MULTI_ARGS:
+                self.actors.append(self.cls.remote())
         with self.InputNode() as inp:
             if shape == "fan2":
                 return self.MultiOutputNode([a.echo.bind(inp) for a in self.actors[:2]])
+            if shape == "args8":
+                return self.MultiOutputNode([a.nbytes.bind(inp[i]) for i, a in
+                                             enumerate(self.actors[:MULTI_ARGS])])
             node = inp
             for a in self.actors[:shape]:
                 node = a.echo.bind(node)
@@ -94,6 +106,15 @@ class Graphs:
     def one(self, value: Any) -> Callable[[], object]:
         get = self.mod.get
         return lambda: get(self.compiled.execute(value), timeout=TIMEOUT_S)
+
+    def multi_args(self, args: list[Any]) -> Callable[[], object]:
+        """``INFLIGHT`` executions of ``execute(*args)`` submitted, then every output read."""
+        get = self.mod.get
+
+        def op() -> object:
+            refs = [self.compiled.execute(*args) for _ in range(INFLIGHT)]
+            return [get(r, timeout=TIMEOUT_S) for r in refs]
+        return op
 
     def pipelined(self) -> Callable[[], object]:
         get = self.mod.get
@@ -210,10 +231,11 @@ def judge(records: list[Record]) -> list[Target]:
         r = ratio(case)
         targets.append(Target(f"{case} median <= {limit}x Ray CG", None if r is None
                               else r <= limit, "ray not measured" if r is None else f"{r:.2f}x"))
-    for case in ("pipelined_1actor", "pipelined_3actor"):
+    for case, times in (("pipelined_1actor", 3), ("pipelined_3actor", 3),
+                        ("multi_args_8actor", 2)):
         r = ratio(case)
-        targets.append(Target(f"{case} throughput >= 3x Ray CG", None if r is None
-                              else 1 / r >= 3, "not measured" if r is None
+        targets.append(Target(f"{case} throughput >= {times}x Ray CG", None if r is None
+                              else 1 / r >= times, "not measured" if r is None
                               else f"{1 / r:.2f}x Ray's executions/s"))
     idle = by.get(("idle_cpu", "headrace"))
     targets.append(Target("idle CPU 10 ms after the last execution: 0.0 cores",
@@ -264,6 +286,7 @@ def run(quick: bool = False) -> list[Record]:
             notes[name] = f"not available: {type(exc).__name__}: {exc}"[:160]
     records: list[Record] = []
     small, mb = 1, np.ones(1 << 17)
+    args8 = [np.full(1 << 17, float(i)) for i in range(MULTI_ARGS)]     # distinct 1 MiB arrays
     big = np.ones(100_000_000 // 8)
     try:
         import pyarrow as pa
@@ -282,6 +305,7 @@ def run(quick: bool = False) -> list[Record]:
         "echo_1mb": (1, lambda g: g.one(mb), mb.nbytes, 1, mb),
         "echo_100mb": (1, lambda g: g.one(big), big.nbytes, 1, None),
         "echo_arrow": (1, lambda g: g.one(table), None, 1, None),
+        "multi_args_8actor": ("args8", lambda g: g.multi_args(args8), None, INFLIGHT, None),
     }
     try:
         for case, (n_actors, make_op, nbytes, per_op, plain) in cases.items():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,9 @@ COPY_MAX = INLINE_MAX_BYTES  # payloads below this are copied out of the slot
 SPIN_US = 50.0               # default spin window of "auto"
 _SPILL_HEAD = 64             # a spill segment: refs word, then a frame header, then the payload
 _SPILL_GRAIN = 1 << 20
+#: Idle spill segments kept for reuse, in bytes (beyond the one always kept): a pipeline of
+#: several large values in flight reuses its segments instead of making new ones each write.
+SPILL_KEEP_BYTES = 64 << 20
 _I64_MIN, _I64_MAX = -(2 ** 63), 2 ** 63 - 1
 _BITS, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
 _OPS: dict[str, Any] = {}    # the compiled hot ops (channels._native.entry_points), loaded once
@@ -181,7 +185,8 @@ class ShmChannel(Channel):
         self.role = role
         self._stats = {"bytes": 0, "spills": 0}
         self._spills: list[tuple[Segment, np.ndarray]] = []     # writer: its spill segments
-        self._spill_cache: tuple[str, Segment, np.ndarray] | None = None    # reader: last map
+        # reader: spill segments mapped lately, newest last (see _read_spill)
+        self._spill_cache: OrderedDict[str, tuple[Segment, np.ndarray]] = OrderedDict()
         if role == WRITER:
             nat.store(h, nat.WRITER_PID, os.getpid())
             st[nat.ST_SEQ] = nat.load(h, nat.WRITE_SEQ)
@@ -275,13 +280,19 @@ class ShmChannel(Channel):
         return seg.name.encode()
 
     def _take_spill(self, need: int) -> tuple[Segment, np.ndarray]:
-        """A free spill segment of at least ``need`` bytes; frees idle ones beyond one."""
+        """A free spill segment of at least ``need`` bytes. Idle ones are kept for the next
+        spills: the largest one always, others while they total ``SPILL_KEEP_BYTES``."""
         free = [e for e in self._spills if nat.load(e[1], 0) == 0]
         fit = [e for e in free if e[0].size >= need]
         chosen = min(fit, key=lambda e: e[0].size) if fit else None
         keep = chosen or (max(free, key=lambda e: e[0].size) if free else None)
-        for entry in free:
-            if entry is not keep and entry is not chosen:
+        budget = SPILL_KEEP_BYTES
+        for entry in sorted(free, key=lambda e: e[0].size, reverse=True):
+            if entry is keep or entry is chosen:
+                continue
+            if entry[0].size <= budget and entry[0].size >= need:
+                budget -= entry[0].size         # fits later values like this one: keep it
+            else:
                 self._drop_spill(entry)
         if chosen is None:
             if keep is not None:        # too small for this value: replace it
@@ -344,17 +355,12 @@ class ShmChannel(Channel):
                             _Pin(h, h, nat.SLOTS + 16 * area + nat.VIEWS, self._seg))
 
     def _read_spill(self, name: str) -> Any:
-        cached = self._spill_cache
-        if cached is not None and cached[0] == name:
-            seg, sh = cached[1], cached[2]
+        cached = self._spill_cache.get(name)
+        if cached is not None:
+            seg, sh = cached
+            self._spill_cache.move_to_end(name)
         else:
-            try:
-                seg = Segment.open(name, writable=True)
-            except FileNotFoundError:
-                raise closed_error(self, f"its spill segment {name} is gone "
-                                         "(the writer closed the channel or died)") from None
-            sh = np.frombuffer(seg.mmap, np.uint32, 16)
-            self._spill_cache = (name, seg, sh)
+            seg, sh = self._map_spill(name)
         tag, aux, size, scalar = read_header(seg.buf, _SPILL_HEAD)
         start = _SPILL_HEAD + HEADER_BYTES
         self._stats["bytes"] += size
@@ -364,6 +370,25 @@ class ShmChannel(Channel):
             return decode(tag, aux, scalar, payload)
         return self._decode_pinned(tag, aux, scalar, sh.ctypes.data + start, size,
                                    _SpillPin(self._h, sh, 0, seg))
+
+    def _map_spill(self, name: str) -> tuple[Segment, np.ndarray]:
+        """Map spill segment ``name`` and remember it: the writer reuses its spill segments,
+        and a mapping already made has its pages faulted in. Mappings beyond the newest are
+        kept while they total ``SPILL_KEEP_BYTES`` (a name is never reused for another
+        segment, so a kept mapping is never stale)."""
+        try:
+            seg = Segment.open(name, writable=True)
+        except FileNotFoundError:
+            raise closed_error(self, f"its spill segment {name} is gone "
+                                     "(the writer closed the channel or died)") from None
+        sh = np.frombuffer(seg.mmap, np.uint32, 16)
+        cache = self._spill_cache
+        cache[name] = (seg, sh)
+        total = sum(s.size for s, _ in cache.values())
+        while len(cache) > 1 and total - seg.size > SPILL_KEEP_BYTES:
+            _, (old, _) = cache.popitem(last=False)
+            total -= old.size
+        return seg, sh
 
     def _unpin_spill(self, sh: np.ndarray, name: str) -> None:
         self._ops["release"](self._h, sh, 0)
@@ -469,7 +494,7 @@ class ShmChannel(Channel):
             self._bell.ring()
         for entry in [e for e in self._spills if nat.load(e[1], 0) == 0]:
             self._drop_spill(entry)     # spills still unread stay for their readers
-        self._spill_cache = None
+        self._spill_cache.clear()
         if self._owner:
             self._seg.unlink()
 

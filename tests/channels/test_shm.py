@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headrace.channels import _native as nat
+from headrace.channels import shm as shm_module
 from headrace.channels.segments import owned_segments
 from headrace.channels.shm import COPY_MAX, ShmChannel
 from headrace.exceptions import ChannelClosedError, ChannelTimeoutError
@@ -132,6 +133,44 @@ def test_no_value_is_overwritten_while_unread_or_viewed(ops: list[str]) -> None:
         ch.close()
 
 
+def test_idle_spills_beyond_the_keep_budget_are_freed_and_readers_map_each_once(
+        monkeypatch) -> None:
+    monkeypatch.setattr(shm_module, "SPILL_KEEP_BYTES", 0)     # keep only the largest idle one
+    ch = ShmChannel(n_readers=1, capacity=4, slot_bytes=4096)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        before = set(ours())
+        big = np.arange(1_000_000)
+        for i in range(3):                          # three spills in flight at once
+            w.write(big + i, timeout_s=1)
+        values = [r.read(timeout_s=1) for _ in range(3)]
+        assert [int(v[0]) for v in values] == [0, 1, 2]
+        del values
+        gc.collect()
+        w.write(big + 3, timeout_s=1)               # takes one free spill, frees the others
+        assert len(set(ours()) - before) == 1 and w.statistics()["spill_segments"] == 1
+        assert int(r.read(timeout_s=1)[0]) == 3
+    finally:
+        ch.close()
+    monkeypatch.undo()                              # the default budget: spills are reused
+    ch = ShmChannel(n_readers=1, capacity=4, slot_bytes=4096)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        opened = []
+        real_open = shm_module.Segment.open
+        monkeypatch.setattr(shm_module.Segment, "open",
+                            lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+        for i in range(20):                         # two in flight, read, again and again
+            w.write(big + i, timeout_s=1)
+            w.write(big + i, timeout_s=1)
+            assert int(r.read(timeout_s=1)[0]) == int(r.read(timeout_s=1)[0]) == i
+            gc.collect()
+        assert w.statistics()["spills"] == 40 and w.statistics()["spill_segments"] <= 3
+        assert len(set(opened)) <= 3 and len(opened) == len(set(opened))  # each mapped once
+    finally:
+        ch.close()
+
+
 def test_a_value_larger_than_a_slot_spills_and_the_spill_is_freed() -> None:
     ch = ShmChannel(n_readers=2, capacity=2, slot_bytes=4096)
     try:
@@ -151,13 +190,13 @@ def test_a_value_larger_than_a_slot_spills_and_the_spill_is_freed() -> None:
         np.testing.assert_array_equal(r1.read(timeout_s=1), big + 1)
         del a, b
         gc.collect()
-        w.write(big + 2, timeout_s=1)                # free spills are reused; at most one idle
-        assert len(set(ours()) - before) <= 2
+        w.write(big + 2, timeout_s=1)                # free spills are reused, not remade
+        assert len(set(ours()) - before) == 2
         np.testing.assert_array_equal(r0.read(timeout_s=1), big + 2)
         np.testing.assert_array_equal(r1.read(timeout_s=1), big + 2)
         gc.collect()
-        w.write("small", timeout_s=1)
-        assert w.statistics()["spill_segments"] <= 1
+        w.write("small", timeout_s=1)               # idle spills stay for the next large ones
+        assert w.statistics()["spill_segments"] == 2
         assert r0.read(timeout_s=1) == r1.read(timeout_s=1) == "small"
         w.close()                                    # the writer frees its idle spills
         assert set(ours()) - before == set()
