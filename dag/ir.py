@@ -2,8 +2,8 @@
 
 In: the root ``DAGNode`` (an output node or a ``MultiOutputNode``). Out: ``DagIR`` (``ops`` in
 topological order, ``outputs``), printable with ``as_text()``; ``run_local`` evaluates it in this
-process (the compiler tests' oracle); ``input_value`` is the one rule for ``inp``, ``inp[0]`` and
-``inp.key``, shared by every executor.
+process (the compiler tests' oracle); ``eval_input`` (one step: ``input_value``) is the one rule
+for ``inp``, ``inp[0]``, ``inp.key`` and chains of them, shared by every executor.
 Invariants: an op's index is its position in ``ops``; ``deps`` only name earlier ops; argument
 templates hold ``NodeArg(i)`` where the user passed a node, constants as given.
 
@@ -12,7 +12,7 @@ templates hold ``NodeArg(i)`` where the user passed a node, constants as given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -255,10 +255,22 @@ def input_value(op: Op, parent: Any, args: tuple[Any, ...], kwargs: dict[str, An
 _WHOLE = object()
 
 
-def attr_parent(ir_ops: tuple[Op, ...] | list[Op], op: Op, values: Any) -> Any:
-    """The ``parent`` argument of ``input_value`` for ``op``."""
-    parent = ir_ops[op.deps[0]]
-    return _WHOLE if parent.kind is OpKind.INPUT else values[parent.index]
+def eval_input(ops: Sequence[Any], op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               values: Mapping[int, Any]) -> Any:
+    """The value of INPUT or ATTR op ``op`` for ``execute(*args, **kwargs)``: the one place
+    that follows ``inp[0].x``-style chains (every executor calls it). ``values`` holds the ops
+    computed already; a parent missing from it is computed here. ``ops`` are ``Op``s or
+    ``TaskSpec``s, by index."""
+    if op.kind is OpKind.INPUT:
+        return input_value(op, _WHOLE, args, kwargs)
+    parent = ops[op.deps[0]]
+    if parent.kind is OpKind.INPUT:
+        base = _WHOLE
+    elif parent.index in values:
+        base = values[parent.index]
+    else:
+        base = eval_input(ops, parent, args, kwargs, values)
+    return input_value(op, base, args, kwargs)
 
 
 def run_local(ir: DagIR, *args: Any,
@@ -287,8 +299,7 @@ def is_used_whole(ir: DagIR, index: int) -> bool:
 def _run_op(ops: tuple[Op, ...], op: Op, values: dict[int, Any], args: tuple[Any, ...],
             kwargs: dict[str, Any], call: Callable[[Op], Callable[..., Any]]) -> Any:
     if op.kind is OpKind.INPUT or op.kind is OpKind.ATTR:
-        parent = attr_parent(ops, op, values) if op.kind is OpKind.ATTR else _WHOLE
-        return input_value(op, parent, args, kwargs)
+        return eval_input(ops, op, args, kwargs, values)
     if op.kind is OpKind.ITEM:
         return values[op.deps[0]][op.key]
     if op.kind is OpKind.FUSED:

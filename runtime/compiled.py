@@ -31,7 +31,7 @@ from .. import _config
 from .. import dag as dag_layer
 from ..compiler.plan import DRIVER, ChannelKind, Plan
 from ..dag.context import DAGContext
-from ..dag.ir import _WHOLE, DagIR, OpKind, input_value, trace
+from ..dag.ir import DagIR, OpKind, eval_input, trace
 from ..dag.nodes import DAGNode
 from ..dag.walk import has_leaf
 from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
@@ -220,14 +220,7 @@ class CompiledDAG:
     def _finish_driver_output(self, ref: CompiledDAGRef, task: Any, args: tuple,
                               kwargs: dict) -> None:
         try:
-            parent = _WHOLE
-            chain = []
-            while task.kind is OpKind.ATTR and self.plan.tasks[task.deps[0]].kind is OpKind.ATTR:
-                chain.append(task)
-                task = self.plan.tasks[task.deps[0]]
-            value = input_value(task, parent, args, kwargs)
-            for part in reversed(chain):
-                value = input_value(part, value, args, kwargs)
+            value = eval_input(self.plan.tasks, task, args, kwargs, {})
         except Exception as exc:                # noqa: BLE001 - bad execute() arguments
             ref._finish_error(exc)
             return

@@ -44,7 +44,8 @@ from .errors import task_error
 from .lane import DriverLane
 from .payload import Payload, SegmentPool, SegmentTable, encode, from_wire
 from .protocol import Msg, WorkerSpec
-from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState
+from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
+                      advance)
 from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
 from .worker import SPEC_ENV
 
@@ -219,7 +220,7 @@ class Runtime:
         _run(finishes)
 
     def _on_ready(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
-        proc.state = ProcState.READY
+        advance(proc, ProcState.READY)
         self.start_failures = 0
         self._connect(proc)
         if proc.kind == "task":
@@ -233,7 +234,7 @@ class Runtime:
                 for rid, r in actor.init_deps.items()}
         self._send(proc, (Msg.INIT_ACTOR, actor.body.blob, args, deps, actor.max_concurrency,
                           actor.label), frames_out, lane_timeout_s=_LANE_SEND_S)
-        actor.state = ActorState.ALIVE
+        advance(actor, ActorState.ALIVE)
         self._pump(actor, out)
 
     def _on_actor_ready(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
@@ -269,7 +270,7 @@ class Runtime:
         task = self.tasks.pop(tid, None)
         if task is None:
             return None
-        task.state = TaskState.DONE
+        advance(task, TaskState.DONE)
         if task.actor is not None:
             task.actor.inflight.pop(tid, None)
             if task.actor.queue:                # a full call ring may have held calls back
@@ -287,7 +288,7 @@ class Runtime:
         finishes: list[Finish] = []
         with self.lock:
             unstarted = proc.state is ProcState.STARTING
-            proc.state = ProcState.DEAD
+            advance(proc, ProcState.DEAD)
             for sock in (proc.push, proc.ctl):
                 if sock is not None:
                     sock.close(linger=0)
@@ -327,7 +328,7 @@ class Runtime:
             self._cancel_refs(task, out)
         elif task.retries_left > 0:
             task.retries_left -= 1
-            task.state = TaskState.QUEUED
+            advance(task, TaskState.QUEUED)
             self.ready.appendleft(task)
         else:
             self.tasks.pop(task.tid, None)
@@ -360,27 +361,27 @@ class Runtime:
             out.append(functools.partial(dag.actor_died, actor, err))
         for task in actor.inflight.values():
             self.tasks.pop(task.tid, None)
-            task.state = TaskState.DONE
+            advance(task, TaskState.DONE)
             out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
         actor.inflight.clear()
         restart = (not actor.killed and not actor.exiting and actor.init_error is None
                    and actor.restarts_left > 0 and not self.closed)
         if restart:
             actor.restarts_left -= 1
-            actor.state = ActorState.STARTING
+            advance(actor, ActorState.STARTING)
             actor.proc = self._spawn("actor", actor.label)
             actor.proc.actor = actor
             return
         self._end_actor(actor, err, out)
 
     def _end_actor(self, actor: ActorRecord, err: BaseException, out: list[Finish]) -> None:
-        actor.state = ActorState.DEAD
+        advance(actor, ActorState.DEAD)
         actor.error = err
         self.free_cpus += actor.num_cpus
         actor.num_cpus = 0
         for task in actor.queue:
             self.tasks.pop(task.tid, None)
-            task.state = TaskState.DONE
+            advance(task, TaskState.DONE)
             out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
         actor.queue.clear()
         self.actors.pop(actor.aid, None)
@@ -465,7 +466,7 @@ class Runtime:
         _run(finishes)
 
     def _args_ready(self, task: TaskRecord, out: list[Finish]) -> None:
-        task.state = TaskState.QUEUED
+        advance(task, TaskState.QUEUED)
         if task.actor is not None:
             self._pump(task.actor, out)
         else:
@@ -474,7 +475,7 @@ class Runtime:
 
     def _fail_unsent(self, task: TaskRecord, err: BaseException, out: list[Finish]) -> None:
         """An argument failed or was cancelled: the task fails with that error, unsent."""
-        task.state = TaskState.DONE
+        advance(task, TaskState.DONE)
         self.tasks.pop(task.tid, None)
         if task.actor is not None:
             if task in task.actor.queue:
@@ -493,7 +494,8 @@ class Runtime:
             task = self.ready.popleft()
             proc = self.idle.popleft()
             self.free_cpus -= task.num_cpus
-            task.state, task.proc, proc.task = TaskState.SENT, proc, task
+            advance(task, TaskState.SENT)
+            task.proc, proc.task = proc, task
             frames: list[Any] = [None]
             args = task.args.to_wire(frames)
             deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()}
@@ -530,7 +532,8 @@ class Runtime:
             else:
                 self._send(proc, header, frames)
             actor.queue.popleft()
-            task.state, task.proc = TaskState.SENT, proc
+            advance(task, TaskState.SENT)
+            task.proc = proc
             actor.inflight[task.tid] = task
             proc.calls += 1
             if proc.calls == _config.ACTOR_LANE_AFTER:
@@ -616,7 +619,7 @@ class Runtime:
                 return
             marker = TaskRecord(new_ref_id(), f"{actor.label}.__exit__", [], None, {},
                                 actor=actor, is_exit=True)
-            marker.state = TaskState.QUEUED
+            advance(marker, TaskState.QUEUED)
             self.tasks[marker.tid] = marker
             actor.queue.append(marker)
             self._pump(actor, finishes)

@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from ..compiler.plan import Plan, StepKind, TaskSpec
-from ..dag.ir import _WHOLE, NodeArg, OpKind, PrevArg, fill, input_value, split_returns
+from ..dag.ir import NodeArg, OpKind, PrevArg, eval_input, fill, split_returns
 from ..exceptions import ChannelClosedError, ValueDecodeError
 from .compiled_values import OpFailure, PackedArgs
 from .errors import error_info
@@ -69,9 +69,7 @@ def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
         else:
             task = plan.tasks[step.op]
             if task.kind in (OpKind.INPUT, OpKind.ATTR):
-                parent = plan.tasks[task.deps[0]] if task.kind is OpKind.ATTR else None
-                nested = parent is not None and parent.kind is OpKind.ATTR
-                out.append((_INPUT, task, parent.index if nested else -2))
+                out.append((_INPUT, task, plan.tasks))
             elif task.kind is OpKind.ITEM:
                 out.append((_COMPUTE, _item(task.deps[0], task.key), task))
             else:
@@ -185,15 +183,18 @@ def _read_failure(source: tuple[str, str], exc: Exception) -> OpFailure:
         f"the value of {name} could not be deserialized in this process: ")))
 
 
-def _input(task: TaskSpec, parent: int, values: dict[int, Any], arguments: Any) -> Any:
+def _input(task: TaskSpec, tasks: tuple[TaskSpec, ...], values: dict[int, Any],
+           arguments: Any) -> Any:
     if type(arguments) is OpFailure:
         return arguments
+    if task.deps and type(values.get(task.deps[0])) is OpFailure:
+        return values[task.deps[0]]         # inp[0].x after inp[0] failed: that failure
     try:
         if type(arguments) is PackedArgs:
             args, kwargs = arguments.args, arguments.kwargs
         else:
             args, kwargs = (arguments,), {}
-        return input_value(task, _WHOLE if parent < 0 else values[parent], args, kwargs)
+        return eval_input(tasks, task, args, kwargs, values)
     except Exception as exc:                # noqa: BLE001 - bad execute() arguments
         return OpFailure(task.name, task.site, error_info(exc, task.name, os.getpid()))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..dag.ir import _WHOLE, DagIR, OpKind, fill, input_value, is_used_whole
+from ..dag.ir import DagIR, OpKind, eval_input, fill, is_used_whole
 from .api import put
 
 
@@ -20,11 +20,9 @@ def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
     for op in ir.ops:
         if op.kind is OpKind.INPUT:
             if is_used_whole(ir, op.index):
-                values[op.index] = input_value(op, _WHOLE, args, kwargs)
+                values[op.index] = eval_input(ir.ops, op, args, kwargs, values)
         elif op.kind is OpKind.ATTR:
-            parent = ir.ops[op.deps[0]]
-            base = _WHOLE if parent.kind is OpKind.INPUT else values[parent.index]
-            values[op.index] = input_value(op, base, args, kwargs)
+            values[op.index] = eval_input(ir.ops, op, args, kwargs, values)
         elif op.kind is OpKind.ITEM:        # the call gave one ref per return value
             values[op.index] = values[op.deps[0]][op.key]
         else:

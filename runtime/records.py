@@ -1,6 +1,7 @@
 """The driver's live records: child processes, tasks and actors (mutable, with __slots__).
 
-Each record keeps its state in one enum field; ``core.Runtime`` changes them under its lock.
+Each record keeps its state in one enum field that only ``advance`` changes, checked against
+the record's transition table (``_NEXT``); ``core.Runtime`` calls it under its lock.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import threading
 from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from ..exceptions import InternalError
 
 if TYPE_CHECKING:
     import zmq
@@ -35,6 +38,31 @@ class ActorState(Enum):
     STARTING = "starting"      # process spawned (or restarting); calls queue up
     ALIVE = "alive"
     DEAD = "dead"
+
+
+_NEXT: dict[Enum, frozenset[Enum]] = {
+    ProcState.STARTING: frozenset({ProcState.READY, ProcState.DEAD}),
+    ProcState.READY: frozenset({ProcState.DEAD}),
+    TaskState.WAITING: frozenset({TaskState.QUEUED, TaskState.DONE}),
+    TaskState.QUEUED: frozenset({TaskState.SENT, TaskState.DONE}),
+    TaskState.SENT: frozenset({TaskState.DONE, TaskState.QUEUED}),     # QUEUED: a retry
+    ActorState.STARTING: frozenset({ActorState.ALIVE, ActorState.DEAD}),
+    ActorState.ALIVE: frozenset({ActorState.STARTING, ActorState.DEAD}),  # STARTING: a restart
+}
+
+
+def advance(record: Proc | TaskRecord | ActorRecord, new: Enum) -> None:
+    """Move ``record`` to state ``new`` (staying in its state is allowed: a repeated report).
+
+    Raises:
+        InternalError: the record's table does not allow it (a bug in headrace).
+    """
+    old = record.state
+    if new is not old and new not in _NEXT.get(old, frozenset()):
+        raise InternalError(f"{type(record).__name__} {getattr(record, 'label', '')}"
+                            f"{getattr(record, 'name', '')}: {old.name} -> {new.name} is not "
+                            "allowed; this is a bug in headrace; please report it")
+    record.state = new
 
 
 class Proc:

@@ -414,3 +414,19 @@ def test_profile_writes_a_chrome_trace_of_every_step_in_every_process(stages, tm
     assert os.path.dirname(compiled.profile_path) == str(tmp_path)
     assert os.path.basename(compiled.profile_path).startswith("headrace-trace-")
     assert json.loads(open(compiled.profile_path).read())["otherData"]["executions"] == 1
+
+
+def test_an_input_chain_means_the_same_on_the_driver_in_a_process_and_uncompiled(stages) -> None:
+    a, _, _ = stages
+    with InputNode() as inp:
+        part = inp[0].inner["k"]                    # one chain: item, attribute, item
+        dag = MultiOutputNode([part, a.echo.bind(part), a.echo.bind(inp[1])])
+    args = (types.SimpleNamespace(inner={"k": 7}), 8)
+    assert hr.get(dag.execute(*args), timeout=30) == [7, 7, 8]
+    with dag.experimental_compile() as compiled:
+        assert hr.get(compiled.execute(*args), timeout=30) == [7, 7, 8]
+        refs = compiled.execute(types.SimpleNamespace(inner={}), 9)
+        for ref in refs[:2]:                        # the driver's output and the process's
+            with pytest.raises(KeyError, match="'k'"):
+                hr.get(ref, timeout=30)
+        assert hr.get(refs[2], timeout=30) == 9
