@@ -8,6 +8,8 @@ while rounds alternate between them (STYLE 8):
 - ``put_get_100mb``: put a 100 MB array, pass the ref to an actor that returns it, get it back:
   headrace, ray; memcpy (``np.copyto`` into a preallocated array) is the reference bandwidth.
 - ``import_headrace``: ``python -c "import headrace"`` minus ``python -c pass``, fresh processes.
+- ``mixed_get``: ``get([compiled_ref, actor_ref])`` next to each part alone (headrace only: Ray
+  cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone.
 
 ``mp-pipe`` (a child process echoing over ``multiprocessing.Pipe``) is the floor for round trips.
 Ray and Dask are imported lazily; a missing one gets rows saying "not installed".
@@ -36,6 +38,8 @@ CASES: dict[str, tuple[str, ...]] = {
     "actor_call": ("headrace", "ray", "dask", "mp-pipe"),
     "task": ("headrace", "ray", "dask", "mp-pipe"),
     "put_get_100mb": ("headrace", "ray", "memcpy"),
+    "mixed_get": ("compiled+actor", "compiled", "actor"),
+    "two_dags_get": ("dag1+dag2", "dag1", "dag2"),
 }
 
 
@@ -140,6 +144,26 @@ class Impls:
         self.ops["actor_call", "headrace"] = lambda: hr.get(actor.ping.remote(), timeout=TIMEOUT_S)
         self.ops["task", "headrace"] = lambda: hr.get(fn.remote(), timeout=TIMEOUT_S)
         self.ops["put_get_100mb", "headrace"] = put_get
+        self._headrace_mixed(hr, actor)
+
+    def _headrace_mixed(self, hr: Any, actor: Any) -> None:
+        """get() over refs of several producers, and each producer alone (same run)."""
+        dags = []
+        for _ in range(2):
+            with hr.InputNode() as inp:
+                dag = hr.remote(Echo).remote().echo.bind(inp)
+            dags.append(dag.experimental_compile())
+        self.stops.append(lambda: [d.teardown() for d in dags])
+        one, two = dags
+        get = hr.get
+        self.ops["mixed_get", "compiled+actor"] = lambda: get(
+            [one.execute(1), actor.ping.remote()], timeout=TIMEOUT_S)
+        self.ops["mixed_get", "compiled"] = lambda: get(one.execute(1), timeout=TIMEOUT_S)
+        self.ops["mixed_get", "actor"] = lambda: get(actor.ping.remote(), timeout=TIMEOUT_S)
+        self.ops["two_dags_get", "dag1+dag2"] = lambda: get([one.execute(1), two.execute(2)],
+                                                           timeout=TIMEOUT_S)
+        self.ops["two_dags_get", "dag1"] = lambda: get(one.execute(1), timeout=TIMEOUT_S)
+        self.ops["two_dags_get", "dag2"] = lambda: get(two.execute(2), timeout=TIMEOUT_S)
 
     def ray(self) -> None:
         import ray
@@ -202,6 +226,15 @@ def judge(records: list[Record]) -> list[Target]:
     r = ratio("put_get_100mb", "headrace", "memcpy", gbps=True)
     targets.append(Target("headrace put_get_100mb GB/s >= 0.5x memcpy GB/s", None if r is None
                           else r >= 0.5, "not measured" if r is None else f"{r:.2f}x memcpy"))
+    for case, both, parts in (("mixed_get", "compiled+actor", ("compiled", "actor")),
+                              ("two_dags_get", "dag1+dag2", ("dag1", "dag2"))):
+        slower = max((by[case, p].median_us for p in parts
+                      if (case, p) in by and by[case, p].median_us), default=None)
+        whole = by.get((case, both))
+        r = whole.median_us / slower if whole and whole.median_us and slower else None
+        targets.append(Target(f"{case}: get over both <= 1.2x the slower part alone",
+                              None if r is None else r <= 1.2,
+                              "not measured" if r is None else f"{r:.2f}x"))
     imp = by.get(("import_headrace", "headrace"))
     ok = imp is not None and imp.median_us is not None
     targets.append(Target("import headrace < 0.3 s", imp.median_us < 3e5 if ok else None,

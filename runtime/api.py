@@ -162,8 +162,9 @@ def wait_event(event: threading.Event, refs: list[Ref], deadline: Deadline) -> N
     is seen within a slice (the runtime's I/O thread completes ObjectRefs meanwhile).
     """
     groups: dict[int, Ref] = {}
-    for ref in refs:
-        producer = getattr(ref, "_dag", None) or getattr(ref, "_runtime", None)
+    for ref in refs:      # a DAG, an actor's lane, or the runtime's inbox
+        producer = getattr(ref, "_dag", None) or (ref.lane() if isinstance(ref, ObjectRef)
+                                                  else None) or getattr(ref, "_runtime", None)
         groups.setdefault(id(producer), ref)
     if len(groups) <= 1:
         if refs:

@@ -415,11 +415,9 @@ class ObjectRef(Ref):
             rt = self._runtime
             if rt is None or rt.inbox.closed:   # shutdown finishes every pending ref
                 return super()._wait(deadline)
-            task = self._task
-            proc = task.proc if task is not None else None
-            if proc is not None and proc.lane is not None and \
-                    threading.get_ident() != rt.inbox.io_ident:
-                done = proc.lane.wait_until(self.done, deadline)    # the actor's result ring
+            lane = self.lane()
+            if lane is not None and threading.get_ident() != rt.inbox.io_ident:
+                done = lane.wait_until(self.done, deadline)         # the actor's result ring
                 if done is not None:
                     return done
             # read the reply on this thread; it gives up early only if the inbox closed
@@ -432,7 +430,17 @@ class ObjectRef(Ref):
 
     def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
         rt = self._runtime
-        if rt is not None and not rt.inbox.closed:
-            rt.inbox.wait_until(cond, deadline)        # read replies on this thread
-        else:
+        if rt is None or rt.inbox.closed:
             super()._drive(cond, deadline)
+            return
+        lane = self.lane()
+        if lane is not None and threading.get_ident() != rt.inbox.io_ident and \
+                lane.wait_until(cond, deadline) is not None:
+            return                                      # read the actor's result ring
+        rt.inbox.wait_until(cond, deadline)            # read replies on this thread
+
+    def lane(self) -> Any:
+        """The shm lane its reply comes back on (an actor call's, once the lane is up)."""
+        task = self._task
+        proc = task.proc if task is not None else None
+        return proc.lane if proc is not None else None
