@@ -20,6 +20,9 @@ DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
 #: After this many calls, an actor's calls and results move to shared-memory rings (zmq carries
 #: the rest); attaching costs the actor a one-off numba load, in the background. 0: never.
 ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
+#: Spare actor processes kept started, their lane attached (numba loaded), from the first actor
+#: on: a new actor takes one, so its calls use the rings from the first call. 0: none.
+SPARE_ACTORS = int(os.environ.get("HEADRACE_SPARE_ACTORS", "1"))
 
 #: How long shutdown() waits for children to exit on their own before SIGKILL.
 SHUTDOWN_GRACE_S = 0.3

@@ -79,6 +79,8 @@ class Runtime:
         self.table = SegmentTable(pool=SegmentPool())
         self.procs: dict[str, Proc] = {}
         self.idle: deque[Proc] = deque()
+        self.spares: deque[Proc] = deque()     # actor processes started ahead, no actor yet
+        self._refilling = False
         self.ready: deque[TaskRecord] = deque()      # function tasks with their args ready
         self.tasks: dict[str, TaskRecord] = {}       # every task not yet answered
         self.actors: dict[str, ActorRecord] = {}
@@ -227,6 +229,13 @@ class Runtime:
             self.idle.append(proc)
             self._dispatch(out)
             return
+        if proc.actor is None:              # a spare: load numba now, while nobody waits
+            self._ask_lane(proc)
+            return
+        self._init_actor(proc, out)
+
+    def _init_actor(self, proc: Proc, out: list[Finish]) -> None:
+        """Send the actor its class and arguments; its queued calls follow at once."""
         actor = proc.actor
         frames_out: list[Any] = [None]
         args = actor.init_args.to_wire(frames_out)
@@ -537,8 +546,13 @@ class Runtime:
             actor.inflight[task.tid] = task
             proc.calls += 1
             if proc.calls == _config.ACTOR_LANE_AFTER:
-                threading.Thread(target=self._open_lane, args=(proc,), daemon=True,
-                                 name="headrace-lane").start()
+                self._ask_lane(proc)
+
+    def _ask_lane(self, proc: Proc) -> None:
+        if not proc.lane_asked:
+            proc.lane_asked = True
+            threading.Thread(target=self._open_lane, args=(proc,), daemon=True,
+                             name="headrace-lane").start()
 
     def _open_lane(self, proc: Proc) -> None:
         """Background: make the rings (the first time loads numba), hand them to the actor."""
@@ -572,6 +586,7 @@ class Runtime:
         actor = ActorRecord(new_ref_id(), name, label, body, payload, deps,
                             max_concurrency=options["max_concurrency"],
                             num_cpus=options["num_cpus"], max_restarts=options["max_restarts"])
+        finishes: list[Finish] = []
         with self.lock:
             self._check_open()
             if name is not None and name in self.named:
@@ -587,9 +602,36 @@ class Runtime:
             self.actors[actor.aid] = actor
             if name is not None:
                 self.named[name] = actor
-            actor.proc = self._spawn("actor", label)
-            actor.proc.actor = actor
+            proc = self._take_spare(label)
+            actor.proc, proc.actor, proc.label = proc, actor, label
+            if proc.state is ProcState.READY:
+                self._init_actor(proc, finishes)
+            self._refill_spares()
+        _run(finishes)
         return actor
+
+    def _take_spare(self, label: str) -> Proc:
+        """A spare actor process (the one started longest ago), or a new one named ``label``."""
+        while self.spares:
+            proc = self.spares.popleft()
+            if proc.state is not ProcState.DEAD:
+                return proc
+        return self._spawn("actor", label)
+
+    def _refill_spares(self) -> None:
+        """Start spares up to ``SPARE_ACTORS``, a moment later: a new spare loading numba must
+        not slow the first calls of the actor that just took one."""
+        if len(self.spares) < _config.SPARE_ACTORS and not self._refilling:
+            self._refilling = True
+            timer = threading.Timer(_SPARE_DELAY_S, self._start_spares)
+            timer.daemon = True
+            timer.start()
+
+    def _start_spares(self) -> None:
+        with self.lock:
+            self._refilling = False
+            while len(self.spares) < _config.SPARE_ACTORS and not self.closed:
+                self.spares.append(self._spawn("actor", "spare"))
 
     def kill_actor(self, actor: ActorRecord, no_restart: bool = True) -> None:
         with self.lock:
@@ -722,6 +764,8 @@ class Runtime:
 _BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
 _LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor drains it fast
 _MAX_START_FAILURES = 3
+#: A spare actor process starts this long after an actor took the last one (see _refill_spares).
+_SPARE_DELAY_S = 1.0
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,

@@ -154,7 +154,7 @@ class Worker:
         if self.init_failed:
             return              # the driver fails it: the actor is dead, and it says why
         _, tid, method, args_desc, deps, nret = header
-        name = f"{self.spec.label}.{method}"
+        name = f"{self.label}.{method}"
         fn = self.internal.get(method) or getattr(self.instance, method)
         if self.pool is None:
             self._run(tid, name, fn, args_desc, deps, frames, nret)
@@ -163,6 +163,7 @@ class Worker:
 
     def _on_init_actor(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         _, cls_blob, args_desc, deps, max_concurrency, label = header
+        self.label = label              # a spare process becomes this actor
         try:
             cls = cloudpickle.loads(cls_blob)
             args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
