@@ -8,6 +8,8 @@ while rounds alternate between them (STYLE 8):
 - ``put_get_100mb``: put a 100 MB array, pass the ref to an actor that returns it, get it back:
   headrace, ray; memcpy (``np.copyto`` into a preallocated array) is the reference bandwidth.
 - ``import_headrace``: ``python -c "import headrace"`` minus ``python -c pass``, fresh processes.
+- ``fresh_actor_calls``: calls 2, 3, ... of a fresh actor (made, and called once, untimed before
+  each round): what a short-lived actor or a benchmark's first calls see. headrace, ray.
 - ``mixed_get``: ``get([compiled_ref, actor_ref])`` next to each part alone (headrace only: Ray
   cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone.
 
@@ -38,6 +40,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "actor_call": ("headrace", "ray", "dask", "mp-pipe"),
     "task": ("headrace", "ray", "dask", "mp-pipe"),
     "put_get_100mb": ("headrace", "ray", "memcpy"),
+    "fresh_actor_calls": ("headrace", "ray"),
     "mixed_get": ("compiled+actor", "compiled", "actor"),
     "two_dags_get": ("dag1+dag2", "dag1", "dag2"),
 }
@@ -91,6 +94,8 @@ class Impls:
         self.ops: dict[tuple[str, str], Callable[[], object]] = {}
         self.notes: dict[str, str] = {}          # impl -> why it has no rows
         self.stops: list[Callable[[], None]] = []
+        #: (case, impl) -> (before, after) around each of its rounds
+        self.hooks: dict[tuple[str, str], tuple[Callable[[], None], Callable[[], None]]] = {}
 
     def start(self, name: str, starter: Callable[[], None]) -> None:
         """Run ``starter``; an ImportError means "not installed", anything else "setup failed"."""
@@ -144,7 +149,22 @@ class Impls:
         self.ops["actor_call", "headrace"] = lambda: hr.get(actor.ping.remote(), timeout=TIMEOUT_S)
         self.ops["task", "headrace"] = lambda: hr.get(fn.remote(), timeout=TIMEOUT_S)
         self.ops["put_get_100mb", "headrace"] = put_get
+        self._fresh_actor("headrace", hr, hr.kill)
         self._headrace_mixed(hr, actor)
+
+    def _fresh_actor(self, name: str, mod: Any, kill: Callable[[Any], None]) -> None:
+        """Each round calls a new actor that has answered one call already."""
+        cls, held = mod.remote(Echo), []
+
+        def before() -> None:
+            held.append(cls.remote())
+            mod.get(held[-1].ping.remote(), timeout=TIMEOUT_S)
+
+        def after() -> None:
+            kill(held.pop())
+        self.ops["fresh_actor_calls", name] = lambda: mod.get(held[-1].ping.remote(),
+                                                              timeout=TIMEOUT_S)
+        self.hooks["fresh_actor_calls", name] = (before, after)
 
     def _headrace_mixed(self, hr: Any, actor: Any) -> None:
         """get() over refs of several producers, and each producer alone (same run)."""
@@ -178,6 +198,7 @@ class Impls:
         self.ops["actor_call", "ray"] = lambda: ray.get(actor.ping.remote(), timeout=TIMEOUT_S)
         self.ops["task", "ray"] = lambda: ray.get(fn.remote(), timeout=TIMEOUT_S)
         self.ops["put_get_100mb", "ray"] = put_get
+        self._fresh_actor("ray", ray, ray.kill)
 
     def dask(self) -> None:
         from dask.distributed import Client, LocalCluster
@@ -223,6 +244,12 @@ def judge(records: list[Record]) -> list[Target]:
         r = ratio(case, "headrace", "ray")
         targets.append(Target(f"headrace {case} median <= 0.2x ray's", None if r is None
                               else r <= 0.2, "ray not measured" if r is None else f"{r:.2f}x"))
+    r = ratio("fresh_actor_calls", "headrace", "ray")
+    fresh = by.get(("fresh_actor_calls", "headrace"))
+    ok = r is not None and fresh is not None and fresh.p99_us is not None
+    targets.append(Target("fresh actor, calls 2+: median <= 0.05x ray's, p99 <= 0.5 ms",
+                          r <= 0.05 and fresh.p99_us <= 500 if ok else None,
+                          f"{r:.2f}x, p99 {fresh.p99_us / 1e3:.2f} ms" if ok else "not measured"))
     r = ratio("put_get_100mb", "headrace", "memcpy", gbps=True)
     targets.append(Target("headrace put_get_100mb GB/s >= 0.5x memcpy GB/s", None if r is None
                           else r >= 0.5, "not measured" if r is None else f"{r:.2f}x memcpy"))
@@ -265,11 +292,12 @@ def run(quick: bool = False) -> list[Record]:
         for case, names in CASES.items():
             big = case == "put_get_100mb"
             fns = {n: impls.ops[case, n] for n in names if (case, n) in impls.ops}
+            hooks = {n: impls.hooks[case, n] for n in names if (case, n) in impls.hooks}
             samples, errors = alternate(
                 fns, rounds=counts.big_rounds if big else counts.rounds,
                 per_round=counts.big_per_round if big else counts.per_round,
                 warmup=2 if big else counts.warmup,
-                round_budget_s=counts.budget_s * (4 if big else 1))
+                round_budget_s=counts.budget_s * (4 if big else 1), hooks=hooks)
             for name in names:
                 note = impls.notes.get(name) or errors.get(name)
                 rec = (missing(case, name, note) if note or not samples.get(name) else
