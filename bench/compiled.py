@@ -307,6 +307,7 @@ def run(quick: bool = False) -> list[Record]:
         "echo_arrow": (1, lambda g: g.one(table), None, 1, None),
         "multi_args_8actor": ("args8", lambda g: g.multi_args(args8), None, INFLIGHT, None),
     }
+    floors = _floors(mb, big)               # what one process to another costs at the least
     try:
         for case, (n_actors, make_op, nbytes, per_op, plain) in cases.items():
             if case == "echo_arrow" and table is None:
@@ -319,11 +320,16 @@ def run(quick: bool = False) -> list[Record]:
                     label = _ACTORS[name]
                     fns[label] = g.actor_chain(n_actors, plain, per_op)
                     hooks[label] = (common.settle, lambda: None)
+            for label, peer in floors.items():
+                if _FLOOR_OPS.get(case) in peer.ops:
+                    fns[label] = peer.ops[_FLOOR_OPS[case]]
+                    hooks[label] = (peer.resume, peer.park)
             samples, errors = alternate(
                 fns, rounds=counts.rounds, per_round=20 if heavy else counts.per_round // per_op,
                 warmup=2 if heavy else counts.warmup // per_op,
                 round_budget_s=counts.budget_s * (3 if heavy else 1), hooks=hooks)
-            for name in ("headrace", "ray-cg", *(_ACTORS.values() if plain is not None else ())):
+            for name in ("headrace", "ray-cg", *(_ACTORS.values() if plain is not None else ()),
+                         *(f for f in floors if f in fns)):
                 if name in _ACTORS.values() and name not in fns:
                     continue                # its framework is missing: its -cg row says so
                 note = notes.get(name) or errors.get(name)
@@ -343,6 +349,8 @@ def run(quick: bool = False) -> list[Record]:
         records.append(summarize("compile_1000", "headrace", compile_1000(3 if quick else 5)))
         progress(SUITE, records[-1])
     finally:
+        for peer in floors.values():
+            peer.stop()
         _stop(graphs)
     path = common.write_results(SUITE, records, host, judge(records), quick=quick,
                                 table=lambda rs: common.case_table(rs, base="ray-cg"),
@@ -351,6 +359,25 @@ def run(quick: bool = False) -> list[Record]:
     _plot(records)
     print(f"[{SUITE}] wrote {path}", flush=True)
     return records
+
+
+#: The floor rows: a round trip over two shm channels (no runtime, no DAG), and over mp.Pipe.
+_FLOOR_OPS = {"rt_1actor": "roundtrip_int", "echo_1mb": "roundtrip_1mb"}
+
+
+def _floors(mb: np.ndarray, big: np.ndarray) -> dict[str, Any]:
+    """Echo children of ``bench.channels`` (parked between their rounds), by row name."""
+    from .channels import _channel_peer, _make_shm, _pipe_peer
+    floors: dict[str, Any] = {}
+    for label, start in (("floor-shm-channels", lambda: _channel_peer(None, _make_shm("auto"),
+                                                                       mb, big)),
+                         ("floor-mp-pipe", lambda: _pipe_peer(None, mb, big))):
+        try:
+            floors[label] = start()
+            floors[label].park()
+        except Exception as exc:        # noqa: BLE001 - no floor row, not a crashed suite
+            print(f"[{SUITE}] {label} not measured: {type(exc).__name__}: {exc}", flush=True)
+    return floors
 
 
 def _remove_ray_semaphores(wait_s: float = 5.0) -> None:
