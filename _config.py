@@ -17,8 +17,9 @@ CHECKS = os.environ.get("HEADRACE_CHECKS", "") not in ("", "0")
 #: Verbose internal logging; read once here, never on a hot path.
 DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
 
-#: After this many calls, an actor's calls and results move to shared-memory rings (zmq carries
-#: the rest); attaching costs the actor a one-off numba load, in the background. 0: never.
+#: After this many calls, an actor's (or a task worker's) calls and results move to
+#: shared-memory rings (zmq carries the rest); attaching costs the process a one-off numba load,
+#: in the background. 0: never.
 ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
 #: Spare actor processes kept started, their lane attached (numba loaded), from the first actor
 #: on: a new actor takes one, so its calls use the rings from the first call. 0: none.

@@ -513,6 +513,9 @@ class Runtime:
             proc.fn_ids.add(body.fn_id)
             self._send(proc, (Msg.TASK, task.tid, body.fn_id, blob, args, deps,
                               len(task.refs), task.name), frames)
+            proc.calls += 1
+            if proc.calls == _config.ACTOR_LANE_AFTER:     # a busy worker: rings, as actors
+                self._ask_lane(proc)
 
     def _pump(self, actor: ActorRecord, out: list[Finish]) -> None:
         """Send an actor's queued calls in order, up to the first whose arguments are pending."""

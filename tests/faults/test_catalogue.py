@@ -107,6 +107,14 @@ def test_sigkill_mid_call_fails_the_pending_get_within_the_bound(make) -> None:
     assert wait_gone(pid) and t.survivors_work() and runtime_works()
 
 
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"pid {pid} state {f.read().rsplit(')', 1)[1].split()[0]}"
+    except OSError as exc:
+        return f"pid {pid}: {exc}"
+
+
 def test_sigstop_meets_a_deadline_and_everything_resumes_on_sigcont(make, kind) -> None:
     t = make(submit_timeout_s=1.0, max_inflight_executions=2) if kind == "chain" else make()
     pid = t.mid_pid()
@@ -127,7 +135,10 @@ def test_sigstop_meets_a_deadline_and_everything_resumes_on_sigcont(make, kind) 
         assert 0.9 < time.monotonic() - stopped < 3.0
         pending = Pending(refs[0])
         time.sleep(0.3)
-        assert pending.is_waiting(), pending._out      # timeout=None keeps waiting, as documented
+        # timeout=None keeps waiting, as documented (the message says when and how it ended,
+        # and what the OS says of the stopped stage: a rare flake here is not understood yet)
+        assert pending.is_waiting(), (pending._out, f"stopped at {stopped}, now "
+                                      f"{time.monotonic()}", _proc_state(pid))
     finally:
         os.kill(pid, signal.SIGCONT)
     assert pending.result(10)[0] == t.expected(0)

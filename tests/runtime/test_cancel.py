@@ -105,3 +105,30 @@ def test_cancel_actor_call_queued_behind_a_running_one() -> None:
         hr.get(second, timeout=10)
     with pytest.raises(ValueError, match="force=True is not supported for actor calls"):
         hr.cancel(b.sleep.remote(0.1), force=True)
+
+
+def test_a_busy_task_worker_moves_to_shm_rings_and_cancel_still_works() -> None:
+    from headrace.runtime import session
+    assert hr.get([echo.remote(i) for i in range(40)], timeout=30) == list(range(40))
+    workers = [p for p in session.running().procs.values() if p.kind == "task"]
+    deadline = time.monotonic() + 30
+    while not any(p.lane is not None for p in workers) and time.monotonic() < deadline:
+        hr.get(echo.remote(0), timeout=10)
+        time.sleep(0.05)
+    assert any(p.lane is not None for p in workers), "no task worker attached its rings"
+    assert [hr.get(echo.remote(i), timeout=10) for i in range(20)] == list(range(20))
+    running = [spin.remote(30) for _ in workers]        # every worker busy, on rings or not
+    time.sleep(0.3)
+    queued = echo.remote("queued")
+    for ref in running:
+        hr.cancel(ref)
+    for ref in running:
+        with pytest.raises(hr.TaskCancelledError):
+            hr.get(ref, timeout=10)
+    assert hr.get(queued, timeout=10) == "queued"
+    ref = spin.remote(30)
+    time.sleep(0.3)
+    hr.cancel(ref, force=True)
+    with pytest.raises(hr.TaskCancelledError):
+        hr.get(ref, timeout=10)
+    assert hr.get([echo.remote(i) for i in range(4)], timeout=10) == [0, 1, 2, 3]
