@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import signal
+import threading
 import time
 
 import pytest
 
 import headrace as hr
 from headrace import InputNode, MultiOutputNode
-from headrace.exceptions import TaskError
+from headrace.exceptions import ActorDiedError, ChannelClosedError, TaskError
 
 NAP_S = 3.0
 FAST_S = 1.5        # far below NAP_S: the error did not wait for the slow sibling
@@ -30,6 +33,9 @@ class Stage:
         if x == 3:
             raise ValueError("three")
         return x
+
+    def pid(self):
+        return os.getpid()
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +120,24 @@ def test_many_executions_of_a_multi_output_dag_keep_every_value_in_place():
                     hr.get(refs[i])
             else:
                 assert hr.get(refs[i]) == [i, i, i]
+
+
+def test_a_death_or_a_teardown_wakes_a_get_waiting_on_several_outputs() -> None:
+    slow, fast = Stage.remote(), Stage.remote()
+    pid = hr.get(slow.pid.remote(), timeout=30)
+    with InputNode() as inp:
+        dag = MultiOutputNode([slow.nap.bind(inp, NAP_S), fast.boom.bind(inp)])
+    compiled = dag.experimental_compile()
+    refs = compiled.execute(1)
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    error, took = _timed(lambda: hr.get(refs, timeout=30))
+    assert isinstance(error, ActorDiedError) and took < 0.5 + FAST_S
+    compiled.teardown()
+    other = Stage.remote()
+    with InputNode() as inp:
+        dag = MultiOutputNode([other.nap.bind(inp, NAP_S), fast.boom.bind(inp)])
+    compiled = dag.experimental_compile()
+    refs = compiled.execute(1)
+    threading.Timer(0.5, compiled.teardown).start()
+    error, took = _timed(lambda: hr.get(refs[0], timeout=30))
+    assert isinstance(error, ChannelClosedError) and took < 0.5 + FAST_S
