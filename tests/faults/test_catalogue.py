@@ -107,6 +107,22 @@ def test_sigkill_mid_call_fails_the_pending_get_within_the_bound(make) -> None:
     assert wait_gone(pid) and t.survivors_work() and runtime_works()
 
 
+def _wait_stopped(pid: int, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:         # a thread that just ended
+                continue
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"pid {pid} did not stop within {within_s} s")
+
+
 def _proc_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -120,6 +136,10 @@ def test_sigstop_meets_a_deadline_and_everything_resumes_on_sigcont(make, kind) 
     pid = t.mid_pid()
     os.kill(pid, signal.SIGSTOP)
     try:
+        # NOTE: a signal lands asynchronously: a thread spinning on the other core may run a
+        # few more microseconds, long enough to pass execution 0 through. Wait for every
+        # thread to be stopped (this race was the rare flake of this test).
+        _wait_stopped(pid)
         refs = [t.submit(0)]
         stopped = time.monotonic()
         if kind == "chain":         # execute() meets submit_timeout_s, naming the stopped stage
