@@ -23,6 +23,7 @@ import platform
 
 import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.core import config as numba_config
@@ -43,6 +44,8 @@ _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}[platform.machine()]
 #: Spins before a spinning waiter starts to yield its core between checks (a few µs).
 _PURE_SPINS = 4096
 _SYS_SCHED_YIELD = {"x86_64": 24, "aarch64": 124, "arm64": 124}[platform.machine()]
+_SYS_FUTEX_WAITV = 449         # Linux 5.16+, the same number on x86_64 and aarch64
+_FUTEX2_SIZE_U32 = 2            # futex_waitv flags: a 32-bit word, shared (not FUTEX2_PRIVATE)
 _FUTEX_WAIT = 0                 # the shared (not PRIVATE) ops: the word lives in shared memory
 _FUTEX_WAKE = 1
 _CLOCK_MONOTONIC = 1
@@ -98,6 +101,23 @@ def _fetch_add(typingctx, a, i, v):
         ptr = _item_pointer(context, builder, signature.args[0], args[0], args[1])
         return builder.atomic_rmw("add", ptr, args[2], ordering="seq_cst")
     return a.dtype(a, types.intp, a.dtype), codegen
+
+
+@intrinsic
+def _load_at(typingctx, addr):
+    """Atomic load of the uint32 at address ``addr`` (a word of an array kept alive elsewhere)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.load_atomic(ptr, ordering="seq_cst", align=4)
+    return types.uint32(types.int64), codegen
+
+
+@intrinsic
+def _add_at(typingctx, addr, v):
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], ordering="seq_cst")
+    return types.uint32(types.int64, types.uint32), codegen
 
 
 _ONE = np.uint32(1)
@@ -408,6 +428,78 @@ def bell_wait(b, st, seen, budget):
     return _wait_adapt(b, st, RD_NOTIFY, seen, False, RD_NOTIFY, RD_WAITERS, budget)
 
 
+@njit(nogil=True, cache=True)
+def wait_any(addrs, seen, spin_ns, timeout_ns, waitv):
+    """Wait until one of several notify words moved: ``addrs[k]`` is the address of a word
+    (a header's RD_NOTIFY, its waiters count at the next word) last seen at ``seen[k]``.
+
+    Spins up to ``spin_ns``, then counts itself in every waiters word and sleeps on all the
+    words at once (``futex_waitv``: one waiter woken by whichever producer moves first).
+    Without ``waitv`` (a kernel before 5.16) it sleeps on word 0 in 1 ms slices and re-checks
+    the rest. Returns the index of a word that moved, or -1 once ``timeout_ns`` passed.
+    """
+    n = addrs.shape[0]
+    for k in range(n):
+        if _load_at(addrs[k]) != seen[k]:
+            return k
+    if timeout_ns <= 0:
+        return -1
+    start = now_ns()
+    if spin_ns > 0:
+        limit = min(spin_ns, timeout_ns)
+        i = 0
+        while True:
+            for k in range(n):
+                if _load_at(addrs[k]) != seen[k]:
+                    return k
+            i += 1
+            if (i & 31) == 0:
+                if now_ns() - start >= limit:
+                    break
+                if i >= _PURE_SPINS:
+                    _syscall(_SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0)
+    vec = np.zeros(3 * n, np.uint64)    # struct futex_waitv {u64 val, uaddr; u32 flags, rsvd}
+    for k in range(n):
+        vec[3 * k] = seen[k]
+        vec[3 * k + 1] = addrs[k]
+        vec[3 * k + 2] = _FUTEX2_SIZE_U32
+        _add_at(addrs[k] + 4, _ONE)
+    ts = np.empty(2, np.int64)
+    found = -1
+    while found < 0:
+        for k in range(n):
+            if _load_at(addrs[k]) != seen[k]:
+                found = k
+                break
+        if found >= 0:
+            break
+        now = now_ns()
+        if now - start >= timeout_ns:
+            break
+        if waitv:       # an absolute CLOCK_MONOTONIC deadline; EAGAIN/EINTR/ETIMEDOUT re-check
+            end = start + timeout_ns
+            ts[0] = end // 1_000_000_000
+            ts[1] = end % 1_000_000_000
+            _syscall(_SYS_FUTEX_WAITV, vec.ctypes.data, n, 0, ts.ctypes.data, _CLOCK_MONOTONIC,
+                     0)
+        else:
+            left = min(timeout_ns - (now - start), 1_000_000)
+            ts[0] = 0
+            ts[1] = left
+            _syscall(_SYS_FUTEX, addrs[0], _FUTEX_WAIT, seen[0], ts.ctypes.data, 0, 0)
+    for k in range(n):
+        _add_at(addrs[k] + 4, _MINUS_ONE)
+    return found
+
+
+@njit(cache=True)
+def snapshot(addrs, seen):
+    """``seen[k]`` = the word at ``addrs[k]`` now (atomic loads): read before looking around,
+    then ``wait_any`` on them."""
+    for k in range(addrs.shape[0]):
+        seen[k] = _load_at(addrs[k])
+
+
 @njit(cache=True)
 def write_wait_try(h, st, budget):
     return write_wait(h, st, 0)
@@ -428,6 +520,15 @@ def read_wait_try(h, m64, st, reader, budget):
     return read_wait(h, m64, st, reader, 0)
 
 
+def has_waitv() -> bool:
+    """Whether this kernel has ``futex_waitv`` (Linux 5.16+)."""
+    import errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.syscall(ctypes.c_long(_SYS_FUTEX_WAITV), None, 0, 0, None, 0)
+    return ctypes.get_errno() != errno.ENOSYS
+
+
 def entry_points() -> dict[str, object]:
     """The hot ops as direct entry points, skipping numba's dispatcher (about 300 ns a call).
 
@@ -441,6 +542,8 @@ def entry_points() -> dict[str, object]:
     st[ST_SLOT0], st[ST_SLOT_SIZE] = 0, 128
     recent = np.full(1, -1, np.int64)
     bell = np.zeros(BELL_WORDS, np.uint32)
+    words = np.array([bell.ctypes.data + 4 * RD_NOTIFY], np.int64)
+    seen = np.zeros(1, np.uint32)
     calls = {
         "ring": (ring, (bell,)),
         "bell_wait": (bell_wait, (bell, st, 0, 0)),
@@ -456,6 +559,8 @@ def entry_points() -> dict[str, object]:
         "write_scalar_try": (write_scalar_try, (h, m64, st, 4, 7, 0)),
         "write_float_try": (write_float_try, (h, m64, st, 5, 1.5, 0)),
         "read_wait_try": (read_wait_try, (h, m64, st, 0, 0)),
+        "wait_any": (wait_any, (words, seen, 0, 0, True)),
+        "snapshot": (snapshot, (words, seen)),
     }
     h[SLOTS + VIEWS] = 1
     out = {}

@@ -64,6 +64,10 @@ class Doorbell:
         if self._b is not None:
             self._ops["ring"](self._b)
 
+    def address(self) -> int:
+        """Address of the bell's word (its sleepers count is the next word)."""
+        return self._b.ctypes.data + 4 * nat.RD_NOTIFY
+
     def seen(self) -> int:
         """The bell's count now: read it *before* trying the channels, then ``wait`` on it."""
         return int(nat.load(self._b, nat.RD_NOTIFY))

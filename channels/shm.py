@@ -454,6 +454,15 @@ class ShmChannel(Channel):
         """
         nat.store(self._h, nat.READING, 1 if active else 0)
 
+    def notify_address(self) -> int:
+        """Address of the word readers sleep on (it moves with each value and on a close);
+        the count of sleepers is the next word. For one waiter on several producers."""
+        return self._h.ctypes.data + 4 * nat.RD_NOTIFY
+
+    def notify(self) -> None:
+        """Move the readers' word and wake who sleeps on it (they re-check; nothing else)."""
+        self._ops["ring"](self._h)
+
     def reader_is_active(self) -> bool:
         return bool(nat.load(self._h, nat.READING))
 

@@ -19,8 +19,9 @@ from ..dag.walk import DROP, leaves, map_leaves
 from ..exceptions import RefsTypeError
 from . import session
 from .deadline import Deadline, check_timeout
-from .refs import ObjectRef, Ref, RefState, _event_setter, _timeout_error
+from .refs import ObjectRef, Ref, RefState, _timeout_error
 from .session import init, is_initialized, shutdown  # noqa: F401 - re-exported: the public API
+from .waiting import wait_until
 
 _WARNED_LOOP = False
 
@@ -130,56 +131,48 @@ def _dag_get_timeout(items: list[Ref]) -> float | None:
 def _wait_all(items: list[Ref], deadline: Deadline) -> None:
     """Wait until every ref is final, raising the first error as soon as it is seen."""
     _raise_first_error(items)
-    watched = [r for r in dict.fromkeys(items) if r._state is RefState.PENDING]
-    if not watched:
+    pending = [r for r in dict.fromkeys(items) if r._state is RefState.PENDING]
+    if not pending:
         return
-    event = threading.Event()
-    setter = _event_setter(event)
-    for ref in watched:
-        ref._add_waiter(setter)
-    pending = watched
-    try:
-        while True:
-            _raise_first_error(pending)
-            pending = [r for r in pending if r._state is RefState.PENDING]
-            if not pending:
-                return
-            if deadline.remaining_s() == 0:
-                still = [r for r in items if r._state is RefState.PENDING]
-                raise _timeout_error(deadline, still, len(items))
-            wait_event(event, pending, deadline)
-            event.clear()
-    finally:
-        for ref in watched:
-            ref._remove_done_callback(setter)
+
+    with _Tally(pending) as tally:
+        if not wait_until(lambda: tally.finished >= len(pending) or tally.failed, pending,
+                          deadline):
+            still = [r for r in items if r._state is RefState.PENDING]
+            raise _timeout_error(deadline, still, len(items))
+    _raise_first_error(items)
 
 
-def wait_event(event: threading.Event, refs: list[Ref], deadline: Deadline) -> None:
-    """Block until ``event`` is set or the deadline, making progress on this thread.
+class _Tally:
+    """Counts refs as they finish (a done-callback on each, run by whichever thread finishes
+    it), so a wait's condition costs O(1) however many refs it waits for."""
 
-    One kind of producer (the runtime's replies, or one compiled DAG's outputs) is driven until
-    the event; with several, each gets a short slice in turn, so the first error of any of them
-    is seen within a slice (the runtime's I/O thread completes ObjectRefs meanwhile).
-    """
-    groups: dict[int, Ref] = {}
-    for ref in refs:      # a DAG, an actor's lane, or the runtime's inbox
-        producer = getattr(ref, "_dag", None) or (ref.lane() if isinstance(ref, ObjectRef)
-                                                  else None) or getattr(ref, "_runtime", None)
-        groups.setdefault(id(producer), ref)
-    if len(groups) <= 1:
-        if refs:
-            refs[0]._drive(event.is_set, deadline)
-        return
-    for ref in groups.values():
-        remaining = deadline.remaining_s()
-        if event.is_set() or remaining == 0:
-            return
-        ref._drive(event.is_set, Deadline(_MIXED_SLICE_S if remaining is None
-                                          else min(_MIXED_SLICE_S, remaining)))
+    def __init__(self, refs: list[Ref]) -> None:
+        self._refs = refs
+        self._finished: list[Ref] = []      # list.append is atomic: any thread may call it
+        self._failed: list[Ref] = []
 
+    def _count(self, ref: Ref) -> None:
+        self._finished.append(ref)
+        if ref._state is not RefState.READY:
+            self._failed.append(ref)
 
-#: With refs of several producers (DAGs, the runtime), each is driven this long in turn.
-_MIXED_SLICE_S = 0.005
+    @property
+    def finished(self) -> int:
+        return len(self._finished)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._failed)
+
+    def __enter__(self) -> _Tally:
+        for ref in self._refs:
+            ref._add_waiter(self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ref in self._refs:
+            ref._remove_done_callback(self._count)
 
 
 def _raise_first_error(refs: list[Ref]) -> None:
@@ -203,20 +196,16 @@ def wait(refs: list[Ref], *, num_returns: int = 1, timeout: float | None = None,
     if num_returns > len(items):
         raise ValueError(f"num_returns={num_returns} is more than the {len(items)} refs given")
     _warn_if_in_loop("wait")
-    event = threading.Event()
-    setter = _event_setter(event)
-    watched = [r for r in dict.fromkeys(items) if not r.done()]
-    for ref in watched:
-        ref._add_waiter(setter)
-    try:
-        while sum(r.done() for r in items) < num_returns:
-            if deadline.remaining_s() == 0:
-                break
-            wait_event(event, [r for r in watched if not r.done()], deadline)
-            event.clear()
-    finally:
-        for ref in watched:
-            ref._remove_done_callback(setter)
+    watched = [r for r in dict.fromkeys(items) if not r._final()]
+    with _Tally(watched) as tally:
+        counted = [-1, False]           # finished refs when last counted, and the answer
+
+        def enough() -> bool:           # recounted only when a ref finished since last time
+            if tally.finished != counted[0]:
+                counted[0] = tally.finished
+                counted[1] = sum(r._final() for r in items) >= num_returns
+            return counted[1]
+        wait_until(enough, watched, deadline)
     ready: list[Ref] = []
     not_ready: list[Ref] = []
     for ref in items:
@@ -252,9 +241,11 @@ def gather(obj: Any, *, errors: str = "raise", timeout: float | None = None,
 
 
 def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
-    for ref in refs:
-        if not ref._wait(deadline):
-            raise _timeout_error(deadline, [r for r in refs if not r.done()], len(refs))
+    """Wait until every ref is final, failed ones included (``errors="skip"``)."""
+    pending = [r for r in refs if not r._final()]
+    with _Tally(pending) as tally:
+        if not wait_until(lambda: tally.finished >= len(pending), pending, deadline):
+            raise _timeout_error(deadline, [r for r in refs if not r._final()], len(refs))
 
 
 def _is_ref(obj: Any) -> bool:

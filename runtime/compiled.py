@@ -4,7 +4,9 @@ In: a DAG's root node and compile options. Out: ``CompiledDAG`` (``execute``, ``
 ``teardown``, ``visualize``, ``stats``) whose executions return ``CompiledDAGRef``s.
 Invariants:
 - Executions are numbered from 0; outputs are read in execution order by whichever thread waits
-  (one at a time, ``_fetching``), so a round trip costs no hand-off between threads.
+  (one at a time, ``_role``), so a round trip costs no hand-off between threads. The DAG is the
+  ``runtime.waiting.Producer`` of its refs: ``get`` over refs of several DAGs and the runtime
+  waits on all their words at once.
 - Backpressure (DESIGN 4): rings hold ``max_inflight_executions``; at that many in flight,
   ``execute`` first reads finished outputs into their refs, and only then waits; it raises
   ``PipelineFullError`` only if more than ``max_buffered_results`` results stay un-read for
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import array
 import os
-import uuid
 import shutil
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .. import _config
@@ -34,20 +37,25 @@ from ..dag.context import DAGContext
 from ..dag.ir import DagIR, OpKind, eval_input, trace
 from ..dag.nodes import DAGNode
 from ..dag.walk import has_leaf
-from ..exceptions import (ActorDiedError, ChannelClosedError, ChannelTimeoutError,
-                          PipelineFullError, SubmitTimeoutError, ValueDecodeError, WouldBlock,
-                          make_task_error)
+from ..exceptions import (
+    ActorDiedError,
+    ChannelClosedError,
+    ChannelTimeoutError,
+    PipelineFullError,
+    SubmitTimeoutError,
+    ValueDecodeError,
+    WouldBlock,
+    make_task_error,
+)
 from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
 from .compiled_values import FunctionHost, OpFailure, PackedArgs
 from .deadline import Deadline
 from .records import ActorState
 from .refs import Ref, RefState
+from .waiting import ReadRole, wait_until
 
 #: How long a startup may take (the first attach in a fresh process loads numba's cache).
 START_TIMEOUT_S = 120.0
-#: A background reader (for callbacks, futures, await), or a thread waiting for another thread's
-#: reads, re-checks its work this often.
-_SLICE_S = 0.05
 #: After a channel broke on its own, how long to wait for the runtime to say which process died.
 _DEATH_REPORT_S = 1.0
 #: A wait on the output channels' doorbell re-checks the DAG's state this often.
@@ -89,9 +97,8 @@ class CompiledDAG:
         #: get(timeout=None) of this DAG's refs waits this long (DAGContext.get_timeout)
         self.get_timeout_s: float | None = DAGContext.get_current().get_timeout
         self._submit_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._fetching = False                  # a thread is reading the output channels
-        self._waiters = 0
+        self._cond = threading.Lock()           # _unread, _watched, _closed
+        self._role = ReadRole(self._ring)       # which thread reads the output channels
         self._submitted = 0
         self._fetched = 0
         self._pending: dict[int, list[weakref.ref]] = {}
@@ -244,7 +251,8 @@ class CompiledDAG:
                         "max_buffered_results.")
                 time.sleep(0.001)
                 continue
-            self.wait_for(None, deadline, lambda: e - self._fetched < self._max_inflight)
+            wait_until(lambda: e - self._fetched < self._max_inflight or self._closed or
+                       self._error is not None, (), deadline, (self,))
             if self._error is not None or self._closed:
                 raise self._closed_error()
             if e - self._fetched >= self._max_inflight and deadline.expired():
@@ -273,41 +281,47 @@ class CompiledDAG:
         self._unread = deque(r for r in self._unread if any(
             (ref := w()) is not None and not ref._read for w in r))
 
-    # -- reading outputs --------------------------------------------------------------------
-    def wait_for(self, ref: CompiledDAGRef | None, deadline: Deadline,
-                 cond: Any = None) -> bool:
-        """Read outputs on this thread until ``ref`` is final (or ``cond()``) or the deadline.
-
-        Returns whether ``ref`` is final. One thread reads at a time; the others wait for it
-        to finish their ref or to hand over.
-        """
-        def satisfied() -> bool:
-            return (ref is not None and ref._state is not RefState.PENDING) or \
-                (cond is not None and cond())
-        cv = self._cond
-        with cv:
-            while self._fetching and not satisfied():
-                remaining = deadline.remaining_s()
-                if remaining == 0:
-                    return ref is not None and ref._state is not RefState.PENDING
-                self._waiters += 1
-                try:
-                    cv.wait(_SLICE_S if remaining is None else min(remaining, _SLICE_S))
-                finally:
-                    self._waiters -= 1
-            if satisfied():
-                return ref is None or ref._state is not RefState.PENDING
-            self._fetching = True
+    # -- reading outputs: the Producer of its refs (runtime.waiting) --------------------------
+    def drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
+        """Read outputs on this thread until ``cond()`` or the deadline; False if another thread
+        reads them now (the caller then waits for it, woken by its refs' callbacks)."""
+        if not self._role.take():
+            return False
         try:
-            while not satisfied() and self._fetched < self._submitted:
+            while not cond() and self._fetched < self._submitted:
                 if not self._read_some(deadline):
                     break
         finally:
-            with cv:
-                self._fetching = False
-                if self._waiters:
-                    cv.notify_all()
-        return ref is not None and ref._state is not RefState.PENDING
+            self._role.give()
+        return cond() or deadline.remaining_s() == 0
+
+    def poll(self) -> None:
+        """Read whatever outputs are already there, without waiting (``done()``, waiters)."""
+        if self._fetched < self._submitted and self._role.take():
+            try:
+                now = Deadline(0)
+                while self._fetched < self._submitted and self._read_some(now):
+                    pass
+            finally:
+                self._role.give()
+
+    def words(self) -> list[int]:
+        """The word that moves when an output arrives: the doorbell's, or the one channel's."""
+        if self._bell is not None:
+            return [self._bell.address()]
+        return [self._readers[0][1].notify_address()] if self._readers else []
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def _ring(self) -> None:
+        if self._bell is not None:
+            self._bell.ring()
+        elif self._readers:
+            self._readers[0][1].notify()
 
     def _read_some(self, deadline: Deadline) -> bool:
         """Read at least one output value (of any execution in flight); False on timeout or
@@ -385,9 +399,6 @@ class CompiledDAG:
         done = min(self._next) if self._bell is not None else e + 1
         while self._fetched < done:
             self._complete(self._fetched)
-        if self._waiters:       # NOTE: unlocked (hot path); waiters re-check every _SLICE_S
-            with self._cond:
-                self._cond.notify_all()
 
     def _complete(self, e: int) -> None:
         """Every output of execution ``e`` was read."""
@@ -403,11 +414,6 @@ class CompiledDAG:
                 self._unread.append(refs)
                 if len(self._unread) > 2 * self._max_inflight + 64:
                     self._prune_unread()
-
-    def poll(self) -> None:
-        """Read whatever outputs are already there, without waiting (for ``done()``)."""
-        if not self._fetching and self._fetched < self._submitted:
-            self.wait_for(None, Deadline(0), lambda: False)
 
     def watch(self, ref: CompiledDAGRef) -> None:
         """Someone wants ``ref`` finished without waiting for it: read in the background."""
@@ -426,7 +432,7 @@ class CompiledDAG:
                     self._watcher = None
                     return
                 target = max(self._watched, key=lambda r: r._execution)
-            self.wait_for(target, Deadline(_SLICE_S))
+            wait_until(target._final, (target,), Deadline(None))
 
     # -- failure and teardown ---------------------------------------------------------------
     def _on_broken(self, reason: str) -> None:
@@ -513,7 +519,7 @@ class CompiledDAG:
     def __enter__(self) -> CompiledDAG:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.teardown()
 
     def __del__(self) -> None:
@@ -585,7 +591,7 @@ def channels_readers(plan: Plan, channel: int) -> tuple[str, ...]:
 
 
 def _task_error(failure: OpFailure) -> BaseException:
-    from .errors import task_error     # NOTE: loads cloudpickle: not at import time
+    from .errors import task_error  # NOTE: loads cloudpickle: not at import time
     return task_error(failure.info, name=failure.name, site=failure.site)
 
 
@@ -621,7 +627,7 @@ def _is_ref(obj: Any) -> bool:
 # -- compiling ----------------------------------------------------------------------------------
 def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     """``dag.experimental_compile(**options)``: trace, lower, open the plan, start the loops."""
-    from ..compiler.lowering import lower      # NOTE: loads cloudpickle: not at import time
+    from ..compiler.lowering import lower  # NOTE: loads cloudpickle: not at import time
     from . import session
     from .api import get
     from .worker import DAG_START
@@ -636,7 +642,9 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     outputs = {c for c in plan.output_channels if c >= 0}
     bell = None
     try:
-        if len(outputs) > 1:    # the driver waits for whichever output comes first
+        # the driver waits on one word for whichever output comes first (a socket channel has
+        # no word of its own: its writer rings the bell)
+        if len(outputs) > 1 or any(plan.channels[c].kind is ChannelKind.SOCKET for c in outputs):
             from ..channels.doorbell import Doorbell
             bell = Doorbell(_config.DAG_SPIN_US)
         for proc in plan.processes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .deadline import Deadline
 from .refs import Ref, RefState, new_ref_id
 
 
@@ -35,15 +34,8 @@ class CompiledDAGRef(Ref):
         """The execution this ref belongs to (0, 1, ... per compiled DAG)."""
         return self._execution
 
-    def _wait(self, deadline: Deadline) -> bool:
-        if self._state is not RefState.PENDING:
-            return True
-        return self._dag.wait_for(self, deadline)
-
-    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
-        """Read this DAG's outputs on this thread until ``cond()``, this ref is final, or the
-        deadline (used by get/wait on lists)."""
-        self._dag.wait_for(self, deadline, cond)
+    def _producer(self) -> Any:
+        return self._dag            # the waiting thread reads the DAG's outputs itself
 
     def _outcome(self) -> Any:
         self._read = True

@@ -161,7 +161,7 @@ class Runtime:
             poller.register(self.wake_r, zmq.POLLIN)
         by_fd: dict[int, Proc] = {}
         while not self.closed:
-            holding = inbox.users_idle() and inbox.lock.acquire(blocking=False)
+            holding = inbox.io_should_read() and inbox.role.take()
             try:
                 for what, _ in (full if holding else side).poll(None if holding else 2):
                     if what is inbox.sock:
@@ -184,7 +184,7 @@ class Runtime:
                             try:
                                 inbox.drain(settle_s=0.005)
                             finally:
-                                inbox.lock.release()
+                                inbox.role.give()
                         if proc.lane is not None:
                             proc.lane.drain_dead(f"the actor process (pid {proc.pid}) died")
                         if proc.pending_lane is not None:
@@ -192,7 +192,7 @@ class Runtime:
                         self._on_death(proc)
             finally:
                 if holding:
-                    inbox.lock.release()
+                    inbox.role.give()
 
     def _watch_new(self, pollers: tuple[zmq.Poller, ...], by_fd: dict[int, Proc]) -> None:
         with self.lock:
@@ -747,9 +747,9 @@ class Runtime:
                 if proc.pidfd is not None:
                     _close_fd(proc.pidfd)
         _run(finishes)
-        if self.inbox.lock.acquire(timeout=1.0):     # receivers leave within one poll slice
+        if self.inbox.role.take_blocking(1.0):     # receivers leave within one poll slice
             self.inbox.sock.close(linger=0)
-            self.inbox.lock.release()
+            self.inbox.role.give()
         self.ctx.destroy(linger=0)
         if self.logs is not None:
             self.logs.close()

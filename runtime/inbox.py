@@ -1,11 +1,12 @@
 """The driver's inbox: one PULL socket, read by whichever thread is waiting for a result.
 
 In: replies from children (RESULT, ERROR, ...). Out: calls to ``handle(header, frames)``.
-Invariants: only the holder of ``lock`` touches the socket. A thread blocked in ``get()`` takes the
-lock and reads the replies itself, so a round trip costs no hand-off between threads; the I/O
-thread holds it only while no user thread has wanted it for a poll period (it then completes refs
-for callbacks, futures and ``await``). A waiter never sleeps more than a short slice without
-re-checking its condition, so deaths seen by the I/O thread wake it promptly.
+Invariants: only the holder of ``role`` touches the socket. A thread blocked in ``get()`` takes it
+and reads the replies itself, so a round trip costs no hand-off between threads; the I/O thread
+holds it while no user thread has wanted it for a poll period, or while a waiter relies on it
+(a ``get`` over several producers): it then completes refs for callbacks, futures, ``await``
+and those waiters. A thread that finds another user thread reading waits on its refs' callbacks;
+the reader, letting go, hands the socket to the I/O thread.
 
   user thread in get():  lock ─▶ poll(sock) ─▶ handle ─▶ its ref is final ─▶ unlock
   I/O thread (no waiter): lock ─▶ poll(sock, wake pipe, pidfds) ─▶ handle ─▶ unlock
@@ -22,32 +23,35 @@ import zmq
 
 from . import protocol
 from .deadline import Deadline
+from .waiting import ReadRole
 
-#: Longest a receiving waiter polls before re-checking its condition and the closed flag.
+#: Backstop: a receiving waiter re-checks the I/O thread's needs and the closed flag this often.
 _SLICE_MS = 50
-#: How long a waiter that cannot get the lock sleeps between checks of its condition.
-_CONTENDED_S = 0.002
+#: How long a waiter waits for the I/O thread to let go of the socket before it looks again.
+_HANDOVER_S = 0.05
 
 
 class Inbox:
-    """The PULL socket plus the protocol deciding which thread reads it."""
+    """The PULL socket plus the protocol deciding which thread reads it; the ``Producer``
+    (``runtime.waiting``) of refs whose replies come over zmq."""
 
     def __init__(self, sock: zmq.Socket, handle: Callable[[tuple, list], None],
                  wake_io: Callable[[], None]) -> None:
         self.sock = sock
-        self.lock = threading.Lock()
+        self.role = ReadRole(wake_io)   # a waiter found it taken: the I/O thread takes over
         self.closed = False
         self._handle = handle
         self._wake_io = wake_io
-        self._wants = 0                 # user threads inside wait_until
-        self._wants_lock = threading.Lock()
+        self._wants = 0                 # user threads inside drive
+        self._hold = 0                  # waiters that rely on the I/O thread reading
+        self._count_lock = threading.Lock()
         self._receipts = 0              # bumped each time a user thread takes the socket
         self._seen = -1
         self.io_ident: int | None = None
         self.io_wants = False           # the I/O thread needs the socket (a child died)
 
     def drain(self, settle_s: float = 0.0) -> None:
-        """Handle every message already here (caller holds ``lock``); wait ``settle_s`` more."""
+        """Handle every message already here (caller holds the role); wait ``settle_s`` more."""
         sock = self.sock
         deadline = time.monotonic() + settle_s
         while True:
@@ -62,51 +66,75 @@ class Inbox:
         """For the I/O thread: get the socket back from a receiving user thread."""
         self.io_wants = True
         try:
-            return self.lock.acquire(timeout=timeout_s)
+            return self.role.take_blocking(timeout_s)
         finally:
             self.io_wants = False
 
-    def users_idle(self) -> bool:
-        """For the I/O thread: no user thread wanted the socket since the last call."""
+    def io_should_read(self) -> bool:
+        """For the I/O thread: a waiter relies on it, or no user thread wanted the socket since
+        the last call (a thread in a get loop keeps it between calls)."""
+        if self._hold and not self._wants:
+            return True
         if self._wants or self._receipts != self._seen:
             self._seen = self._receipts
             return False
         return True
 
-    def wait_until(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
-        """Read replies on this thread until ``cond()`` or the deadline; returns ``cond()``."""
+    # -- Producer ---------------------------------------------------------------------------
+    def drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
+        """Read replies on this thread until ``cond()`` or the deadline. False if another user
+        thread reads now, or the I/O thread needs the socket for a death: the caller then waits
+        on its refs' callbacks."""
         if threading.get_ident() == self.io_ident:
             raise RuntimeError("a blocking get() inside a done callback would stall headrace's "
                                "I/O thread; use add_done_callback or await the ref instead")
-        with self._wants_lock:
+        with self._count_lock:
             self._wants += 1
         try:
-            return self._wait(cond, deadline)
+            return self._drive(cond, deadline)
         finally:
-            with self._wants_lock:
+            with self._count_lock:
                 self._wants -= 1
 
-    def _wait(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
-        woke = False
+    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
+        role = self.role
         while not cond():
             remaining = deadline.remaining_s()
             if remaining == 0 or self.closed:
-                return cond()
-            if self.io_wants:                   # let the I/O thread drain before a death
-                time.sleep(_CONTENDED_S / 2)
-                continue
-            if not self.lock.acquire(blocking=False):
-                if not woke:                    # the I/O thread may be parked in poll()
-                    self._wake_io()
-                    woke = True
-                slice_s = _CONTENDED_S if remaining is None else min(_CONTENDED_S, remaining)
-                if not self.lock.acquire(timeout=slice_s):
+                return True
+            if self.io_wants:
+                return False
+            if not role.take():
+                if role.holder != self.io_ident:
+                    return False            # another user thread reads: it may finish ours
+                self._wake_io()             # the I/O thread is parked in poll(): it lets go
+                if not role.take_blocking(_HANDOVER_S if remaining is None
+                                          else min(_HANDOVER_S, remaining)):
                     continue
             try:
                 self._receive(cond, deadline)
             finally:
-                self.lock.release()
+                role.give()
         return True
+
+    def poll(self) -> None:
+        if self.role.take():
+            try:
+                self.drain()
+            finally:
+                self.role.give()
+
+    def words(self) -> list[int]:
+        return []                   # zmq has no futex word: the I/O thread reads for waiters
+
+    def enter(self) -> None:
+        with self._count_lock:
+            self._hold += 1
+        self._wake_io()
+
+    def leave(self) -> None:
+        with self._count_lock:
+            self._hold -= 1
 
     def _receive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
         self._receipts += 1

@@ -7,7 +7,8 @@ Invariants:
 - The call ring carries INIT_ACTOR, CALL and EXIT to the actor, in submission order; the driver
   writes it only under the runtime lock and never blocks on it (a full ring keeps calls queued).
 - The result ring carries the actor's replies. A driver thread that waits for an actor call reads
-  it itself (``wait_until``), announcing so in the ring; after each reply the actor checks the
+  it itself (``drive``; the lane is a ``runtime.waiting.Producer``), announcing so in the ring
+  (as does a thread watching it among other producers); after each reply the actor checks the
   announcement and, when nobody reads, rings the doorbell (a tiny zmq message to the driver's
   inbox), so callbacks, futures and ``done()`` see results without anyone waiting in ``get()``.
 - Before a death is handled, the driver drains what the actor wrote before dying.
@@ -29,14 +30,16 @@ from .. import _config
 from ..channels.shm import ShmChannel
 from ..exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
 from .deadline import Deadline
+from .waiting import ReadRole
 
 CAPACITY = 32                   # messages in flight each way before the driver queues calls
 SLOT_BYTES = 16 * 1024          # larger messages spill (their big buffers are in segments anyway)
 SPIN_US = float(os.environ.get("HEADRACE_LANE_SPIN_US", "500"))   # see ShmChannel "auto"
 _GRACE_S = 300e-6               # how long an actor waits for a reader before ringing...
 _PROBE_EVERY = 16               # ...or, while readers keep not coming, only every 16th time
-_SLICE_S = 0.05                 # a reading thread re-checks its condition at least this often
-_CONTENDED_S = 0.001            # a second waiter polls its condition while another one reads
+#: Backstop: a reading thread re-checks its condition this often (a ref of the lane cancelled
+#: by another thread before it was sent is final without a reply).
+_BACKSTOP_S = 0.1
 
 
 def _pack(header: tuple[Any, ...], frames: list[Any] | None) -> bytes:
@@ -61,8 +64,10 @@ class DriverLane:
         self._call_w = self.calls.writer()
         self._result_r = self.results.reader(0)
         self._handle = handle
-        self.lock = threading.Lock()        # held by the thread reading the result ring
+        self._role = ReadRole(self.results.notify)  # which thread reads the result ring
         self._doorbell = False
+        self._watchers = 0                  # threads reading or watching the result ring
+        self._watch_lock = threading.Lock()
 
     def worker_ends(self) -> tuple[ShmChannel, ShmChannel]:
         """The actor's endpoints (picklable): call reader, result writer."""
@@ -79,48 +84,64 @@ class DriverLane:
             return True                     # the actor is gone: its death fails the call
         return True
 
-    def wait_until(self, cond: Callable[[], bool], deadline: Deadline) -> bool | None:
-        """Read replies on this thread until ``cond()``; None if the lane can no longer help."""
-        while not cond():
-            if self.results.closed:
-                return None
-            if self.lock.acquire(blocking=False):
-                try:
-                    self._read(cond, deadline)
-                finally:
-                    self.lock.release()
-                self._after_release()
-                if self.results.closed and not cond():
-                    return None
-            else:                           # another thread reads: it may finish our ref
-                remaining = deadline.remaining_s()
-                if remaining == 0:
-                    return cond()
-                if self.lock.acquire(timeout=_CONTENDED_S if remaining is None
-                                     else min(_CONTENDED_S, remaining)):
-                    self.lock.release()
-            if deadline.remaining_s() == 0:
-                return cond()
-        return True
+    # -- the Producer of its calls' refs (runtime.waiting) ----------------------------------
+    def drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
+        """Read replies on this thread until ``cond()`` or the deadline; False if another thread
+        reads now or the lane is closed (the caller then waits on its refs' callbacks)."""
+        if self.results.closed or not self._role.take():
+            return False
+        try:
+            self._read(cond, deadline)
+        finally:
+            self._give()
+        return cond() or deadline.remaining_s() == 0
+
+    def poll(self) -> None:
+        """Handle the replies already in the ring (nothing if another thread reads it)."""
+        if self._role.take():
+            try:
+                self._drain()
+            finally:
+                self._give()
+
+    def words(self) -> list[int]:
+        return [self.results.notify_address()]
+
+    def enter(self) -> None:
+        self._announce(1)           # the actor need not ring the doorbell: a waiter watches
+
+    def leave(self) -> None:
+        self._announce(-1)
+        self.poll()                 # what came in as we left: the actor saw us watching
+
+    def _announce(self, delta: int) -> None:
+        with self._watch_lock:
+            self._watchers += delta
+            if self._watchers == (1 if delta > 0 else 0):
+                self._result_r.announce_reading(delta > 0)
+
+    def _give(self) -> None:
+        self._role.give()
+        self._after_release()
 
     def _read(self, cond: Callable[[], bool], deadline: Deadline) -> None:
         reader = self._result_r
-        reader.announce_reading(True)
+        self._announce(1)
         try:
             while not cond():
                 remaining = deadline.remaining_s()
                 if remaining == 0:
                     return
                 try:
-                    message = reader.read(timeout_s=_SLICE_S if remaining is None
-                                          else min(_SLICE_S, remaining))
+                    message = reader.read(timeout_s=_BACKSTOP_S if remaining is None
+                                          else min(_BACKSTOP_S, remaining))
                 except ChannelTimeoutError:
                     continue
                 except ChannelClosedError:
                     return
                 self._handle(*_unpack(message))
         finally:
-            reader.announce_reading(False)
+            self._announce(-1)
             self._drain()                   # what came in as we left: the actor saw us reading
 
     def _drain(self) -> None:
@@ -137,22 +158,22 @@ class DriverLane:
         self._after_release()
 
     def _after_release(self) -> None:
-        while self._doorbell and self.lock.acquire(blocking=False):
+        while self._doorbell and self._role.take():
             try:
                 self._doorbell = False
                 self._drain()
             finally:
-                self.lock.release()
+                self._role.give()
 
     def drain_dead(self, reason: str, timeout_s: float = 1.0) -> None:
         """The actor died: wake any reader, then handle everything it wrote before dying."""
         self.results.mark_broken(reason)
         self.calls.mark_broken(reason)
-        if self.lock.acquire(timeout=timeout_s):
+        if self._role.take_blocking(timeout_s):
             try:
                 self._drain()
             finally:
-                self.lock.release()
+                self._role.give()
 
     def close(self) -> None:
         self.calls.close()

@@ -23,9 +23,15 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
-from ..exceptions import (CompiledGetTimeoutError, GetTimeoutError, InternalError, RefsTypeError,
-                          TaskCancelledError)
+from ..exceptions import (
+    CompiledGetTimeoutError,
+    GetTimeoutError,
+    InternalError,
+    RefsTypeError,
+    TaskCancelledError,
+)
 from .deadline import Deadline, check_timeout
+from .waiting import wait_until
 
 log = logging.getLogger("headrace")
 
@@ -57,8 +63,16 @@ class Ref:
     Subclasses set ``_decode`` (payload -> value) where values arrive encoded, and ``_on_cancel``.
     """
 
-    __slots__ = ("_id", "_name", "_state", "_value", "_payload", "_error", "_callbacks",
-                 "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "_callbacks",
+        "_error",
+        "_id",
+        "_name",
+        "_payload",
+        "_state",
+        "_value",
+    )
     _compiled = False       # a CompiledDAGRef: its waits time out as Ray's channels do
 
     def __init__(self, ref_id: str, name: str) -> None:
@@ -178,23 +192,17 @@ class Ref:
         _run_callback(fn, self)
 
     def _add_waiter(self, fn: Callable[[Ref], Any]) -> None:
-        """``add_done_callback`` for a thread that will itself wait (``_drive``): no helper
-        thread is started for it."""
+        """``add_done_callback`` for a thread that will itself wait (``runtime.waiting``): no
+        helper thread is started for it."""
         Ref.add_done_callback(self, fn)
 
-    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
-        """Make progress towards this ref on this thread until ``cond()`` or the deadline."""
-        event = threading.Event()
-        setter = _event_setter(event)
-        self._add_waiter(setter)
-        try:
-            while not cond() and self._state is RefState.PENDING:
-                remaining = deadline.remaining_s()
-                if remaining == 0:
-                    return
-                event.wait(0.002 if remaining is None else min(0.002, remaining))
-        finally:
-            self._remove_done_callback(setter)
+    def _producer(self) -> Any:
+        """What makes this ref final (a ``runtime.waiting.Producer``), or None: another thread
+        finishes it, and its callbacks wake the waiter."""
+        return None
+
+    def _final(self) -> bool:
+        return self._state is not RefState.PENDING
 
     def _remove_done_callback(self, fn: Callable[[Ref], Any]) -> None:
         with _LOCK:
@@ -208,17 +216,7 @@ class Ref:
         """Block until final or the deadline; True if final."""
         if self._state is not RefState.PENDING:
             return True
-        if deadline.remaining_s() == 0:
-            return False
-        event = threading.Event()
-        setter = _event_setter(event)
-        self.add_done_callback(setter)
-        try:
-            event.wait(deadline.remaining_s())
-        finally:
-            if not event.is_set():
-                self._remove_done_callback(setter)
-        return self._state is not RefState.PENDING
+        return wait_until(self._final, (self,), deadline)
 
     def _outcome(self) -> Any:
         """The value of a final ref, or raise its error."""
@@ -352,14 +350,10 @@ def _settle(fut: asyncio.Future, ref: Ref) -> None:
         fut.set_exception(exc)
 
 
-def _event_setter(event: threading.Event) -> Callable[[Ref], None]:
-    return lambda _ref: event.set()
-
-
 def _run_callback(fn: Callable[[Ref], Any], ref: Ref) -> None:
     try:
         fn(ref)
-    except Exception:                       # noqa: BLE001 - a user's callback must not kill us
+    except Exception:
         log.exception("done callback %r of %s raised", fn, ref.key)
 
 
@@ -410,34 +404,17 @@ class ObjectRef(Ref):
     def _release_producer(self) -> None:
         self._task = None        # NOTE: TaskRecord.refs points back here: break the cycle
 
-    def _wait(self, deadline: Deadline) -> bool:
-        while self._state is RefState.PENDING:
-            rt = self._runtime
-            if rt is None or rt.inbox.closed:   # shutdown finishes every pending ref
-                return super()._wait(deadline)
-            lane = self.lane()
-            if lane is not None and threading.get_ident() != rt.inbox.io_ident:
-                done = lane.wait_until(self.done, deadline)         # the actor's result ring
-                if done is not None:
-                    return done
-            # read the reply on this thread; it gives up early only if the inbox closed
-            if rt.inbox.wait_until(self.done, deadline) or deadline.remaining_s() == 0:
-                return self._state is not RefState.PENDING
-        return True
-
     def _decode(self, payload: Any) -> Any:
         return payload.decode()
 
-    def _drive(self, cond: Callable[[], bool], deadline: Deadline) -> None:
+    def _producer(self) -> Any:
         rt = self._runtime
-        if rt is None or rt.inbox.closed:
-            super()._drive(cond, deadline)
-            return
-        lane = self.lane()
-        if lane is not None and threading.get_ident() != rt.inbox.io_ident and \
-                lane.wait_until(cond, deadline) is not None:
-            return                                      # read the actor's result ring
-        rt.inbox.wait_until(cond, deadline)            # read replies on this thread
+        if rt is None or rt.inbox.closed:   # shutdown finishes every pending ref
+            return None
+        if threading.get_ident() == rt.inbox.io_ident:
+            raise RuntimeError("a blocking get() inside a done callback would stall headrace's "
+                               "I/O thread; use add_done_callback or await the ref instead")
+        return self.lane() or rt.inbox      # the actor's result ring, or the replies' socket
 
     def lane(self) -> Any:
         """The shm lane its reply comes back on (an actor call's, once the lane is up)."""
