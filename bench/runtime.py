@@ -11,7 +11,9 @@ while rounds alternate between them (STYLE 8):
 - ``fresh_actor_calls``: calls 2, 3, ... of a fresh actor (made, and called once, untimed before
   each round): what a short-lived actor or a benchmark's first calls see. headrace, ray.
 - ``mixed_get``: ``get([compiled_ref, actor_ref])`` next to each part alone (headrace only: Ray
-  cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone.
+  cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone,
+  with the floor of the same shape: two child processes echoing over bare shm rings, both
+  written then both read ("floor-both"), and one alone ("floor-one").
 
 ``mp-pipe`` (a child process echoing over ``multiprocessing.Pipe``) is the floor for round trips.
 Ray and Dask are imported lazily; a missing one gets rows saying "not installed".
@@ -42,7 +44,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "put_get_100mb": ("headrace", "ray", "memcpy"),
     "fresh_actor_calls": ("headrace", "ray"),
     "mixed_get": ("compiled+actor", "compiled", "actor"),
-    "two_dags_get": ("dag1+dag2", "dag1", "dag2"),
+    "two_dags_get": ("dag1+dag2", "dag1", "dag2", "floor-both", "floor-one"),
 }
 
 
@@ -78,6 +80,12 @@ class Echo:
 def one() -> int:
     """The task of every runtime."""
     return 1
+
+
+def _ring_echo(inp: Any, out: Any) -> None:
+    """shm-floor's child: echo values from one shm ring to another until None."""
+    while (value := inp.read()) is not None:
+        out.write(value)
 
 
 def _pipe_child(conn: Any) -> None:
@@ -135,6 +143,40 @@ class Impls:
         assert call("ping") == 1
         self.ops["actor_call", "mp-pipe"] = lambda: call("ping")
         self.ops["task", "mp-pipe"] = lambda: call(one)
+
+    def shm_floor(self) -> None:
+        """Two child processes echoing over bare shm rings (no runtime): the floor of a get
+        over two producers ("floor-both": write both, read both) next to one ("floor-one")."""
+        from headrace.channels.shm import ShmChannel
+        ctx = mp.get_context("spawn")
+        ends, procs = [], []
+        for _ in range(2):
+            to, back = ShmChannel(1, 8, 4096), ShmChannel(1, 8, 4096)
+            procs.append(ctx.Process(target=_ring_echo, args=(to.reader(0), back.writer()),
+                                     daemon=True))
+            procs[-1].start()
+            ends.append((to, to.writer(), back, back.reader(0)))
+
+        def trip(which: tuple[int, ...]) -> None:
+            for k in which:
+                ends[k][1].write(1)
+            for k in which:
+                ends[k][3].read(timeout_s=TIMEOUT_S)
+
+        def stop() -> None:
+            for _, w, _, _ in ends:
+                w.write(None, timeout_s=5)
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+            for to, _, back, _ in ends:
+                to.close()
+                back.close()
+        self.stops.append(stop)
+        trip((0, 1))
+        self.ops["two_dags_get", "floor-both"] = lambda: trip((0, 1))
+        self.ops["two_dags_get", "floor-one"] = lambda: trip((0,))
 
     def headrace(self) -> None:
         import headrace as hr
@@ -259,9 +301,12 @@ def judge(records: list[Record]) -> list[Target]:
                       if (case, p) in by and by[case, p].median_us), default=None)
         whole = by.get((case, both))
         r = whole.median_us / slower if whole and whole.median_us and slower else None
+        fb, fo = by.get((case, "floor-both")), by.get((case, "floor-one"))
+        floor = f" (bare shm rings, same shape: {fb.median_us / fo.median_us:.2f}x)" \
+            if fb and fo and fb.median_us and fo.median_us else ""
         targets.append(Target(f"{case}: get over both <= 1.2x the slower part alone",
                               None if r is None else r <= 1.2,
-                              "not measured" if r is None else f"{r:.2f}x"))
+                              "not measured" if r is None else f"{r:.2f}x{floor}"))
     imp = by.get(("import_headrace", "headrace"))
     ok = imp is not None and imp.median_us is not None
     targets.append(Target("import headrace < 0.3 s", imp.median_us < 3e5 if ok else None,
@@ -286,6 +331,7 @@ def run(quick: bool = False) -> list[Record]:
     records: list[Record] = []
     try:
         for name, starter in (("mp-pipe", impls.mp_pipe), ("memcpy", impls.memcpy),
+                              ("shm-floor", impls.shm_floor),
                               ("dask", impls.dask), ("headrace", impls.headrace),
                               ("ray", impls.ray)):
             impls.start(name, starter)

@@ -495,9 +495,15 @@ def wait_any(addrs, seen, spin_ns, timeout_ns, waitv):
 @njit(cache=True)
 def snapshot(addrs, seen):
     """``seen[k]`` = the word at ``addrs[k]`` now (atomic loads): read before looking around,
-    then ``wait_any`` on them."""
+    then ``wait_any`` on them. Returns a mask of the words that moved since ``seen`` was taken
+    (bit k; bit 63 stands for every k >= 63)."""
+    moved = np.int64(0)
     for k in range(addrs.shape[0]):
-        seen[k] = _load_at(addrs[k])
+        v = _load_at(addrs[k])
+        if v != seen[k]:
+            moved |= np.int64(1) << np.int64(min(k, 63))
+            seen[k] = v
+    return moved
 
 
 @njit(cache=True)

@@ -64,6 +64,10 @@ class Channel(abc.ABC):
     def read(self, timeout_s: float | None = None) -> Any:
         """The next value for this reader."""
 
+    def has_value(self) -> bool:
+        """Whether a read would not wait now; True when it cannot tell (a poller then tries)."""
+        return True
+
     def read_nowait(self) -> Any:
         """The next value if there is one, else raise ``WouldBlock``."""
         from ..exceptions import WouldBlock

@@ -60,6 +60,8 @@ START_TIMEOUT_S = 120.0
 _DEATH_REPORT_S = 1.0
 #: A wait on the output channels' doorbell re-checks the DAG's state this often.
 _BELL_SLICE_NS = 100_000_000
+#: A deadline that has passed: poll without waiting.
+_NOW = Deadline(0)
 #: stats() reports the latency of this many latest executions.
 _LATENCY_SAMPLES = 16_384
 
@@ -299,8 +301,7 @@ class CompiledDAG:
         """Read whatever outputs are already there, without waiting (``done()``, waiters)."""
         if self._fetched < self._submitted and self._role.take():
             try:
-                now = Deadline(0)
-                while self._fetched < self._submitted and self._read_some(now):
+                while self._fetched < self._submitted and self._read_some(_NOW):
                     pass
             finally:
                 self._role.give()
@@ -357,6 +358,8 @@ class CompiledDAG:
         """Read output channel ``i``'s value of its next execution (``timeout_s=0``: only if it
         is there); False on timeout or close."""
         c, reader = self._readers[i]
+        if timeout_s == 0 and not reader.has_value():
+            return False
         taken = reader.taken()
         start = time.monotonic_ns() if self._recorder is not None else 0
         try:

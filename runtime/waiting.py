@@ -125,7 +125,11 @@ def wait_until(cond: Callable[[], bool], refs: Iterable[Any], deadline: Deadline
 
 def _wait(cond: Callable[[], bool], refs: list[Any], group: list[Producer],
           deadline: Deadline) -> bool:
-    words = [a for p in group for a in p.words()]
+    words, owners = [], []              # owners[k]: the producer of word k + 1
+    for p in group:
+        for address in p.words():
+            words.append(address)
+            owners.append(p)
     waiter = _FutexWaiter.mine(words) if words else _EventWaiter()
     for ref in refs:
         ref._add_waiter(waiter.ring)
@@ -134,9 +138,10 @@ def _wait(cond: Callable[[], bool], refs: list[Any], group: list[Producer],
         for p in group:
             p.enter()
             entered.append(p)
+        waiter.arm()
+        look = group                    # at first every producer; then those whose word moved
         while True:
-            waiter.arm()                # before looking: a change after this wakes the sleep
-            for p in group:
+            for p in look:
                 p.poll()
             if cond():
                 return True
@@ -145,6 +150,10 @@ def _wait(cond: Callable[[], bool], refs: list[Any], group: list[Producer],
                 return False
             waiter.sleep(_BACKSTOP_NS if remaining is None
                          else min(_BACKSTOP_NS, int(remaining * 1e9) + 1))
+            moved = waiter.arm()        # before looking: a later change wakes the next sleep
+            look = group if moved < 0 else \
+                list(dict.fromkeys(owners[k - 1] for k in range(1, len(words) + 1)
+                                   if moved >> min(k, 63) & 1))
     finally:
         for p in entered:
             p.leave()
@@ -165,8 +174,10 @@ class _EventWaiter:
     def done(self) -> None:
         pass
 
-    def arm(self) -> None:
+    def arm(self) -> int:
+        """Returns -1: every producer is to be looked at."""
         self._event.clear()
+        return -1
 
     def sleep(self, budget_ns: int) -> None:
         self._event.wait(budget_ns / 1e9)
@@ -210,8 +221,9 @@ class _FutexWaiter:
     def done(self) -> None:
         self._addrs = self._seen = None
 
-    def arm(self) -> None:
-        self._ops["snapshot"](self._addrs, self._seen)
+    def arm(self) -> int:
+        """Take the words' values; returns the mask of those that moved since the last time."""
+        return self._ops["snapshot"](self._addrs, self._seen)
 
     def sleep(self, budget_ns: int) -> None:
         spin = self._spin
