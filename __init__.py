@@ -16,9 +16,9 @@ from headrace.exceptions import (ActorDiedError, ChannelClosedError, DAGCompileE
                                  TaskError, WorkerCrashedError)
 from headrace.runtime.api import (cancel, gather, get, get_actor, init, is_initialized, kill, put,
                                   shutdown, wait)
-from headrace.runtime.compiled import CompiledDAG
-from headrace.runtime.compiled_ref import CompiledDAGFuture, CompiledDAGRef
-from headrace.runtime.refs import ObjectRef, Ref
+from headrace.runtime.compiled.driver import CompiledDAG
+from headrace.runtime.refs.compiled_ref import CompiledDAGFuture, CompiledDAGRef
+from headrace.runtime.refs.ref import ObjectRef, Ref
 from headrace.runtime.remote import ActorClass, ActorHandle, RemoteFunction, method, remote
 
 __version__ = "0.1.0"

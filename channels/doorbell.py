@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _native as nat
 from .segments import Segment
-from .shm import _IDLE_FACTOR, _ops
+from .shm import _IDLE_FACTOR, native_ops
 
 _BYTES = 4096
 
@@ -46,7 +46,7 @@ class Doorbell:
     def _setup(self, seg: Segment | None, spin_us: float) -> None:
         self._seg = seg
         self._spin_us = spin_us
-        self._ops = _ops()
+        self._ops = native_ops()
         self._b = None if seg is None else np.frombuffer(seg.mmap, np.uint32, nat.BELL_WORDS)
         self._st = st = np.zeros(nat.ST_WORDS, np.int64)
         st[nat.ST_SPIN] = st[nat.ST_SPIN_MAX] = int(spin_us * 1000)

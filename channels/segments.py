@@ -57,7 +57,7 @@ class Segment:
         self.mmap = mm
         self.buf = memoryview(mm) if size else memoryview(b"")
         # The owner unlinks the name when this object dies; the mapping lives on in any views.
-        self._finalizer = weakref.finalize(self, _unlink, name) if owner else None
+        self._finalizer = weakref.finalize(self, unlink_name, name) if owner else None
 
     @classmethod
     def create(cls, size: int, name: str | None = None, *, owner: bool = True) -> Segment:
@@ -69,7 +69,7 @@ class Segment:
             mm = _map(fd, size, writable=True, populate=True)
         except BaseException:
             os.close(fd)
-            _unlink(name)
+            unlink_name(name)
             raise
         os.close(fd)
         return cls(name, size, mm, owner)
@@ -95,7 +95,7 @@ class Segment:
                 else mmap.mmap(-1, 1)
         except BaseException:
             os.close(fd)
-            _unlink(name)
+            unlink_name(name)
             raise
         os.close(fd)
         return cls(name, size, mm, owner)
@@ -121,7 +121,7 @@ class Segment:
             if on_free is None:
                 return
             self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _unlink, self.name) if on_free is None \
+        self._finalizer = weakref.finalize(self, unlink_name, self.name) if on_free is None \
             else weakref.finalize(self, on_free, self.name, self.size, self.mmap)
 
     def disown(self) -> None:
@@ -135,7 +135,7 @@ class Segment:
         if self._finalizer is not None:
             self._finalizer()
         else:
-            _unlink(self.name)
+            unlink_name(self.name)
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, {self.size} bytes)"
@@ -149,7 +149,7 @@ def _map(fd: int, size: int, *, writable: bool, populate: bool) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=flags, prot=prot)
 
 
-def _unlink(name: str) -> None:
+def unlink_name(name: str) -> None:
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
@@ -169,7 +169,7 @@ def unlink_owned(owner_pid: int) -> int:
     """Unlink every segment of ``owner_pid``; returns how many were removed."""
     names = owned_segments(owner_pid)
     for name in names:
-        _unlink(name)
+        unlink_name(name)
     return len(names)
 
 
@@ -187,7 +187,7 @@ def sweep_dead_owners() -> list[str]:
     for name in names:
         owner = owner_of(name)
         if owner is not None and not is_alive(*owner):
-            _unlink(name)
+            unlink_name(name)
             removed.append(name)
     return removed
 

@@ -44,7 +44,7 @@ from . import _native as nat
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
 from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
                     T_TRUE, decode, encode, read_header)
-from .segments import Segment, _unlink, is_alive
+from .segments import Segment, unlink_name, is_alive
 
 _MAGIC = 0x31435248          # "HRC1"
 _VERSION = 2                 # 2: a slot's payload may sit in any payload area
@@ -64,7 +64,7 @@ _BITS, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
 _OPS: dict[str, Any] = {}    # the compiled hot ops (channels._native.entry_points), loaded once
 
 
-def _ops() -> dict[str, Any]:
+def native_ops() -> dict[str, Any]:
     if not _OPS:
         from .warmup import compile_lock
         with compile_lock():    # after an install, one process compiles; the rest load
@@ -85,7 +85,7 @@ def _warm_helpers() -> None:
 def warm_up() -> None:
     """Compile or load every op a channel uses (``channels.warmup`` runs it in the background
     after an install)."""
-    _ops()
+    native_ops()
 
 
 def _pid_gone(pid: int) -> bool:
@@ -168,7 +168,7 @@ class ShmChannel(Channel):
         self._mv = seg.buf
         self._m64 = np.frombuffer(seg.mmap, np.uint64, seg.size // 8)
         self._addr = h.ctypes.data
-        self._ops = _ops()
+        self._ops = native_ops()
         self._n = capacity
         self._n_readers = int(h[nat.N_READERS])
         self._slot_size = int(h[nat.SLOT_SIZE_LO]) | int(h[nat.SLOT_SIZE_HI]) << 32
@@ -393,7 +393,7 @@ class ShmChannel(Channel):
     def _unpin_spill(self, sh: np.ndarray, name: str) -> None:
         self._ops["release"](self._h, sh, 0)
         if self._h[nat.CLOSED] and nat.load(sh, 0) == 0:
-            _unlink(name)               # the writer may be gone: the last reader cleans up
+            unlink_name(name)               # the writer may be gone: the last reader cleans up
 
     @staticmethod
     def _decode_pinned(tag: int, aux: int, scalar: Any, address: int, size: int,
@@ -549,7 +549,7 @@ class _SpillPin(_Pin):
         try:
             _OPS["release"](self.h, self.pins, self.word)
             if self.h[nat.CLOSED] and nat.load(self.pins, 0) == 0:
-                _unlink(self.keep.name)
+                unlink_name(self.keep.name)
         except Exception:   # noqa: BLE001 - interpreter shutdown
             pass
 

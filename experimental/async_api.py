@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..runtime.refs import Ref
+from ..runtime.refs.ref import Ref
 
 
 def as_future(ref: Ref) -> asyncio.Future:

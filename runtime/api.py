@@ -18,10 +18,10 @@ from typing import Any
 from ..dag.walk import DROP, leaves, map_leaves
 from ..exceptions import RefsTypeError
 from . import session
-from .deadline import Deadline, check_timeout
-from .refs import ObjectRef, Ref, RefState, _timeout_error
+from .refs.deadline import Deadline, check_timeout
+from .refs.ref import ObjectRef, Ref, RefState, timeout_error
 from .session import init, is_initialized, shutdown  # noqa: F401 - re-exported: the public API
-from .waiting import wait_until
+from .refs.waiting import wait_until
 
 _WARNED_LOOP = False
 
@@ -114,7 +114,7 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     if single:
         ref = items[0]
         if not ref._wait(deadline):
-            raise _timeout_error(deadline, [ref], 1)
+            raise timeout_error(deadline, [ref], 1)
         return ref._outcome()
     _wait_all(items, deadline)
     return [ref._outcome() for ref in items]
@@ -139,7 +139,7 @@ def _wait_all(items: list[Ref], deadline: Deadline) -> None:
         if not wait_until(lambda: tally.finished >= len(pending) or tally.failed, pending,
                           deadline):
             still = [r for r in items if r._state is RefState.PENDING]
-            raise _timeout_error(deadline, still, len(items))
+            raise timeout_error(deadline, still, len(items))
     _raise_first_error(items)
 
 
@@ -245,7 +245,7 @@ def _wait_done(refs: list[Ref], deadline: Deadline) -> None:
     pending = [r for r in refs if not r._final()]
     with _Tally(pending) as tally:
         if not wait_until(lambda: tally.finished >= len(pending), pending, deadline):
-            raise _timeout_error(deadline, [r for r in refs if not r._final()], len(refs))
+            raise timeout_error(deadline, [r for r in refs if not r._final()], len(refs))
 
 
 def _is_ref(obj: Any) -> bool:
@@ -303,7 +303,7 @@ async def _gather_async(obj: Any, errors: str, timeout: float | None) -> Any:
         for task in not_done:
             task.cancel()
         if not_done:
-            raise _timeout_error(Deadline(timeout),
+            raise timeout_error(Deadline(timeout),
                                  [r for r, w in zip(refs, waits, strict=True) if w in not_done],
                                  len(refs))
     return _rebuild(obj, errors)

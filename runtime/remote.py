@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import session
-from .records import ActorRecord
+from .procs.records import ActorRecord
 
 _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
 _ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}

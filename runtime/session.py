@@ -51,7 +51,7 @@ def init(num_cpus: int | None = None, *, address: str | None = None,
                 return _describe(_RUNTIME)
             raise RuntimeError("headrace is already initialised; call hr.shutdown() first, or "
                                "pass ignore_reinit_error=True")
-        from .core import Runtime
+        from .procs.core import Runtime
         _RUNTIME = Runtime(num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver,
                            logging_level=logging_level)
         if not _ATEXIT:

@@ -16,7 +16,7 @@ os.environ.setdefault("HEADRACE_CHECKS", "1")
 import headrace as hr  # noqa: E402  (after HEADRACE_CHECKS is set)
 from headrace._config import SHM_PREFIX  # noqa: E402
 from headrace.channels.segments import is_alive, owned_segments, owner_of  # noqa: E402
-from headrace.runtime.deadline import FakeClock  # noqa: E402
+from headrace.runtime.refs.deadline import FakeClock  # noqa: E402
 
 
 #: Our segments already in /dev/shm before the session (another run's): not this run's leaks.

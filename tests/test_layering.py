@@ -105,6 +105,61 @@ def import_graph(modules: dict[str, Path]) -> nx.DiGraph:
     return graph
 
 
+#: runtime/'s parts, each one job, lowest first; a part imports only parts before it. "api" is
+#: the modules at runtime/'s top (session, remote, api): the session and the remote API.
+RUNTIME_PARTS = ["wire", "refs", "loops", "procs", "api", "compiled"]
+
+
+def _runtime_part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["headrace", "runtime"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in RUNTIME_PARTS else "api"
+
+
+def test_runtime_parts_import_one_way() -> None:
+    graph = import_graph(_modules())
+    wrong = []
+    for a, b in graph.edges:
+        pa, pb = _runtime_part(a), _runtime_part(b)
+        if pa and pb and RUNTIME_PARTS.index(pb) > RUNTIME_PARTS.index(pa):
+            wrong.append(f"{a} ({pa}) imports {b} ({pb})")
+    assert wrong == []
+    assert {p.name for p in (ROOT / "runtime").iterdir() if p.is_dir() and
+            (p / "__init__.py").exists()} == set(RUNTIME_PARTS) - {"api"}
+
+
+def _private_imports(name: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """``from <our module> import _name`` in ``path`` (modules of ours named ``_x`` are fine)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if not module.startswith("headrace"):
+                continue
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name} from {module}"
+                      for a in node.names if a.name.startswith("_") and
+                      f"{module}.{a.name}" not in modules]
+    return found
+
+
+def test_runtime_imports_no_private_name_of_another_module() -> None:
+    modules = _modules()
+    found = [hit for name, path in modules.items() if name.startswith("headrace.runtime")
+             for hit in _private_imports(name, path, modules)]
+    assert found == []
+    probe = ROOT / "runtime" / "_private_probe.py"
+    probe.write_text("from .refs.ref import _CAPTURE\nfrom .. import _config\n")
+    try:
+        assert _private_imports("headrace.runtime._private_probe", probe, modules) == [
+            "runtime/_private_probe.py:1 _CAPTURE from headrace.runtime.refs.ref"]
+    finally:
+        probe.unlink()
+
+
 def test_no_module_imports_itself_through_others() -> None:
     cycles = sorted(" -> ".join(c) for c in nx.simple_cycles(import_graph(_modules())))
     assert cycles == [], "import cycles:\n" + "\n".join(cycles)
@@ -137,5 +192,6 @@ def test_no_module_reaches_ours_through_importlib(tmp_path: Path) -> None:
     found = [hit for path in _modules().values() for hit in _importlib_of_ours(path)]
     assert found == []
     probe = tmp_path / "probe.py"
-    probe.write_text("import importlib\nimportlib.import_module('headrace.runtime.compiled')\n")
-    assert _importlib_of_ours(probe) == ["probe.py:2 headrace.runtime.compiled"]
+    probe.write_text("import importlib\n"
+                     "importlib.import_module('headrace.runtime.compiled.driver')\n")
+    assert _importlib_of_ours(probe) == ["probe.py:2 headrace.runtime.compiled.driver"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headrace.runtime.deadline import Deadline, check_timeout
+from headrace.runtime.refs.deadline import Deadline, check_timeout
 
 
 def test_remaining_counts_down_on_the_fake_clock(fake_clock) -> None:

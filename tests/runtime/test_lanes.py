@@ -15,7 +15,7 @@ import pytest
 import headrace as hr
 from headrace import _config
 from headrace.exceptions import ActorDiedError, TaskCancelledError
-from headrace.runtime import lane as lane_mod
+from headrace.runtime.procs import lane as lane_mod
 
 pytestmark = pytest.mark.usefixtures("runtime")
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from headrace.exceptions import InternalError
-from headrace.runtime.records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord,
+from headrace.runtime.procs.records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord,
                                       TaskState, advance)
 
 

@@ -13,7 +13,7 @@ import pytest
 import headrace as hr
 from headrace import _config
 from headrace.runtime import session
-from headrace.runtime.records import ProcState
+from headrace.runtime.procs.records import ProcState
 
 pytestmark = pytest.mark.usefixtures("runtime")
 

@@ -1,4 +1,4 @@
-"""One waiter per blocking call (runtime.waiting): woken by whichever producer moves first.
+"""One waiter per blocking call (runtime.refs.waiting): woken by whichever producer moves first.
 
 The native ``wait_any`` is checked on plain words; the rest through the public API, with refs of
 several producers at once (the runtime's zmq inbox, actor lanes, compiled DAGs) and with several
@@ -16,9 +16,9 @@ import pytest
 import headrace as hr
 from headrace import InputNode
 from headrace.channels import _native as nat
-from headrace.channels.shm import _ops
+from headrace.channels.shm import native_ops
 from headrace.exceptions import TaskCancelledError, TaskError
-from headrace.runtime.waiting import ReadRole
+from headrace.runtime.refs.waiting import ReadRole
 
 pytestmark = pytest.mark.usefixtures("runtime")
 
@@ -33,7 +33,7 @@ def _words(n: int) -> tuple[list[np.ndarray], np.ndarray]:
 
 @pytest.mark.parametrize("waitv", [True, False], ids=["futex_waitv", "sliced-fallback"])
 def test_wait_any_wakes_on_whichever_word_moves_and_counts_itself_out(waitv) -> None:
-    ops = _ops()
+    ops = native_ops()
     if waitv and not nat.has_waitv():
         pytest.skip("this kernel has no futex_waitv (Linux < 5.16): the fallback is tested")
     arrays, addrs = _words(3)

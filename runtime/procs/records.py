@@ -12,13 +12,13 @@ from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import InternalError
+from ...exceptions import InternalError
 
 if TYPE_CHECKING:
     import zmq
 
-    from .payload import Payload
-    from .refs import ObjectRef, Ref
+    from ..wire.payload import Payload
+    from ..refs.ref import ObjectRef, Ref
 
 
 class ProcState(Enum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compiler.plan import Plan, StepKind
+from ...compiler.plan import Plan, StepKind
 
 _MASK = 0xFFFFFFFF
 _STATES = {

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..dag.ir import DagIR, OpKind, eval_input, fill, is_used_whole
-from .api import put
+from ...dag.ir import DagIR, OpKind, eval_input, fill, is_used_whole
+from ..api import put
 
 
 def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
-    from .remote import RemoteFunction
+    from ..remote import RemoteFunction
     values: dict[int, Any] = {}
     for op in ir.ops:
         if op.kind is OpKind.INPUT:
@@ -40,5 +40,5 @@ def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
 
 
 def _as_ref(value: Any) -> Any:
-    from .refs import Ref
+    from ..refs.ref import Ref
     return value if isinstance(value, Ref) else put(value)

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import zmq
 
-from . import protocol
-from .deadline import Deadline
-from .waiting import ReadRole
+from ..wire import protocol
+from ..refs.deadline import Deadline
+from ..refs.waiting import ReadRole
 
 #: Backstop: a receiving waiter re-checks the I/O thread's needs and the closed flag this often.
 _SLICE_MS = 50
@@ -33,7 +33,7 @@ _HANDOVER_S = 0.05
 
 class Inbox:
     """The PULL socket plus the protocol deciding which thread reads it; the ``Producer``
-    (``runtime.waiting``) of refs whose replies come over zmq."""
+    (``runtime.refs.waiting``) of refs whose replies come over zmq."""
 
     def __init__(self, sock: zmq.Socket, handle: Callable[[tuple, list], None],
                  wake_io: Callable[[], None]) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
-from ..exceptions import (
+from ...exceptions import (
     CompiledGetTimeoutError,
     GetTimeoutError,
     InternalError,
@@ -192,12 +192,12 @@ class Ref:
         _run_callback(fn, self)
 
     def _add_waiter(self, fn: Callable[[Ref], Any]) -> None:
-        """``add_done_callback`` for a thread that will itself wait (``runtime.waiting``): no
+        """``add_done_callback`` for a thread that will itself wait (``runtime.refs.waiting``): no
         helper thread is started for it."""
         Ref.add_done_callback(self, fn)
 
     def _producer(self) -> Any:
-        """What makes this ref final (a ``runtime.waiting.Producer``), or None: another thread
+        """What makes this ref final (a ``runtime.refs.waiting.Producer``), or None: another thread
         finishes it, and its callbacks wake the waiter."""
         return None
 
@@ -258,14 +258,14 @@ class Ref:
         """
         deadline = Deadline(_pick_timeout(timeout, timeout_s))
         if not self._wait(deadline):
-            raise _timeout_error(deadline, [self], 1)
+            raise timeout_error(deadline, [self], 1)
         return self._outcome()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error the ref ended with, or None if it has a value; waits like ``result``."""
         deadline = Deadline(check_timeout(timeout))
         if not self._wait(deadline):
-            raise _timeout_error(deadline, [self], 1)
+            raise timeout_error(deadline, [self], 1)
         if self._state is RefState.READY:
             try:
                 self._outcome()
@@ -364,7 +364,7 @@ def _pick_timeout(timeout: float | None, timeout_s: float | None) -> float | Non
                          "timeout" if timeout_s is None else "timeout_s")
 
 
-def _timeout_error(deadline: Deadline, pending: list[Ref], total: int) -> BaseException:
+def timeout_error(deadline: Deadline, pending: list[Ref], total: int) -> BaseException:
     """The error of a wait that gave up: its deadline passed (never one without a deadline).
     A ``CompiledGetTimeoutError`` if ``pending`` holds a CompiledDAGRef (Ray's channel
     timeout), else a ``GetTimeoutError``."""

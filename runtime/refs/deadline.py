@@ -13,7 +13,7 @@ import numbers
 import time
 from collections.abc import Callable
 
-from .._config import FOREVER_S
+from ..._config import FOREVER_S
 
 Clock = Callable[[], float]
 

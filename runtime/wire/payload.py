@@ -25,9 +25,9 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from .._config import INLINE_MAX_BYTES
-from ..channels.segments import SHM_DIR, Segment, _unlink, segment_name
-from ..channels.serialization import dumps, loads
+from ..._config import INLINE_MAX_BYTES
+from ...channels.segments import SHM_DIR, Segment, unlink_name, segment_name
+from ...channels.serialization import dumps, loads
 
 _ALIGN = 64
 _HEAD = 64      # the segment header: word 0 counts live zero-copy views, in every process
@@ -89,7 +89,7 @@ class _ViewPin:
     __slots__ = ("address", "header", "segment")
 
     def __init__(self, segment: Segment) -> None:
-        from ..channels import _native      # lazy: numba loads on the first large payload
+        from ...channels import _native      # lazy: numba loads on the first large payload
         self.segment = segment
         self.header = _header(segment)
         self.address = self.header.ctypes.data
@@ -97,7 +97,7 @@ class _ViewPin:
 
     def __del__(self) -> None:
         try:
-            from ..channels import _native
+            from ...channels import _native
             _native.add(self.header, 0, -1)
         except Exception:   # noqa: BLE001,S110 - interpreter shutdown: the mapping goes too
             pass
@@ -129,13 +129,13 @@ class SegmentPool:
         except (ValueError, TypeError):     # a closed mapping
             idle = False
         if not idle or size > self.max_bytes:
-            _unlink(name)
+            unlink_name(name)
             return
         with self._lock:
             self._free.append((name, size, mm))
             while len(self._free) > self.max_segments or \
                     sum(e[1] for e in self._free) > self.max_bytes:
-                _unlink(self._free.pop(0)[0])
+                unlink_name(self._free.pop(0)[0])
 
     def create(self, parts: list[tuple[int, memoryview]], size: int, owner_pid: int) -> Segment:
         """A segment holding ``parts``: a freed one of a fitting size, else a new one."""
@@ -166,7 +166,7 @@ class SegmentPool:
         with self._lock:
             free, self._free = self._free, []
         for name, _, _ in free:
-            _unlink(name)
+            unlink_name(name)
 
 
 class SegmentTable:

@@ -31,16 +31,16 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from ..channels.segments import is_alive, unlink_owned
-from ..dag.ir import split_returns
-from . import protocol
+from ...channels.segments import is_alive, unlink_owned
+from ...dag.ir import split_returns
+from ..wire import protocol
 from .output import install_prefixed_output
-from ..exceptions import ChannelClosedError
+from ...exceptions import ChannelClosedError
 from .lane import WorkerLane
-from .errors import error_info
-from .payload import Payload, SegmentTable, encode, from_wire
-from .protocol import Msg, WorkerSpec
-from .refs import resolving_refs
+from ..wire.errors import error_info
+from ..wire.payload import Payload, SegmentTable, encode, from_wire
+from ..wire.protocol import Msg, WorkerSpec
+from ..refs.ref import resolving_refs
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
@@ -271,7 +271,7 @@ class Worker:
     def _start_dag(self, plan: Any, key: str, ends: dict[int, Any],
                    trace_dir: str | None) -> str:
         """An internal call: run this process's part of a compiled DAG on a thread."""
-        from .dag_loop import start_loop
+        from ..loops.dag_loop import start_loop
         return start_loop(self, plan, key, ends, trace_dir)
 
     def _ring_doorbell(self) -> None:

@@ -206,9 +206,9 @@ class _FutexWaiter:
     def __init__(self) -> None:
         import numpy as np
 
-        from ..channels import _native as nat
-        from ..channels.shm import _ops
-        self._ops = ops = _ops()
+        from ...channels import _native as nat
+        from ...channels.shm import native_ops
+        self._ops = ops = native_ops()
         self._waitv = _has_waitv()
         self._w = w = np.zeros(nat.BELL_WORDS, np.uint32)
         self._addr = w.ctypes.data + 4 * nat.RD_NOTIFY
@@ -241,6 +241,6 @@ _WAITV: list[bool] = []
 
 def _has_waitv() -> bool:
     if not _WAITV:
-        from ..channels._native import has_waitv
+        from ...channels._native import has_waitv
         _WAITV.append(has_waitv())
     return _WAITV[0]

@@ -15,8 +15,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..dag.nodes import INTERNAL_DIRS
-from ..exceptions import TaskError, make_task_error
+from ...dag.nodes import INTERNAL_DIRS
+from ...exceptions import TaskError, make_task_error
 from .protocol import ErrorInfo
 
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import cloudpickle
 
-from ..compiler.plan import Plan, StepKind, TaskSpec
-from ..dag.ir import NodeArg, OpKind, PrevArg, eval_input, fill, split_returns
-from ..exceptions import ChannelClosedError, ValueDecodeError
-from .compiled_values import OpFailure, PackedArgs
-from .errors import error_info
+from ...compiler.plan import Plan, StepKind, TaskSpec
+from ...dag.ir import NodeArg, OpKind, PrevArg, eval_input, fill, split_returns
+from ...exceptions import ChannelClosedError, ValueDecodeError
+from .values import OpFailure, PackedArgs
+from ..wire.errors import error_info
 
 log = logging.getLogger(__name__)
 _READ, _COMPUTE, _WRITE, _INPUT = 0, 1, 2, 3

@@ -7,7 +7,7 @@ Invariants:
 - The call ring carries INIT_ACTOR, CALL and EXIT to the actor, in submission order; the driver
   writes it only under the runtime lock and never blocks on it (a full ring keeps calls queued).
 - The result ring carries the actor's replies. A driver thread that waits for an actor call reads
-  it itself (``drive``; the lane is a ``runtime.waiting.Producer``), announcing so in the ring
+  it itself (``drive``; the lane is a ``runtime.refs.waiting.Producer``), announcing so in the ring
   (as does a thread watching it among other producers); after each reply the actor checks the
   announcement and, when nobody reads, rings the doorbell (a tiny zmq message to the driver's
   inbox), so callbacks, futures and ``done()`` see results without anyone waiting in ``get()``.
@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import _config
-from ..channels.shm import ShmChannel
-from ..exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
-from .deadline import Deadline
-from .waiting import ReadRole
+from ... import _config
+from ...channels.shm import ShmChannel
+from ...exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
+from ..refs.deadline import Deadline
+from ..refs.waiting import ReadRole
 
 CAPACITY = 32                   # messages in flight each way before the driver queues calls
 SLOT_BYTES = 16 * 1024          # larger messages spill (their big buffers are in segments anyway)
@@ -84,7 +84,7 @@ class DriverLane:
             return True                     # the actor is gone: its death fails the call
         return True
 
-    # -- the Producer of its calls' refs (runtime.waiting) ----------------------------------
+    # -- the Producer of its calls' refs (runtime.refs.waiting) ----------------------------------
     def drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
         """Read replies on this thread until ``cond()`` or the deadline; False if another thread
         reads now or the lane is closed (the caller then waits on its refs' callbacks)."""

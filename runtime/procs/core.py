@@ -33,23 +33,23 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from .. import _config
-from ..channels import warmup
-from ..channels.segments import sweep_dead_owners, unlink_owned
-from ..exceptions import ActorDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
-from . import protocol
+from ... import _config
+from ...channels import warmup
+from ...channels.segments import sweep_dead_owners, unlink_owned
+from ...exceptions import ActorDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
+from ..wire import protocol
 from .inbox import Inbox
 from .output import LogForwarder
-from .errors import task_error
+from ..wire.errors import task_error
 from .lane import DriverLane
-from .payload import Payload, SegmentPool, SegmentTable, encode, from_wire
-from .protocol import Msg, WorkerSpec
+from ..wire.payload import Payload, SegmentPool, SegmentTable, encode, from_wire
+from ..wire.protocol import Msg, WorkerSpec
 from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
                       advance)
-from .refs import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
+from ..refs.ref import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
 from .worker import SPEC_ENV
 
-_WORKER_CMD = "from headrace.runtime.worker import main; main()"
+_WORKER_CMD = "from headrace.runtime.procs.worker import main; main()"
 logger = logging.getLogger(__name__)
 Finish = Callable[[], Any]
 
@@ -410,7 +410,7 @@ class Runtime:
             with capturing_refs(deps):
                 payload = encode((args, kwargs), owner_pid=self.pid, own=True, table=self.table)
         except TypeError as exc:
-            raise TypeError(_bad_argument(args, kwargs, describe(), fn, exc)) from exc
+            raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
         return payload, deps
 
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
@@ -816,7 +816,7 @@ def _death_hint(sig: int | None, code: int | None) -> str:
             "raise an exception instead to report an error.")
 
 
-def _bad_argument(args: tuple, kwargs: dict, call: str, fn: Any, exc: Exception) -> str:
+def bad_argument(args: tuple, kwargs: dict, call: str, fn: Any, exc: Exception) -> str:
     """Name the first argument of a call that cannot be serialized."""
     import inspect
     names: list[str] = []

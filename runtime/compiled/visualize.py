@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import warnings
 
-from ..compiler.plan import DRIVER, Plan, StepKind
+from ...compiler.plan import DRIVER, Plan, StepKind
 
 _FORMATS = ("dot", "png", "svg", "pdf", "jpeg", "jpg", "gif", "ascii")
 

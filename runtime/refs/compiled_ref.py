@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .refs import Ref, RefState, new_ref_id
+from .ref import Ref, RefState, new_ref_id
 
 
 class CompiledDAGRef(Ref):

@@ -5,7 +5,7 @@ In: a DAG's root node and compile options. Out: ``CompiledDAG`` (``execute``, ``
 Invariants:
 - Executions are numbered from 0; outputs are read in execution order by whichever thread waits
   (one at a time, ``_role``), so a round trip costs no hand-off between threads. The DAG is the
-  ``runtime.waiting.Producer`` of its refs: ``get`` over refs of several DAGs and the runtime
+  ``runtime.refs.waiting.Producer`` of its refs: ``get`` over refs of several DAGs and the runtime
   waits on all their words at once.
 - Backpressure (DESIGN 4): rings hold ``max_inflight_executions``; at that many in flight,
   ``execute`` first reads finished outputs into their refs, and only then waits; it raises
@@ -30,14 +30,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .. import _config
-from .. import dag as dag_layer
-from ..compiler.plan import DRIVER, ChannelKind, Plan
-from ..dag.context import DAGContext
-from ..dag.ir import DagIR, OpKind, eval_input, trace
-from ..dag.nodes import DAGNode
-from ..dag.walk import has_leaf
-from ..exceptions import (
+from ... import _config
+from ... import dag as dag_layer
+from ...compiler.plan import DRIVER, ChannelKind, Plan
+from ...dag.context import DAGContext
+from ...dag.ir import DagIR, OpKind, eval_input, trace
+from ...dag.nodes import DAGNode
+from ...dag.walk import has_leaf
+from ...exceptions import (
     ActorDiedError,
     ChannelClosedError,
     ChannelTimeoutError,
@@ -47,12 +47,12 @@ from ..exceptions import (
     WouldBlock,
     make_task_error,
 )
-from .compiled_ref import CompiledDAGFuture, CompiledDAGRef
-from .compiled_values import FunctionHost, OpFailure, PackedArgs
-from .deadline import Deadline
-from .records import ActorState
-from .refs import Ref, RefState
-from .waiting import ReadRole, wait_until
+from ..refs.compiled_ref import CompiledDAGFuture, CompiledDAGRef
+from ..loops.values import FunctionHost, OpFailure, PackedArgs
+from ..refs.deadline import Deadline
+from ..procs.records import ActorState
+from ..refs.ref import Ref, RefState
+from ..refs.waiting import ReadRole, wait_until
 
 #: How long a startup may take (the first attach in a fresh process loads numba's cache).
 START_TIMEOUT_S = 120.0
@@ -120,7 +120,7 @@ class CompiledDAG:
         self._trace_dir: str | None = None
         self._recorder: Any = None
         if trace is not None:
-            from .profiling import Recorder
+            from ..loops.profiling import Recorder
             self.profile_path, self._trace_dir = trace
             self._recorder = Recorder("driver")
             self._recorder.kind("execute", "submit", "submit")
@@ -144,7 +144,7 @@ class CompiledDAG:
             self._check_arguments(args, kwargs)
         if (kwargs or len(args) != 1 or type(args[0]) not in _PLAIN) and (
                 _has_refs(args) or _has_refs(kwargs)):
-            from .api import gather
+            from ..api import gather
             args, kwargs = gather((args, kwargs))
         with self._submit_lock:
             e = self._submitted
@@ -221,8 +221,8 @@ class CompiledDAG:
         except ChannelTimeoutError:
             raise self._stall_error(self._submitted, "the input ring stayed full") from None
         except TypeError as exc:
-            from .core import _bad_argument
-            raise TypeError(_bad_argument(args, kwargs, "execute()", None, exc)) from exc
+            from ..procs.core import bad_argument
+            raise TypeError(bad_argument(args, kwargs, "execute()", None, exc)) from exc
         except ChannelClosedError:
             raise self._closed_error() from None
 
@@ -283,7 +283,7 @@ class CompiledDAG:
         self._unread = deque(r for r in self._unread if any(
             (ref := w()) is not None and not ref._read for w in r))
 
-    # -- reading outputs: the Producer of its refs (runtime.waiting) --------------------------
+    # -- reading outputs: the Producer of its refs (runtime.refs.waiting) --------------------------
     def drive(self, cond: Callable[[], bool], deadline: Deadline) -> bool:
         """Read outputs on this thread until ``cond()`` or the deadline; False if another thread
         reads them now (the caller then waits for it, woken by its refs' callbacks)."""
@@ -513,7 +513,7 @@ class CompiledDAG:
             _release_hosts(self._rt, hosts)
 
     def _write_trace(self) -> None:
-        from .profiling import merge
+        from ..loops.profiling import merge
         trace_dir, self._trace_dir = self._trace_dir, None
         info = {"plan": self.plan.as_text(), "executions": self._submitted}
         merge(self.profile_path, trace_dir, [p.key for p in self.plan.processes], self._recorder,
@@ -594,7 +594,7 @@ def channels_readers(plan: Plan, channel: int) -> tuple[str, ...]:
 
 
 def _task_error(failure: OpFailure) -> BaseException:
-    from .errors import task_error  # NOTE: loads cloudpickle: not at import time
+    from ..wire.errors import task_error  # NOTE: loads cloudpickle: not at import time
     return task_error(failure.info, name=failure.name, site=failure.site)
 
 
@@ -630,10 +630,10 @@ def _is_ref(obj: Any) -> bool:
 # -- compiling ----------------------------------------------------------------------------------
 def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     """``dag.experimental_compile(**options)``: trace, lower, open the plan, start the loops."""
-    from ..compiler.lowering import lower  # NOTE: loads cloudpickle: not at import time
-    from . import session
-    from .api import get
-    from .worker import DAG_START
+    from ...compiler.lowering import lower  # NOTE: loads cloudpickle: not at import time
+    from .. import session
+    from ..api import get
+    from ..procs.worker import DAG_START
     rt = session.current()
     ir = trace(root, unused=True)          # validation refuses calls no output depends on
     plan = lower(ir, options, is_alive=lambda key: rt.actors.get(key) is not None)
@@ -648,7 +648,7 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
         # the driver waits on one word for whichever output comes first (a socket channel has
         # no word of its own: its writer rings the bell)
         if len(outputs) > 1 or any(plan.channels[c].kind is ChannelKind.SOCKET for c in outputs):
-            from ..channels.doorbell import Doorbell
+            from ...channels.doorbell import Doorbell
             bell = Doorbell(_config.DAG_SPIN_US)
         for proc in plan.processes:
             if proc.actor is None:
@@ -689,7 +689,7 @@ def _trace_files(profile: bool | str) -> tuple[str, str] | None:
     """(the trace file, a directory for the loops' parts) when profiling, else None."""
     if profile is False:
         return None
-    from .profiling import default_trace_path, new_trace_dir
+    from ..loops.profiling import default_trace_path, new_trace_dir
     path = default_trace_path() if profile is True else os.path.abspath(profile)
     if not os.path.isdir(os.path.dirname(path)):
         raise FileNotFoundError(f"compile option profile={profile!r}: the directory "
@@ -708,7 +708,7 @@ _HOSTS_LOCK = threading.Lock()
 def _take_host(rt: Any, label: str) -> Any:
     """A process for the function ops ``label``: an idle one from an earlier DAG, or a new one
     (named ``dag:<label>``, so its log lines say what it runs)."""
-    from .remote import ActorBody, ActorHandle
+    from ..remote import ActorBody, ActorHandle
     with _HOSTS_LOCK:
         idle = rt.dag_hosts.get(label, [])
         while idle:
@@ -735,9 +735,9 @@ def _release_hosts(rt: Any, hosts: list[tuple[str, Any]]) -> None:
 
 def _open_channel(spec: Any, sync: str, bell: Any) -> Any:
     if spec.kind is ChannelKind.SOCKET:
-        from ..channels.socket import SocketChannel
+        from ...channels.socket import SocketChannel
         return SocketChannel(len(spec.readers), spec.capacity, ring=bell)
-    from ..channels.shm import ShmChannel
+    from ...channels.shm import ShmChannel
     # NOTE: room for the codec's framing on top, so a value of exactly buffer_size_bytes (a
     # 1 MiB array) fits in its slot instead of spilling.
     return ShmChannel(len(spec.readers), spec.capacity, spec.slot_bytes + _FRAMING_BYTES,

@@ -1,0 +1,1 @@
+"""Processes and workers: the driver's Runtime (spawn, I/O thread, inbox, lanes), the worker."""

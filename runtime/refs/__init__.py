@@ -1,0 +1,1 @@
+"""Refs and waiting: deadlines, the one waiter per blocking call, ObjectRef and CompiledDAGRef."""
