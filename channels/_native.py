@@ -6,7 +6,10 @@ sleepers only when someone sleeps.
 Invariants: every function is ``@njit(cache=True)``, compiled once per install, not per process.
 Ops that may wait are ``nogil`` (waiting never holds the GIL); ops that never wait keep the GIL,
 and each waiting op has a ``*_try`` twin that keeps it too: releasing the GIL for nothing lets
-another thread take it, and getting it back can cost milliseconds (a convoy). libc's ``syscall`` and
+another thread take it, and getting it back can cost milliseconds (a convoy); a twin passes its
+arguments through unchanged (callers give it budget 0), so it reuses the op's compiled code.
+Compile time is per distinct signature: a jitted callee given literal ints or bools is compiled
+once per combination, so constants are passed as ``_I(...)``/``_TRUE``. libc's ``syscall`` and
 ``clock_gettime`` are declared as external symbols (not ctypes pointers), which keeps the cache
 valid. This module imports numba: import it lazily (``import headrace`` never does).
 Wake-up protocol (no lost wake-ups): a waiter increments the waiters word, then reads the notify
@@ -120,6 +123,10 @@ def _add_at(typingctx, addr, v):
     return types.uint32(types.int64, types.uint32), codegen
 
 
+# NOTE: constants passed to another jitted function as plain (not literal) values: with literal
+# ints and bools numba compiles the callee once per combination (3x the wait, ~1 s each).
+_I = np.int64
+_TRUE, _FALSE = np.bool_(True), np.bool_(False)
 _ONE = np.uint32(1)
 _MINUS_ONE = np.uint32(0xFFFFFFFF)
 
@@ -245,7 +252,7 @@ def _publish(h, m64, st, word, idx, tag_aux, size, bits):
     _fetch_add(h, WRITE_SEQ, _ONE)
     st[ST_SEQ] = (st[ST_SEQ] + 1) & 0xFFFFFFFF
     st[ST_VALUES] += 1
-    _wake(h, RD_NOTIFY, RD_WAITERS)
+    _wake(h, _I(RD_NOTIFY), _I(RD_WAITERS))
 
 
 @njit(nogil=True, cache=True)
@@ -257,7 +264,7 @@ def write_wait(h, st, budget):
     if _load(h, CLOSED) != 0:
         return -1
     word, _ = _slot(h, st, st[ST_SEQ])
-    rc = _wait_adapt(h, st, word + UNREAD, 0, True, WR_NOTIFY, WR_WAITERS, budget)
+    rc = _wait_adapt(h, st, word + UNREAD, _I(0), _TRUE, _I(WR_NOTIFY), _I(WR_WAITERS), budget)
     if rc == 1 and _load(h, CLOSED) != 0:
         rc = -1
     return rc
@@ -269,7 +276,7 @@ def write_scalar(h, m64, st, tag, bits, budget):
     rc = write_wait(h, st, budget)
     if rc == 1:
         word, idx = _slot(h, st, st[ST_SEQ])
-        _publish(h, m64, st, word, idx, np.uint64(tag), 0, bits)
+        _publish(h, m64, st, word, idx, np.uint64(tag), np.uint64(0), np.uint64(bits))
     return rc
 
 
@@ -279,7 +286,7 @@ def write_float(h, m64, st, tag, value, budget):
     if rc == 1:
         word, idx = _slot(h, st, st[ST_SEQ])
         m64.view(np.float64)[idx + 2] = value
-        _publish(h, m64, st, word, idx, np.uint64(tag), 0, m64[idx + 2])
+        _publish(h, m64, st, word, idx, np.uint64(tag), np.uint64(0), m64[idx + 2])
     return rc
 
 
@@ -319,7 +326,7 @@ def write_commit(h, m64, st, recent, tag, aux, size, bits, area):
         m64[idx + _AREA] = area
         recent[area] = st[ST_VALUES]
     _publish(h, m64, st, word, idx, np.uint64(tag) | (np.uint64(aux) << np.uint64(32)),
-             np.uint64(size), bits)
+             np.uint64(size), np.uint64(bits))
 
 
 @njit(nogil=True, cache=True)
@@ -331,7 +338,7 @@ def read_wait(h, m64, st, reader, budget):
     raises as this returns (a signal that came while we slept) then leaves the value unread.
     """
     seq = st[ST_SEQ]
-    rc = _wait_adapt(h, st, WRITE_SEQ, seq, False, RD_NOTIFY, RD_WAITERS, budget)
+    rc = _wait_adapt(h, st, _I(WRITE_SEQ), seq, _FALSE, _I(RD_NOTIFY), _I(RD_WAITERS), budget)
     if rc != 1:
         return rc, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     _, idx = _slot(h, st, seq)
@@ -360,7 +367,7 @@ def publish(h, slot_word, n_readers):
     """Writer: the slot at ``slot_word`` is written; make it visible to ``n_readers`` readers."""
     _store(h, slot_word + UNREAD, np.uint32(n_readers))
     _fetch_add(h, WRITE_SEQ, _ONE)
-    _wake(h, RD_NOTIFY, RD_WAITERS)
+    _wake(h, _I(RD_NOTIFY), _I(RD_WAITERS))
 
 
 @njit(cache=True)
@@ -375,14 +382,14 @@ def consume(h, slot_word, reader, seq, keep_view, views_word):
         _fetch_add(h, views_word, _ONE)
     _store(h, READER_SEQ + 16 * reader, np.uint32(seq))
     if _fetch_add(h, slot_word + UNREAD, _MINUS_ONE) == 1:
-        _wake(h, WR_NOTIFY, WR_WAITERS)
+        _wake(h, _I(WR_NOTIFY), _I(WR_WAITERS))
 
 
 @njit(cache=True)
 def release(h, pins, word):
     """A zero-copy view counted at ``pins[word]`` died; wake the writer if it was the last."""
     if _fetch_add(pins, word, _MINUS_ONE) == 1:
-        _wake(h, WR_NOTIFY, WR_WAITERS)
+        _wake(h, _I(WR_NOTIFY), _I(WR_WAITERS))
 
 
 @njit(cache=True)
@@ -406,8 +413,8 @@ def close(h, code):
     """Mark the channel closed (1) or broken (2), the first code wins; wake everyone."""
     if _load(h, CLOSED) == 0:
         _store(h, CLOSED, np.uint32(code))
-    _wake(h, RD_NOTIFY, RD_WAITERS)
-    _wake(h, WR_NOTIFY, WR_WAITERS)
+    _wake(h, _I(RD_NOTIFY), _I(RD_WAITERS))
+    _wake(h, _I(WR_NOTIFY), _I(WR_WAITERS))
 
 
 # A doorbell (channels.doorbell) is a header of its own whose RD_NOTIFY word the writers of
@@ -418,14 +425,14 @@ BELL_WORDS = CLOSED + 16
 @njit(cache=True)
 def ring(b):
     """Writer of a channel with a doorbell: a value was published (or the channel closed)."""
-    _wake(b, RD_NOTIFY, RD_WAITERS)
+    _wake(b, _I(RD_NOTIFY), _I(RD_WAITERS))
 
 
 @njit(nogil=True, cache=True)
 def bell_wait(b, st, seen, budget):
     """Reader of several channels: wait until the bell rang since it read ``seen`` from it, it
     was closed (-1), or ``budget`` ns passed (0); spins as the endpoint state ``st`` says."""
-    return _wait_adapt(b, st, RD_NOTIFY, seen, False, RD_NOTIFY, RD_WAITERS, budget)
+    return _wait_adapt(b, st, _I(RD_NOTIFY), seen, _FALSE, _I(RD_NOTIFY), _I(RD_WAITERS), budget)
 
 
 @njit(nogil=True, cache=True)
@@ -508,22 +515,22 @@ def snapshot(addrs, seen):
 
 @njit(cache=True)
 def write_wait_try(h, st, budget):
-    return write_wait(h, st, 0)
+    return write_wait(h, st, budget)
 
 
 @njit(cache=True)
 def write_scalar_try(h, m64, st, tag, bits, budget):
-    return write_scalar(h, m64, st, tag, bits, 0)
+    return write_scalar(h, m64, st, tag, bits, budget)
 
 
 @njit(cache=True)
 def write_float_try(h, m64, st, tag, value, budget):
-    return write_float(h, m64, st, tag, value, 0)
+    return write_float(h, m64, st, tag, value, budget)
 
 
 @njit(cache=True)
 def read_wait_try(h, m64, st, reader, budget):
-    return read_wait(h, m64, st, reader, 0)
+    return read_wait(h, m64, st, reader, budget)
 
 
 def has_waitv() -> bool:
