@@ -248,7 +248,24 @@ class ShmChannel(Channel):
                 self._ops["write_commit"](self._h, self._m64, self._st, self._recent, T_BYTES,
                                           0, len(value), 0, area)
                 return
-        enc = encode(value)             # a TypeError here leaves the channel untouched
+        # a TypeError of encode() leaves the channel untouched
+        self._write_encoded(encode(value), budget, timeout_s)
+
+    def write_encoded(self, enc: Any, timeout_s: float | None = None) -> None:
+        """``write`` of a value already encoded (``codec.encode``, not a header-only scalar):
+        a writer of several channels encodes every value first, then writes them all."""
+        if self.role != WRITER:
+            self._check_role("writer")
+        if enc.tag <= T_FLOAT:
+            raise ValueError("write_encoded() takes a value with a payload; write() a scalar")
+        budget = self._slice_ns if timeout_s is None else \
+            min(timeout_ns(timeout_s), self._slice_ns)
+        self._write_encoded(enc, budget, timeout_s)
+        if self._bell is not None:
+            self._bell.ring()
+
+    def _write_encoded(self, enc: Any, budget: int, timeout_s: float | None) -> None:
+        fits = self._slot_size - HEADER_BYTES
         self._run("write_wait", (self._h, self._st), budget, timeout_s, "write")
         size = enc.size
         area = self._ops["pick_area"](self._h, self._m64, self._st, self._recent) \

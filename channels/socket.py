@@ -167,9 +167,12 @@ class SocketChannel(Channel):
         return _endpoint(self._cfg, index, self._bell)
 
     def write(self, value: Any, timeout_s: float | None = None) -> None:
+        self.write_encoded(encode(value), timeout_s)
+
+    def write_encoded(self, enc: Any, timeout_s: float | None = None) -> None:
+        """``write`` of a value already encoded (``codec.encode``)."""
         self._check_role("writer")
         limit = timeout_ns(timeout_s)
-        enc = encode(value)
         if enc.size > self._cfg.max_message_bytes:
             raise _too_big(self, enc.size, self._cfg.max_message_bytes)
         (self._io or self._open()).write(self, enc, limit, timeout_s)

@@ -32,12 +32,12 @@ def lower(ir: DagIR, options: dict[str, Any] | None = None,
     opts = check_options(options or {})
     fused = fuse_chains(validate(ir, is_alive))
     placement = place(fused)
-    channels, input_channel, output_channels = plan_channels(fused, placement, opts)
-    processes = schedule(fused, placement, channels, input_channel)
+    channels, input_channel, input_splits, output_channels = plan_channels(fused, placement, opts)
+    processes = schedule(fused, placement, channels)
     if _config.CHECKS:
         verify(processes, channels)
     return Plan(tuple(task_spec(op) for op in fused.ops), processes, channels, input_channel,
-                fused.outputs, output_channels, fused.multi, opts)
+                input_splits, fused.outputs, output_channels, fused.multi, opts)
 
 
 def task_spec(op: Op) -> TaskSpec:

@@ -51,12 +51,19 @@ def input_needs(ir: DagIR, placement: dict[int, str]) -> dict[str, list[int]]:
 
 
 def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
-                  ) -> tuple[tuple[ChannelSpec, ...], int, tuple[int, ...]]:
+                  ) -> tuple[tuple[ChannelSpec, ...], int, tuple[tuple[int, tuple[int, ...]], ...],
+                             tuple[int, ...]]:
     """Channels for every value that crosses processes.
 
+    The input goes to the processes that read it as execute()'s arguments, on one channel, when
+    they all use the same parts of it; otherwise it is split: a channel per set of readers
+    that use the same parts, carrying only those parts (the INPUT/ATTR ops), which the driver
+    evaluates (``inp[i]`` of a 1 MiB array per actor moves 1 MiB to each, not all to all).
+
     Returns:
-        The channel specs, the input channel's id (-1 if none), and each output's channel id
-        (-1 for an output the driver computes itself: the input or a part of it).
+        The channel specs, the shared input channel's id (-1 if none or split), the split input
+        channels with the input ops each carries, and each output's channel id (-1 for an
+        output the driver computes itself: the input or a part of it).
     """
     kind = _KIND[options.channel]
     readers: dict[int, list[str]] = {}
@@ -81,16 +88,23 @@ def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
     input_readers = [p for p in dict.fromkeys(placement.values())
                      if needs[p] or p not in fed or p in sources]
     input_id = -1
-    if input_readers:
+    splits: list[tuple[int, tuple[int, ...]]] = []
+    groups: dict[tuple[int, ...], list[str]] = {}     # readers that use the same parts
+    for proc in input_readers:
+        groups.setdefault(tuple(needs[proc]), []).append(proc)
+    if len(groups) == 1:
         input_id = len(specs)
         specs.append(_spec(input_id, kind, -1, DRIVER, input_readers, options))
+    for parts, procs in groups.items() if len(groups) > 1 else ():
+        splits.append((len(specs), parts))
+        specs.append(_spec(len(specs), kind, -1, DRIVER, procs, options))
     for op in ir.ops:
         if readers.get(op.index):
             by_op[op.index] = len(specs)
             specs.append(_spec(len(specs), kind, op.index, placement[op.index],
                                readers[op.index], options))
     outs = tuple(by_op.get(i, -1) for i in ir.outputs)
-    return tuple(specs), input_id, outs
+    return tuple(specs), input_id, tuple(splits), outs
 
 
 def _spec(i: int, kind: ChannelKind, op: int, writer: str, readers: list[str],

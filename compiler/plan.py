@@ -51,8 +51,10 @@ class ChannelSpec:
     slot_bytes: int
     capacity: int
 
-    def line(self) -> str:
-        what = "input" if self.op < 0 else f"%{self.op}"
+    def line(self, parts: tuple[int, ...] | None = None) -> str:
+        """One line of the plan; ``parts``: the input ops a split input channel carries."""
+        what = f"%{self.op}" if self.op >= 0 else "input" if parts is None else \
+            "input " + (",".join(f"%{i}" for i in parts) or "-")
         return (f"ch{self.id} {self.kind.value:<6} {what:<6} {self.writer} -> "
                 f"{', '.join(self.readers)}  ({_size(self.slot_bytes)} x {self.capacity})")
 
@@ -110,7 +112,9 @@ class Plan:
     tasks: tuple[TaskSpec, ...]             # by op index
     processes: tuple[ProcessPlan, ...]
     channels: tuple[ChannelSpec, ...]
-    input_channel: int                      # -1 when no process reads the input
+    input_channel: int                      # -1 when no process or several read the input
+    #: several readers: per reader, its channel and the INPUT/ATTR ops the driver evaluates
+    input_splits: tuple[tuple[int, tuple[int, ...]], ...]
     outputs: tuple[int, ...]                # op index of each output
     output_channels: tuple[int, ...]        # per output: its channel, -1: the driver computes it
     multi: bool
@@ -128,7 +132,8 @@ class Plan:
             lines.append(f"process {proc.key} ({proc.label})")
             lines += [f"  {_step_text(self, s)}" for s in proc.steps]
         lines.append("channels")
-        lines += [f"  {c.line()}" for c in self.channels]
+        splits = dict(self.input_splits)
+        lines += [f"  {c.line(splits.get(c.id))}" for c in self.channels]
         outs = ", ".join(f"%{i}" + (f" <- ch{c}" if c >= 0 else " (driver)")
                          for i, c in zip(self.outputs, self.output_channels, strict=True))
         lines.append(f"return ({outs})" if self.multi else f"return {outs}")
@@ -142,7 +147,12 @@ def _step_text(plan: Plan, step: Step) -> str:
     if step.kind is StepKind.COMPUTE:
         task = plan.tasks[step.op]
         return f"COMPUTE {task.line()}  @ {task.site}"
-    what = "input" if step.op < 0 else f"%{step.op}"
+    if step.op >= 0:
+        what = f"%{step.op}"
+    else:
+        parts = dict(plan.input_splits).get(step.channel)
+        what = "input" if parts is None else \
+            "input " + (",".join(f"%{i}" for i in parts) or "-")
     return f"{step.kind.value:<7} ch{step.channel} {what}"
 
 

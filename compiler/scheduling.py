@@ -19,16 +19,17 @@ from .plan import DRIVER, ChannelSpec, ProcessPlan, Step, StepKind
 from .placement import input_needs
 
 
-def schedule(ir: DagIR, placement: dict[int, str], channels: tuple[ChannelSpec, ...],
-             input_channel: int) -> tuple[ProcessPlan, ...]:
+def schedule(ir: DagIR, placement: dict[int, str], channels: tuple[ChannelSpec, ...]
+             ) -> tuple[ProcessPlan, ...]:
     """The steps of every process, in the order of first appearance in the DAG."""
     writes = {c.op: c.id for c in channels if c.op >= 0}
+    inputs = {proc: c.id for c in channels if c.op < 0 for proc in c.readers}
     needs = input_needs(ir, placement)
     plans = []
     for proc in dict.fromkeys(placement.values()):
         steps: list[Step] = []
-        if input_channel >= 0 and proc in channels[input_channel].readers:
-            steps.append(Step(StepKind.READ, -1, input_channel))
+        if proc in inputs:
+            steps.append(Step(StepKind.READ, -1, inputs[proc]))
         local = set(needs[proc])
         read: set[int] = set()
         for op in ir.ops:

@@ -48,7 +48,7 @@ from ...exceptions import (
     make_task_error,
 )
 from ..refs.compiled_ref import CompiledDAGFuture, CompiledDAGRef
-from ..loops.values import FunctionHost, OpFailure, PackedArgs
+from ..loops.values import FunctionHost, InputParts, OpFailure, PackedArgs, eval_part
 from ..refs.deadline import Deadline
 from ..procs.records import ActorState
 from ..refs.ref import Ref, RefState
@@ -82,6 +82,10 @@ class CompiledDAG:
         self._max_inflight = opts.max_inflight_executions
         self._input = channels[plan.input_channel].writer() if plan.input_channel >= 0 \
             else None
+        # several readers: a channel each, with the parts of the input it uses
+        self._splits = [(channels[c].writer(), ops) for c, ops in plan.input_splits]
+        if self._splits:
+            self._input = self._splits[0][0]
         order = list(dict.fromkeys(c for c in plan.output_channels if c >= 0))
         self._readers = [(c, channels[c].reader(channels_readers(plan, c).index(DRIVER)))
                          for c in order]
@@ -215,9 +219,18 @@ class CompiledDAG:
                     "nothing was submitted.")
 
     def _write_input(self, args: tuple, kwargs: dict) -> None:
+        arguments = args[0] if len(args) == 1 and not kwargs else PackedArgs(args, kwargs)
         try:       # one positional argument travels as itself (the codec's fast paths apply)
-            self._input.write(args[0] if len(args) == 1 and not kwargs
-                              else PackedArgs(args, kwargs), self.plan.options.submit_timeout_s)
+            if not self._splits:
+                self._input.write(arguments, self.plan.options.submit_timeout_s)
+                return
+            from ...channels.codec import encode    # NOTE: loads pyarrow: not at import time
+            # every part encoded before any is written: a TypeError leaves every reader as it
+            # was. NOTE: the writes never wait: with fewer executions in flight than the rings'
+            # capacity (_make_room), each reader took its value of the execution a ring ago
+            encoded = [encode(part) for part in self._split(arguments)]
+            for (writer, _), enc in zip(self._splits, encoded, strict=True):
+                writer.write_encoded(enc, self.plan.options.submit_timeout_s)
         except ChannelTimeoutError:
             raise self._stall_error(self._submitted, "the input ring stayed full") from None
         except TypeError as exc:
@@ -225,6 +238,14 @@ class CompiledDAG:
             raise TypeError(bad_argument(args, kwargs, "execute()", None, exc)) from exc
         except ChannelClosedError:
             raise self._closed_error() from None
+
+    def _split(self, arguments: Any) -> list[InputParts]:
+        """Each split reader's parts of the input, evaluated once each (in op order: a part's
+        parent comes first)."""
+        tasks, values = self.plan.tasks, {}
+        for i in sorted({i for _, ops in self._splits for i in ops}):
+            values[i] = eval_part(tasks[i], tasks, values, arguments)
+        return [InputParts((i, values[i]) for i in ops) for _, ops in self._splits]
 
     def _finish_driver_output(self, ref: CompiledDAGRef, task: Any, args: tuple,
                               kwargs: dict) -> None:

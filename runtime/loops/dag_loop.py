@@ -22,9 +22,9 @@ from typing import Any
 import cloudpickle
 
 from ...compiler.plan import Plan, StepKind, TaskSpec
-from ...dag.ir import NodeArg, OpKind, PrevArg, eval_input, fill, split_returns
+from ...dag.ir import NodeArg, OpKind, PrevArg, fill, split_returns
 from ...exceptions import ChannelClosedError, ValueDecodeError
-from .values import OpFailure, PackedArgs
+from .values import InputParts, OpFailure, eval_part
 from ..wire.errors import error_info
 
 log = logging.getLogger(__name__)
@@ -185,18 +185,9 @@ def _read_failure(source: tuple[str, str], exc: Exception) -> OpFailure:
 
 def _input(task: TaskSpec, tasks: tuple[TaskSpec, ...], values: dict[int, Any],
            arguments: Any) -> Any:
-    if type(arguments) is OpFailure:
-        return arguments
-    if task.deps and type(values.get(task.deps[0])) is OpFailure:
-        return values[task.deps[0]]         # inp[0].x after inp[0] failed: that failure
-    try:
-        if type(arguments) is PackedArgs:
-            args, kwargs = arguments.args, arguments.kwargs
-        else:
-            args, kwargs = (arguments,), {}
-        return eval_input(tasks, task, args, kwargs, values)
-    except Exception as exc:                # noqa: BLE001 - bad execute() arguments
-        return OpFailure(task.name, task.site, error_info(exc, task.name, os.getpid()))
+    if type(arguments) is InputParts:       # the driver evaluated this reader's parts
+        return arguments[task.index]
+    return eval_part(task, tasks, values, arguments)
 
 
 def _write(write: Callable[[Any], None], value: Any, task: TaskSpec) -> None:

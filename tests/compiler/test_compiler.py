@@ -83,28 +83,29 @@ def test_plan_of_a_three_process_dag() -> None:
     sites = {line.split("@ ")[1] for line in text.splitlines() if "@ " in line}
     assert all(s.startswith(__file__) for s in sites)
     assert "\n".join(line.split("  @")[0] for line in text.splitlines()) == """\
-plan: 6 ops, 3 processes, 4 channels (max_inflight_executions=4, sync=auto)
+plan: 6 ops, 3 processes, 5 channels (max_inflight_executions=4, sync=auto)
 process fn:2 (prep)
-  READ    ch0 input
+  READ    ch0 input %1
   COMPUTE %1 = %0[0]
   COMPUTE %2 = prep(%1)
-  WRITE   ch1 %2
+  WRITE   ch2 %2
 process actor:a (a)
-  READ    ch0 input
+  READ    ch1 input %3
   COMPUTE %3 = %0.k
-  READ    ch1 %2
+  READ    ch2 %2
   COMPUTE %4 = a.add(%2, %3)
-  WRITE   ch2 %4
+  WRITE   ch3 %4
 process actor:b (b)
-  READ    ch2 %4
+  READ    ch3 %4
   COMPUTE %5 = b.double(%4)
-  WRITE   ch3 %5
+  WRITE   ch4 %5
 channels
-  ch0 shm    input  driver -> fn:2, actor:a  (4 KiB x 4)
-  ch1 shm    %2     fn:2 -> actor:a, driver  (4 KiB x 4)
-  ch2 shm    %4     actor:a -> actor:b  (4 KiB x 4)
-  ch3 shm    %5     actor:b -> driver  (4 KiB x 4)
-return (%2 <- ch1, %5 <- ch3, %3 (driver))"""
+  ch0 shm    input %1 driver -> fn:2  (4 KiB x 4)
+  ch1 shm    input %3 driver -> actor:a  (4 KiB x 4)
+  ch2 shm    %2     fn:2 -> actor:a, driver  (4 KiB x 4)
+  ch3 shm    %4     actor:a -> actor:b  (4 KiB x 4)
+  ch4 shm    %5     actor:b -> driver  (4 KiB x 4)
+return (%2 <- ch2, %5 <- ch4, %3 (driver))"""
     again = pickle.loads(pickle.dumps(plan))
     assert again.as_text() == text and again.process_of("actor:a").actor == "a"
     assert plan.tasks[2].fn_blob is not None and plan.tasks[4].method == "add"
@@ -149,8 +150,11 @@ def test_a_process_with_no_channel_input_reads_the_input_as_its_trigger() -> Non
     with InputNode() as inp:
         dag = MultiOutputNode([a.inc.bind(inp), b.inc.bind(5)])
     plan = lower(trace(dag), {"channel": "socket"})
-    assert plan.process_of("actor:b").reads() == (plan.input_channel,)
-    assert plan.channels[plan.input_channel].readers == ("actor:a", "actor:b")
+    (ch_a, parts_a), (ch_b, parts_b) = plan.input_splits    # they use different parts
+    assert plan.input_channel == -1 and parts_a == (0,) and parts_b == ()
+    assert plan.process_of("actor:b").reads() == (ch_b,)
+    assert plan.channels[ch_a].readers == ("actor:a",) and \
+        plan.channels[ch_b].readers == ("actor:b",)
     assert {c.kind.value for c in plan.channels} == {"socket"}
 
 
@@ -160,9 +164,30 @@ def test_a_call_on_constants_waits_for_its_execution_even_in_a_fed_process() -> 
         dag = MultiOutputNode([a.inc.bind(5), a.inc.bind(b.double.bind(inp))])
     plan = lower(trace(dag))
     steps = plan.process_of("actor:a").steps
-    assert steps[0].kind is StepKind.READ and steps[0].channel == plan.input_channel
-    assert "actor:a" in plan.channels[plan.input_channel].readers
+    channel = dict((plan.channels[c].readers[0], c) for c, _ in plan.input_splits)["actor:a"]
+    assert steps[0].kind is StepKind.READ and steps[0].channel == channel
     assert run_local(trace(dag), 3) == [6, 7]
+
+
+def test_input_parts_go_only_to_the_readers_that_use_them() -> None:
+    """Ray's "multi-args": actor i binds inp[i]; each gets a channel with its part only. Readers
+    that use the same parts share one channel; when all do, it carries the arguments as such."""
+    actors = [FakeActor(f"a{i}") for i in range(3)]
+    with InputNode() as inp:
+        dag = MultiOutputNode([a.inc.bind(inp[i]) for i, a in enumerate(actors)] +
+                              [actors[0].double.bind(inp[1])])
+    plan = lower(trace(dag))
+    assert plan.input_channel == -1
+    carried = {plan.channels[c].readers: parts for c, parts in plan.input_splits}
+    names = {op.index: op.line() for op in plan.tasks}
+    assert {r: tuple(names[i] for i in parts) for r, parts in carried.items()} == {
+        ("actor:a0",): ("%1 = %0[0]", "%3 = %0[1]"), ("actor:a1",): ("%3 = %0[1]",),
+        ("actor:a2",): ("%5 = %0[2]",)}
+    with InputNode() as inp:
+        same = MultiOutputNode([a.inc.bind(inp[0]) for a in actors])
+    plan = lower(trace(same))
+    assert plan.input_splits == () and \
+        plan.channels[plan.input_channel].readers == ("actor:a0", "actor:a1", "actor:a2")
 
 
 def test_every_process_computes_in_topological_order_and_reads_before_computing() -> None:

@@ -430,3 +430,28 @@ def test_an_input_chain_means_the_same_on_the_driver_in_a_process_and_uncompiled
             with pytest.raises(KeyError, match="'k'"):
                 hr.get(ref, timeout=30)
         assert hr.get(refs[2], timeout=30) == 9
+
+
+def test_each_reader_gets_only_the_parts_of_the_input_it_uses(stages) -> None:
+    """Ray's "multi-args": actor i binds inp[i]. Each reads a channel of its own that carries
+    its part only (a 1 MiB array, not all three); a part that cannot be evaluated is the error
+    of that execution's ops that use it, and the others' values are intact."""
+    with InputNode() as inp:
+        dag = MultiOutputNode([stages[0].echo.bind(inp[0]), stages[1].echo.bind(inp[1]),
+                               stages[2].echo.bind(inp[2]["v"]),
+                               stages[0].add.bind(inp[1], inp.scale)])
+    with dag.experimental_compile() as compiled:
+        assert compiled.plan.input_channel == -1 and len(compiled.plan.input_splits) == 3
+        for _ in range(20):
+            a0, a1, a2 = (np.full(1 << 17, float(i)) for i in range(3))     # 1 MiB each
+            out = hr.get(compiled.execute(a0, a1, {"v": a2}, scale=2), timeout=30)
+            assert [float(a[0]) for a in out[:3]] == [0.0, 1.0, 2.0] and \
+                all(a.nbytes == 1 << 20 for a in out[:3])
+            assert float(out[3][0]) == (1.0 + 2) * 1 + 1    # add(x, *more, scale) + k
+        for c, _ in compiled.plan.input_splits:                 # 1 MiB slots: no spill
+            assert compiled._channels[c].statistics()["spills"] == 0
+        refs = compiled.execute(1, 2, {}, scale=1)              # no ["v"]: only its op fails
+        assert hr.get(refs[:2] + refs[3:], timeout=30) == [1, 2, (2 + 1) + 1]
+        with pytest.raises(TaskError, match="KeyError"):
+            hr.get(refs[2], timeout=30)
+        assert hr.get(compiled.execute(4, 5, {"v": 6}, scale=1), timeout=30) == [4, 5, 6, 7]
