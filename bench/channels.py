@@ -307,10 +307,12 @@ def _make_socket() -> Any:
     return SocketChannel(n_readers=1, capacity=8)
 
 
-def _make_shm(sync: str) -> Callable[[], Any]:
+def _make_shm(sync: str, spin_us: float | None = None) -> Callable[[], Any]:
+    """``spin_us``: the "auto" spin window (None: the channels' default)."""
     def make() -> Any:
-        from headrace.channels.shm import ShmChannel
-        return ShmChannel(n_readers=1, capacity=8, slot_bytes=SLOT_BYTES, sync=sync)
+        from headrace.channels.shm import SPIN_US, ShmChannel
+        return ShmChannel(n_readers=1, capacity=8, slot_bytes=SLOT_BYTES, sync=sync,
+                          spin_us=SPIN_US if spin_us is None else spin_us)
     return make
 
 
