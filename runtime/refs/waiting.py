@@ -97,9 +97,6 @@ class ReadRole:
             self._missed = False
             self._ring()
 
-    def held(self) -> bool:
-        return self._lock.locked()
-
 
 def wait_until(cond: Callable[[], bool], refs: Iterable[Any], deadline: Deadline,
                producers: Iterable[Producer] = ()) -> bool:
@@ -151,7 +148,8 @@ def _wait(cond: Callable[[], bool], refs: list[Any], group: list[Producer],
             waiter.sleep(_BACKSTOP_NS if remaining is None
                          else min(_BACKSTOP_NS, int(remaining * 1e9) + 1))
             moved = waiter.arm()        # before looking: a later change wakes the next sleep
-            look = group if moved < 0 else \
+            # 0: the sleep timed out (the backstop), < 0: cannot tell: look at every producer
+            look = group if moved <= 0 else \
                 list(dict.fromkeys(owners[k - 1] for k in range(1, len(words) + 1)
                                    if moved >> min(k, 63) & 1))
     finally:

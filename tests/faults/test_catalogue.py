@@ -107,6 +107,31 @@ def test_sigkill_mid_call_fails_the_pending_get_within_the_bound(make) -> None:
     assert wait_gone(pid) and t.survivors_work() and runtime_works()
 
 
+def test_sigkill_of_one_producer_ends_a_get_waiting_on_several(kind) -> None:
+    """A get over an actor call and a compiled chain waits on both at once (one waiter): the
+    death of either one's process ends it within the bound, and the other keeps working."""
+    targets = {name: TARGETS[name]() for name in sorted(TARGETS)}
+    try:
+        victim = targets[kind]
+        pid = victim.mid_pid()
+        refs = [t.submit(("sleep", 30 if name == kind else 1.5, 1))
+                for name, t in targets.items()]
+        pending = Pending(refs)
+        time.sleep(0.3)                              # both calls are running now
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        out, at = pending.result(10)
+        assert isinstance(out, hr.ActorDiedError) and "SIGKILL" in str(out), out
+        assert at - killed < DEATH_BOUND_S
+        (other, ref), = [(n, r) for n, r in zip(targets, refs, strict=True) if n != kind]
+        # mid answers ("sleep", s, 1) with 2; in the chain, the last stage adds 1
+        assert hr.get(ref, timeout=30) == {"call": 2, "chain": 3}[other]
+    finally:
+        for t in targets.values():
+            t.close()
+    assert wait_gone(pid) and runtime_works()
+
+
 def _wait_stopped(pid: int, within_s: float = 5.0) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:

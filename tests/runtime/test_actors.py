@@ -164,9 +164,10 @@ def test_unnamed_actor_exits_when_its_last_handle_goes() -> None:
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except OSError:         # gone (an exiting process's stat can raise ESRCH too)
             break
         time.sleep(0.05)
     else:
