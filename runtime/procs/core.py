@@ -450,6 +450,9 @@ class Runtime:
         _run(finishes)
 
     def _track_deps(self, task: TaskRecord, out: list[Finish]) -> None:
+        if not task.deps:                   # the usual call: nothing to wait for
+            self._args_ready(task, out)
+            return
         pending = [r for r in task.deps.values() if not r.done()]
         failed = next((r for r in task.deps.values() if r._state in _BAD), None)
         if failed is not None:
@@ -536,7 +539,8 @@ class Runtime:
                 continue
             frames: list[Any] = [None]
             args = task.args.to_wire(frames)
-            deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()}
+            deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()} \
+                if task.deps else {}
             header = (Msg.CALL, task.tid, task.method, args, deps, len(task.refs))
             if lane is not None:
                 if not lane.send(header, frames):

@@ -314,13 +314,19 @@ class Ref:
 _CAPTURE = threading.local()
 
 
-@contextlib.contextmanager
-def capturing_refs(deps: dict[str, Ref]) -> Iterator[None]:
-    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id."""
-    _CAPTURE.deps = deps
-    try:
-        yield
-    finally:
+class capturing_refs:        # lower case: used as a function, `with capturing_refs(deps):`
+    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id.
+    (A class, not a generator: it is on every call's submit path.)"""
+
+    __slots__ = ("_deps",)
+
+    def __init__(self, deps: dict[str, Ref]) -> None:
+        self._deps = deps
+
+    def __enter__(self) -> None:
+        _CAPTURE.deps = self._deps
+
+    def __exit__(self, *exc: object) -> None:
         _CAPTURE.deps = None
 
 
