@@ -155,6 +155,7 @@ class CompiledDAG:
             if e - self._fetched >= self._max_inflight:
                 self._make_room(e)
             started = time.perf_counter_ns()
+            self._rt.last_submit = time.monotonic()     # spares boot when calls pause
             if self._input is not None:
                 if self._recorder is None:
                     self._write_input(args, kwargs)

@@ -81,6 +81,7 @@ class Runtime:
         self.idle: deque[Proc] = deque()
         self.spares: deque[Proc] = deque()     # actor processes started ahead, no actor yet
         self._refilling = False
+        self.last_submit = 0.0                       # monotonic time of the latest call
         self.ready: deque[TaskRecord] = deque()      # function tasks with their args ready
         self.tasks: dict[str, TaskRecord] = {}       # every task not yet answered
         self.actors: dict[str, ActorRecord] = {}
@@ -433,6 +434,7 @@ class Runtime:
         return refs
 
     def _submit(self, task: TaskRecord, refs: list[ObjectRef]) -> None:
+        self.last_submit = time.monotonic()
         finishes: list[Finish] = []
         with self.lock:
             self._check_open()
@@ -634,7 +636,18 @@ class Runtime:
             timer.daemon = True
             timer.start()
 
-    def _start_spares(self) -> None:
+    def _start_spares(self, since: float | None = None) -> None:
+        """Start the spares once the runtime has had no call for a moment (a spare booting and
+        loading numba takes about a core for a second: not while calls are timed), or after
+        ``_SPARE_MAX_DELAY_S`` in any case."""
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - self.last_submit < _SPARE_QUIET_S and now - since < _SPARE_MAX_DELAY_S \
+                and not self.closed:
+            timer = threading.Timer(_SPARE_QUIET_S, self._start_spares, (since,))
+            timer.daemon = True
+            timer.start()
+            return
         with self.lock:
             self._refilling = False
             while len(self.spares) < _config.SPARE_ACTORS and not self.closed:
@@ -773,6 +786,9 @@ _LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor 
 _MAX_START_FAILURES = 3
 #: A spare actor process starts this long after an actor took the last one (see _refill_spares).
 _SPARE_DELAY_S = 1.0
+#: ...and then waits for this long without a call (at most _SPARE_MAX_DELAY_S in all).
+_SPARE_QUIET_S = 0.25
+_SPARE_MAX_DELAY_S = 20.0
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,

@@ -61,6 +61,22 @@ def test_a_new_actor_takes_the_spare_and_says_its_own_name(capfd) -> None:
     assert _ready_spare().pid != spare.pid             # another spare replaces it
 
 
+def test_a_spare_boots_when_calls_pause_not_while_they_are_timed() -> None:
+    """Taking the spare schedules the next one; it starts once calls pause (a spare booting
+    and loading numba takes about a core for a second), so a fresh actor's first calls are not
+    slowed by it."""
+    _ready_spare()
+    actor = Named.remote()                              # takes the spare
+    pid = hr.get(actor.pid.remote(), timeout=30)
+    rt = session.running()
+    until = time.monotonic() + 2.5                      # past the 1 s refill delay
+    while time.monotonic() < until:
+        assert hr.get(actor.pid.remote(), timeout=30) == pid
+        assert not [p for p in list(rt.spares) if p.state is not ProcState.DEAD], \
+            "a spare started while calls kept coming"
+    assert _ready_spare(timeout_s=30).pid != pid        # calls paused: it boots now
+
+
 def test_a_dead_spare_is_skipped_and_none_are_kept_when_turned_off(monkeypatch) -> None:
     hr.get(Named.remote().pid.remote(), timeout=30)
     spare = _ready_spare()
