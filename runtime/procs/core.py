@@ -82,6 +82,8 @@ class Runtime:
         self.spares: deque[Proc] = deque()     # actor processes started ahead, no actor yet
         self._refilling = False
         self.last_submit = 0.0                       # monotonic time of the latest call
+        self._spare_extra = 0                        # spares kept beyond SPARE_ACTORS
+        self._spares_started = False
         self.ready: deque[TaskRecord] = deque()      # function tasks with their args ready
         self.tasks: dict[str, TaskRecord] = {}       # every task not yet answered
         self.actors: dict[str, ActorRecord] = {}
@@ -620,17 +622,32 @@ class Runtime:
         return actor
 
     def _take_spare(self, label: str) -> Proc:
-        """A spare actor process (the one started longest ago), or a new one named ``label``."""
+        """A spare actor process (the one started longest ago), or a new one named ``label``.
+
+        A spare taken before it was ready (its rings not attached yet), or none left, means
+        actors come faster than spares boot: keep one more, up to ``_MAX_EXTRA_SPARES`` more
+        than configured.
+        """
         while self.spares:
             proc = self.spares.popleft()
             if proc.state is not ProcState.DEAD:
+                if proc.lane is None:
+                    self._more_spares()
                 return proc
+        if self._spares_started:           # there were spares, but they were all taken
+            self._more_spares()
         return self._spawn("actor", label)
 
+    def _more_spares(self) -> None:
+        self._spare_extra = min(self._spare_extra + 1, _MAX_EXTRA_SPARES)
+
+    def _spares_wanted(self) -> int:
+        return _config.SPARE_ACTORS + self._spare_extra if _config.SPARE_ACTORS > 0 else 0
+
     def _refill_spares(self) -> None:
-        """Start spares up to ``SPARE_ACTORS``, a moment later: a new spare loading numba must
-        not slow the first calls of the actor that just took one."""
-        if len(self.spares) < _config.SPARE_ACTORS and not self._refilling:
+        """Start spares up to ``SPARE_ACTORS`` (plus what demand added), a moment later: a new
+        spare loading numba must not slow the first calls of the actor that just took one."""
+        if len(self.spares) < self._spares_wanted() and not self._refilling:
             self._refilling = True
             timer = threading.Timer(_SPARE_DELAY_S, self._start_spares)
             timer.daemon = True
@@ -650,8 +667,9 @@ class Runtime:
             return
         with self.lock:
             self._refilling = False
-            while len(self.spares) < _config.SPARE_ACTORS and not self.closed:
+            while len(self.spares) < self._spares_wanted() and not self.closed:
                 self.spares.append(self._spawn("actor", "spare"))
+                self._spares_started = True
 
     def kill_actor(self, actor: ActorRecord, no_restart: bool = True) -> None:
         with self.lock:
@@ -789,6 +807,8 @@ _SPARE_DELAY_S = 1.0
 #: ...and then waits for this long without a call (at most _SPARE_MAX_DELAY_S in all).
 _SPARE_QUIET_S = 0.25
 _SPARE_MAX_DELAY_S = 20.0
+#: At most this many spares beyond SPARE_ACTORS when actors come faster than one boots.
+_MAX_EXTRA_SPARES = 2
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,

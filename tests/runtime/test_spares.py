@@ -77,6 +77,22 @@ def test_a_spare_boots_when_calls_pause_not_while_they_are_timed() -> None:
     assert _ready_spare(timeout_s=30).pid != pid        # calls paused: it boots now
 
 
+def test_actors_made_faster_than_spares_boot_get_more_spares() -> None:
+    _ready_spare()
+    rt = session.running()
+    actors = [Named.remote() for _ in range(3)]         # one takes the spare; none is left
+    assert len({hr.get(a.pid.remote(), timeout=30) for a in actors}) == 3
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:                  # calls paused: the spares boot
+        ready = [p for p in list(rt.spares) if p.state is ProcState.READY and p.lane]
+        if len(ready) >= 2:
+            break
+        time.sleep(0.1)
+    assert len(ready) >= 2, list(rt.spares)
+    for actor in actors:
+        hr.kill(actor)
+
+
 def test_a_dead_spare_is_skipped_and_none_are_kept_when_turned_off(monkeypatch) -> None:
     hr.get(Named.remote().pid.remote(), timeout=30)
     spare = _ready_spare()
