@@ -97,14 +97,19 @@ def test_os_exit_fails_the_pending_get_with_actor_died(make) -> None:
 def test_sigkill_mid_call_fails_the_pending_get_within_the_bound(make) -> None:
     t = make()
     pid = t.mid_pid()
-    pending = Pending(t.submit(("sleep", 30, 1)))
+    _sigkill_ends(pid, Pending(t.submit(("sleep", 30, 1))))
+    assert wait_gone(pid) and t.survivors_work() and runtime_works()
+
+
+def _sigkill_ends(pid: int, pending: Pending) -> None:
+    """SIGKILL ``pid`` while ``pending``'s call runs: the get ends with ActorDiedError within
+    the bound."""
     time.sleep(0.3)                                  # the call is running now
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     out, at = pending.result(10)
     assert isinstance(out, hr.ActorDiedError) and "SIGKILL" in str(out), out
     assert at - killed < DEATH_BOUND_S
-    assert wait_gone(pid) and t.survivors_work() and runtime_works()
 
 
 def test_sigkill_of_one_producer_ends_a_get_waiting_on_several(kind) -> None:
@@ -116,13 +121,7 @@ def test_sigkill_of_one_producer_ends_a_get_waiting_on_several(kind) -> None:
         pid = victim.mid_pid()
         refs = [t.submit(("sleep", 30 if name == kind else 1.5, 1))
                 for name, t in targets.items()]
-        pending = Pending(refs)
-        time.sleep(0.3)                              # both calls are running now
-        killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        out, at = pending.result(10)
-        assert isinstance(out, hr.ActorDiedError) and "SIGKILL" in str(out), out
-        assert at - killed < DEATH_BOUND_S
+        _sigkill_ends(pid, Pending(refs))
         (other, ref), = [(n, r) for n, r in zip(targets, refs, strict=True) if n != kind]
         # mid answers ("sleep", s, 1) with 2; in the chain, the last stage adds 1
         assert hr.get(ref, timeout=30) == {"call": 2, "chain": 3}[other]
