@@ -216,6 +216,9 @@ class Ref:
         """Block until final or the deadline; True if final."""
         if self._state is not RefState.PENDING:
             return True
+        producer = self._producer()         # the hot path: read it on this thread
+        if producer is not None and producer.drive(self._final, deadline):
+            return self._state is not RefState.PENDING
         return wait_until(self._final, (self,), deadline)
 
     def _outcome(self) -> Any:
