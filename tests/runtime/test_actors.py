@@ -79,6 +79,7 @@ def test_async_methods_run() -> None:
 
 def test_max_concurrency_runs_calls_on_several_threads_at_once() -> None:
     c = Counter.options(max_concurrency=4).remote()
+    hr.get(c.sleep.remote(0), timeout=30)       # started (a cold process takes a while)
     t0 = time.monotonic()
     idents = hr.get([c.sleep.remote(0.5) for _ in range(4)], timeout=10)
     assert time.monotonic() - t0 < 1.5 and len(set(idents)) == 4
