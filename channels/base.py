@@ -64,12 +64,6 @@ class Channel(abc.ABC):
     def read(self, timeout_s: float | None = None) -> Any:
         """The next value for this reader."""
 
-    def write_encoded(self, enc: Any, timeout_s: float | None = None) -> None:
-        """``write`` of a value already encoded by ``codec.encode`` (a writer of several
-        channels encodes every value first: a TypeError then reaches none of them)."""
-        from .codec import decode
-        self.write(decode(enc.tag, enc.aux, enc.scalar, enc.payload_bytes()), timeout_s)
-
     def has_value(self) -> bool:
         """Whether a read would not wait now; True when it cannot tell (a poller then tries)."""
         return True
