@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import headrace as hr
-from headrace.channels import warmup
+from headrace.channels import native
 
 
 @hr.remote
@@ -83,7 +83,7 @@ def compiled_pipeline(n: int) -> None:
         raw = make_signal.bind(inp, 20_000)
         dag = score.bind(raw, Smoother.remote(25).smooth.bind(raw))
     uncompiled = [hr.get(dag.execute(seed), timeout=60) for seed in range(4)]
-    first = "" if warmup.is_ready() else \
+    first = "" if native.ready() else \
         ", the first time after an install: it waits for the one-off compile of native code"
     t0 = time.perf_counter()
     with dag.experimental_compile() as compiled:

@@ -31,6 +31,12 @@ SHUTDOWN_GRACE_S = 0.3
 #: what threading, futex timespecs and int64 nanoseconds overflow at.
 FOREVER_S = 1e9
 
+#: Which build of the channels' hot ops to load (channels.native): "auto" (the one compiled at
+#: install when it is current, else numba's JIT), "aot" (that build or an error), "jit".
+NATIVE = os.environ.get("HEADRACE_NATIVE", "auto")
+if NATIVE not in ("auto", "aot", "jit"):
+    raise ValueError(f"HEADRACE_NATIVE must be auto, aot or jit, not {NATIVE!r}")
+
 #: Spin window (µs) of compiled-DAG channels with sync="auto": a waiter spins (yielding its core
 #: now and then) this long before it sleeps in the kernel. Long enough to cover the hops of a
 #: pipeline in a back-to-back loop; an idle pipeline still sleeps after it, burning nothing.

@@ -8,7 +8,7 @@ driver reading all its output channels at once: an error of one output is seen a
 arrives, whatever its siblings do).
 Invariants: no lost wake-up. The reader reads ``seen()``, then tries each channel without
 waiting, then waits only while the bell still shows ``seen``; a writer publishes its value before
-it rings (sequentially consistent atomics, the protocol of ``channels._native``). A bell rung by
+it rings (sequentially consistent atomics, the protocol of ``channels.native``). A bell rung by
 a process that cannot open it (another host) is not rung: the reader's waits are sliced, so it
 still sees those values, a slice later. The owner unlinks the segment when it is closed or
 collected; endpoints in other processes map it by name.
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _native as nat
+from . import abi, native
 from .segments import Segment
-from .shm import _IDLE_FACTOR, native_ops
+from .shm import _IDLE_FACTOR
 
 _BYTES = 4096
 
@@ -46,11 +46,11 @@ class Doorbell:
     def _setup(self, seg: Segment | None, spin_us: float) -> None:
         self._seg = seg
         self._spin_us = spin_us
-        self._ops = native_ops()
-        self._b = None if seg is None else np.frombuffer(seg.mmap, np.uint32, nat.BELL_WORDS)
-        self._st = st = np.zeros(nat.ST_WORDS, np.int64)
-        st[nat.ST_SPIN] = st[nat.ST_SPIN_MAX] = int(spin_us * 1000)
-        st[nat.ST_IDLE_NS] = _IDLE_FACTOR * int(spin_us * 1000)
+        self._ops = native.ops()
+        self._b = None if seg is None else np.frombuffer(seg.mmap, np.uint32, abi.BELL_WORDS)
+        self._st = st = np.zeros(abi.ST_WORDS, np.int64)
+        st[abi.ST_SPIN] = st[abi.ST_SPIN_MAX] = int(spin_us * 1000)
+        st[abi.ST_IDLE_NS] = _IDLE_FACTOR * int(spin_us * 1000)
 
     def __reduce__(self) -> Any:
         return _attach, (None if self._seg is None else self._seg.name, self._spin_us)
@@ -66,11 +66,11 @@ class Doorbell:
 
     def address(self) -> int:
         """Address of the bell's word (its sleepers count is the next word)."""
-        return self._b.ctypes.data + 4 * nat.RD_NOTIFY
+        return self._b.ctypes.data + 4 * abi.RD_NOTIFY
 
     def seen(self) -> int:
         """The bell's count now: read it *before* trying the channels, then ``wait`` on it."""
-        return int(nat.load(self._b, nat.RD_NOTIFY))
+        return int(native.load(self._b, abi.RD_NOTIFY))
 
     def wait(self, seen: int, timeout_ns: int) -> bool:
         """Wait until the bell rang after it showed ``seen`` (or was closed), at most
@@ -80,7 +80,7 @@ class Doorbell:
     def close(self) -> None:
         """Wake the reader for good (its waits return at once) and unlink the segment."""
         if self._b is not None:
-            nat.close(self._b, 1)
+            native.close(self._b, 1)
         if self._seg is not None:
             self._seg.unlink()
 

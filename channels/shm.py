@@ -2,7 +2,7 @@
 
 In: values written by one process (or thread). Out: each value, in order, to each of
 ``n_readers`` readers in any processes that can map ``/dev/shm``.
-Layout: a header (``channels._native`` word map: write sequence, per-reader sequences and pids,
+Layout: a header (``channels.abi`` word map: write sequence, per-reader sequences and pids,
 per-slot unread counts, per-area views counts, closed flag, futex words, a broken-reason text),
 then ``capacity`` regions of 64 + ``slot_bytes`` bytes. Region i holds slot i's 64-byte frame
 header (``channels.codec``) and payload area i; a slot's value may sit in any payload area (its
@@ -40,7 +40,7 @@ import numpy as np
 
 from .._config import INLINE_MAX_BYTES
 from ..exceptions import ChannelClosedError, ValueDecodeError, WouldBlock
-from . import _native as nat
+from . import abi, native
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
 from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
                     T_TRUE, decode, encode, read_header)
@@ -61,31 +61,6 @@ _SPILL_GRAIN = 1 << 20
 SPILL_KEEP_BYTES = 64 << 20
 _I64_MIN, _I64_MAX = -(2 ** 63), 2 ** 63 - 1
 _BITS, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
-_OPS: dict[str, Any] = {}    # the compiled hot ops (channels._native.entry_points), loaded once
-
-
-def native_ops() -> dict[str, Any]:
-    if not _OPS:
-        from .warmup import compile_lock
-        with compile_lock():    # after an install, one process compiles; the rest load
-            _OPS.update(nat.entry_points())
-            _warm_helpers()
-    return _OPS
-
-
-def _warm_helpers() -> None:
-    """Compile (or load) the ops called through numba's dispatcher, not as entry points."""
-    h = np.zeros(nat.header_words(1), np.uint32)
-    nat.store(h, nat.MAGIC, 1)
-    nat.load(h, nat.MAGIC)
-    nat.add(h, nat.MAGIC, -1)
-    nat.close(h, 1)
-
-
-def warm_up() -> None:
-    """Compile or load every op a channel uses (``channels.warmup`` runs it in the background
-    after an install)."""
-    native_ops()
 
 
 def _pid_gone(pid: int) -> bool:
@@ -115,7 +90,7 @@ class _Pin:
 
     def __del__(self) -> None:
         try:
-            _OPS["release"](self.h, self.pins, self.word)
+            native.ops()["release"](self.h, self.pins, self.word)
         except Exception:   # noqa: BLE001 - interpreter shutdown: the mapping goes with us
             pass
 
@@ -138,20 +113,20 @@ class ShmChannel(Channel):
     def __init__(self, n_readers: int = 1, capacity: int = 8, slot_bytes: int = 1 << 20, *,
                  sync: str = "auto", spin_us: float = SPIN_US,
                  check_s: float = _SLICE_NS / 1e9, ring: Any = None) -> None:
-        if not 1 <= n_readers <= nat.MAX_READERS:
-            raise ValueError(f"n_readers must be in 1..{nat.MAX_READERS}, not {n_readers}")
+        if not 1 <= n_readers <= abi.MAX_READERS:
+            raise ValueError(f"n_readers must be in 1..{abi.MAX_READERS}, not {n_readers}")
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         if slot_bytes < 0:
             raise ValueError(f"slot_bytes must be >= 0, not {slot_bytes}")
         slot_size = (HEADER_BYTES + slot_bytes + 63) & ~63
-        head = (nat.header_words(capacity) * 4 + _REASON_BYTES + 4095) & ~4095
+        head = (abi.header_words(capacity) * 4 + _REASON_BYTES + 4095) & ~4095
         seg = Segment.create(head + capacity * slot_size)
-        h = np.frombuffer(seg.mmap, np.uint32, nat.header_words(capacity))
-        h[nat.N_SLOTS], h[nat.N_READERS] = capacity, n_readers
-        h[nat.SLOT_SIZE_LO], h[nat.SLOT_SIZE_HI] = slot_size & _MASK, slot_size >> 32
-        h[nat.VERSION] = _VERSION
-        nat.store(h, nat.MAGIC, _MAGIC)
+        h = np.frombuffer(seg.mmap, np.uint32, abi.header_words(capacity))
+        h[abi.N_SLOTS], h[abi.N_READERS] = capacity, n_readers
+        h[abi.SLOT_SIZE_LO], h[abi.SLOT_SIZE_HI] = slot_size & _MASK, slot_size >> 32
+        h[abi.VERSION] = _VERSION
+        native.store(h, abi.MAGIC, _MAGIC)
         self._setup(seg, None, sync, spin_us, check_s, owner=True, bell=ring)
 
     def _setup(self, seg: Segment, role: int | None, sync: str, spin_us: float,
@@ -161,38 +136,38 @@ class ShmChannel(Channel):
         self._seg = seg
         self._owner = owner
         self._bell = bell
-        capacity = int(np.frombuffer(seg.mmap, np.uint32, nat.N_SLOTS + 1)[nat.N_SLOTS])
-        self._h = h = np.frombuffer(seg.mmap, np.uint32, nat.header_words(capacity))
-        if h[nat.MAGIC] != _MAGIC or h[nat.VERSION] != _VERSION:
+        capacity = int(np.frombuffer(seg.mmap, np.uint32, abi.N_SLOTS + 1)[abi.N_SLOTS])
+        self._h = h = np.frombuffer(seg.mmap, np.uint32, abi.header_words(capacity))
+        if h[abi.MAGIC] != _MAGIC or h[abi.VERSION] != _VERSION:
             raise ValueError(f"{seg.name} is not a headrace channel of version {_VERSION}")
         self._mv = seg.buf
         self._m64 = np.frombuffer(seg.mmap, np.uint64, seg.size // 8)
         self._addr = h.ctypes.data
-        self._ops = native_ops()
+        self._ops = native.ops()
         self._n = capacity
-        self._n_readers = int(h[nat.N_READERS])
-        self._slot_size = int(h[nat.SLOT_SIZE_LO]) | int(h[nat.SLOT_SIZE_HI]) << 32
-        self._reason_off = nat.header_words(capacity) * 4
+        self._n_readers = int(h[abi.N_READERS])
+        self._slot_size = int(h[abi.SLOT_SIZE_LO]) | int(h[abi.SLOT_SIZE_HI]) << 32
+        self._reason_off = abi.header_words(capacity) * 4
         self._slot0 = seg.size - capacity * self._slot_size
         self._sync, self._spin_us, self._check_s = sync, spin_us, check_s
         self._slice_ns = max(1_000_000, int(check_s * 1e9))
         spin_max = int(spin_us * 1000) if sync == "auto" else _SLICE_NS if sync == "spin" else 0
-        self._st = st = np.zeros(nat.ST_WORDS, np.int64)
+        self._st = st = np.zeros(abi.ST_WORDS, np.int64)
         self._recent = np.full(capacity, -1, np.int64)     # writer: per payload area, see pick_area
-        st[nat.ST_SPIN] = st[nat.ST_SPIN_MAX] = spin_max
-        st[nat.ST_IDLE_NS] = _IDLE_FACTOR * spin_max if sync == "auto" else 0
-        st[nat.ST_SLOT0], st[nat.ST_SLOT_SIZE] = self._slot0, self._slot_size
+        st[abi.ST_SPIN] = st[abi.ST_SPIN_MAX] = spin_max
+        st[abi.ST_IDLE_NS] = _IDLE_FACTOR * spin_max if sync == "auto" else 0
+        st[abi.ST_SLOT0], st[abi.ST_SLOT_SIZE] = self._slot0, self._slot_size
         self.role = role
         self._stats = {"bytes": 0, "spills": 0}
         self._spills: list[tuple[Segment, np.ndarray]] = []     # writer: its spill segments
         # reader: spill segments mapped lately, newest last (see _read_spill)
         self._spill_cache: OrderedDict[str, tuple[Segment, np.ndarray]] = OrderedDict()
         if role == WRITER:
-            nat.store(h, nat.WRITER_PID, os.getpid())
-            st[nat.ST_SEQ] = nat.load(h, nat.WRITE_SEQ)
+            native.store(h, abi.WRITER_PID, os.getpid())
+            st[abi.ST_SEQ] = native.load(h, abi.WRITE_SEQ)
         elif role is not None:
-            nat.store(h, nat.READER_PIDS + role, os.getpid())
-            st[nat.ST_SEQ] = nat.load(h, nat.READER_SEQ + 16 * role)
+            native.store(h, abi.READER_PIDS + role, os.getpid())
+            st[abi.ST_SEQ] = native.load(h, abi.READER_SEQ + 16 * role)
 
     # endpoints ---------------------------------------------------------------------------
     def writer(self) -> ShmChannel:
@@ -272,7 +247,7 @@ class ShmChannel(Channel):
             if size <= fits else -1
         if area < 0:                    # too big, or every payload area is read or viewed
             name = self._write_spill(enc)
-            off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
+            off = self._slot0 + int(self._st[abi.ST_SEQ]) % self._n * self._slot_size
             self._mv[off + HEADER.size:off + HEADER.size + len(name)] = name
             tag, aux, size, bits = T_SPILL, 0, len(name), 0
         else:
@@ -291,7 +266,7 @@ class ShmChannel(Channel):
         enc.pack_header(seg.buf, _SPILL_HEAD)
         start = _SPILL_HEAD + HEADER_BYTES
         enc.write_payload(seg.buf[start:start + enc.size])
-        nat.store(sh, 0, self._n_readers)
+        native.store(sh, 0, self._n_readers)
         self._stats["spills"] += 1
         self._stats["bytes"] += enc.size
         return seg.name.encode()
@@ -299,7 +274,7 @@ class ShmChannel(Channel):
     def _take_spill(self, need: int) -> tuple[Segment, np.ndarray]:
         """A free spill segment of at least ``need`` bytes. Idle ones are kept for the next
         spills: the largest one always, others while they total ``SPILL_KEEP_BYTES``."""
-        free = [e for e in self._spills if nat.load(e[1], 0) == 0]
+        free = [e for e in self._spills if native.load(e[1], 0) == 0]
         fit = [e for e in free if e[0].size >= need]
         chosen = min(fit, key=lambda e: e[0].size) if fit else None
         keep = chosen or (max(free, key=lambda e: e[0].size) if free else None)
@@ -353,7 +328,7 @@ class ShmChannel(Channel):
                 if tag == T_TRUE else False if tag == T_FALSE else \
                 _FLOAT.unpack(_BITS.pack(bits))[0]
         if tag == T_SPILL:
-            off = self._slot0 + int(self._st[nat.ST_SEQ]) % self._n * self._slot_size
+            off = self._slot0 + int(self._st[abi.ST_SEQ]) % self._n * self._slot_size
             name = bytes(self._mv[off + HEADER.size:off + HEADER.size + size]).decode()
             commit(h, self._st, self.role, False, 0)
             return _taken_value(self._read_spill, name)
@@ -369,7 +344,7 @@ class ShmChannel(Channel):
             return decode(tag, aux, bits, payload)
         commit(h, self._st, self.role, True, area)
         return _taken_value(self._decode_pinned, tag, aux, bits, self._addr + start, size,
-                            _Pin(h, h, nat.SLOTS + 16 * area + nat.VIEWS, self._seg))
+                            _Pin(h, h, abi.SLOTS + 16 * area + abi.VIEWS, self._seg))
 
     def _read_spill(self, name: str) -> Any:
         cached = self._spill_cache.get(name)
@@ -409,7 +384,7 @@ class ShmChannel(Channel):
 
     def _unpin_spill(self, sh: np.ndarray, name: str) -> None:
         self._ops["release"](self._h, sh, 0)
-        if self._h[nat.CLOSED] and nat.load(sh, 0) == 0:
+        if self._h[abi.CLOSED] and native.load(sh, 0) == 0:
             unlink_name(name)               # the writer may be gone: the last reader cleans up
 
     @staticmethod
@@ -453,9 +428,9 @@ class ShmChannel(Channel):
     def _check_peers(self) -> None:
         h = self._h
         if self.role == WRITER:
-            peers = [(f"reader {i}", int(h[nat.READER_PIDS + i])) for i in range(self._n_readers)]
+            peers = [(f"reader {i}", int(h[abi.READER_PIDS + i])) for i in range(self._n_readers)]
         else:
-            peers = [("writer", int(h[nat.WRITER_PID]))]
+            peers = [("writer", int(h[abi.WRITER_PID]))]
         for what, pid in peers:
             if _pid_gone(pid):
                 self.mark_broken(f"the {what} process (pid {pid}) died")
@@ -469,39 +444,39 @@ class ShmChannel(Channel):
         written just as the reader leaves is seen by one of them: the reader re-checks the
         channel after announcing it left.
         """
-        nat.store(self._h, nat.READING, 1 if active else 0)
+        native.store(self._h, abi.READING, 1 if active else 0)
 
     def notify_address(self) -> int:
         """Address of the word readers sleep on (it moves with each value and on a close);
         the count of sleepers is the next word. For one waiter on several producers."""
-        return self._addr + 4 * nat.RD_NOTIFY
+        return self._addr + 4 * abi.RD_NOTIFY
 
     def has_value(self) -> bool:
         """Reader: whether a read would not wait now (a value is there, or the channel is
         closed). A hint for pollers: cheaper than a read that finds nothing."""
         h = self._h
-        return int(h[nat.WRITE_SEQ]) != int(self._st[nat.ST_SEQ]) or bool(h[nat.CLOSED])
+        return int(h[abi.WRITE_SEQ]) != int(self._st[abi.ST_SEQ]) or bool(h[abi.CLOSED])
 
     def notify(self) -> None:
         """Move the readers' word and wake who sleeps on it (they re-check; nothing else)."""
         self._ops["ring"](self._h)
 
     def reader_is_active(self) -> bool:
-        return bool(nat.load(self._h, nat.READING))
+        return bool(native.load(self._h, abi.READING))
 
     def taken(self) -> int:
-        return int(self._st[nat.ST_VALUES])
+        return int(self._st[abi.ST_VALUES])
 
     def progress(self) -> tuple[int, tuple[int, ...]]:
         h = self._h
-        return int(h[nat.WRITE_SEQ]), tuple(int(h[nat.READER_SEQ + 16 * i])
+        return int(h[abi.WRITE_SEQ]), tuple(int(h[abi.READER_SEQ + 16 * i])
                                             for i in range(self._n_readers))
 
     def backlog(self) -> int:
         """Values written that the slowest reader has not consumed yet."""
         h = self._h
-        written = int(h[nat.WRITE_SEQ])
-        return max((written - int(h[nat.READER_SEQ + 16 * i])) & _MASK
+        written = int(h[abi.WRITE_SEQ])
+        return max((written - int(h[abi.READER_SEQ + 16 * i])) & _MASK
                    for i in range(self._n_readers))
 
     # closing -----------------------------------------------------------------------------
@@ -518,27 +493,27 @@ class ShmChannel(Channel):
 
     def _shut(self, code: int, reason: str | None) -> None:
         h = self._h
-        if reason and not h[nat.CLOSED]:
+        if reason and not h[abi.CLOSED]:
             raw = reason.encode()[:_REASON_BYTES - 1]
             self._mv[self._reason_off:self._reason_off + len(raw) + 1] = raw + b"\0"
-        nat.close(h, code)
+        native.close(h, code)
         if self._bell is not None:
             self._bell.ring()
-        for entry in [e for e in self._spills if nat.load(e[1], 0) == 0]:
+        for entry in [e for e in self._spills if native.load(e[1], 0) == 0]:
             self._drop_spill(entry)     # spills still unread stay for their readers
         self._spill_cache.clear()
         if self._owner:
             self._seg.unlink()
 
     def _reason(self) -> str | None:
-        if self._h[nat.CLOSED] != 2:
+        if self._h[abi.CLOSED] != 2:
             return None
         raw = bytes(self._mv[self._reason_off:self._reason_off + _REASON_BYTES])
         return raw.split(b"\0", 1)[0].decode(errors="replace") or "a peer process died"
 
     @property
     def closed(self) -> bool:
-        return bool(self._h[nat.CLOSED])
+        return bool(self._h[abi.CLOSED])
 
     def statistics(self) -> dict[str, Any]:
         h = self._h
@@ -547,9 +522,9 @@ class ShmChannel(Channel):
                 "capacity": self._n, "slot_bytes": self._slot_size - HEADER_BYTES,
                 "sync": self._sync, "check_s": self._check_s, "closed": self.closed,
                 "name": self._seg.name,
-                "written": int(h[nat.WRITE_SEQ]), "backlog": self.backlog(),
-                "spill_segments": len(self._spills), "values": int(st[nat.ST_VALUES]),
-                "waits": int(st[nat.ST_WAITS]), **self._stats}
+                "written": int(h[abi.WRITE_SEQ]), "backlog": self.backlog(),
+                "spill_segments": len(self._spills), "values": int(st[abi.ST_VALUES]),
+                "waits": int(st[abi.ST_WAITS]), **self._stats}
 
     def __repr__(self) -> str:
         role = "owner" if self.role is None else "writer" if self.role == WRITER \
@@ -564,8 +539,8 @@ class _SpillPin(_Pin):
 
     def __del__(self) -> None:
         try:
-            _OPS["release"](self.h, self.pins, self.word)
-            if self.h[nat.CLOSED] and nat.load(self.pins, 0) == 0:
+            native.ops()["release"](self.h, self.pins, self.word)
+            if self.h[abi.CLOSED] and native.load(self.pins, 0) == 0:
                 unlink_name(self.keep.name)
         except Exception:   # noqa: BLE001 - interpreter shutdown
             pass

@@ -1,6 +1,6 @@
 """The one-off numba compile of the channels' hot ops: once per install, in one process at a time.
 
-In: nothing (the installed ``channels/_native.py``). Out: ``compile_lock()`` around every load of
+In: nothing (the installed ``channels/_jit.py``). Out: ``compile_lock()`` around every load of
 the compiled ops, ``is_ready()``, and ``start()``, which compiles them in a background process.
 Invariants: after a fresh install the ops take about 10 s to compile (then about 0.4 s to load
 from numba's cache). Without a lock every new process (the driver, each actor attaching a ring)
@@ -26,7 +26,7 @@ from .._config import cache_dir
 #: The longest a process waits for another one's compile before compiling itself.
 LOCK_WAIT_S = 180.0
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.py")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jit.py")
 
 
 def _key() -> str:
@@ -80,5 +80,5 @@ def start() -> subprocess.Popen | None:
     if is_ready():
         return None
     return subprocess.Popen(
-        [sys.executable, "-c", "from headrace.channels import shm; shm.warm_up()"],
+        [sys.executable, "-c", "from headrace.channels import native; native.ops()"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,7 +1,8 @@
 """Installing and testing work wherever the checkout lives and whatever it is called.
 
-- ``pip install .``, running (numba compiles its ops), then ``pip install -e .`` in the same venv
-  imports every module: numba's cache is not left inside the installed package.
+- ``pip install .`` compiles the channels' ops ahead of time: running loads them without numba.
+  Forcing numba's JIT leaves its cache in the per-user cache directory, not inside the installed
+  package. Then ``pip install -e .`` in the same venv imports every module.
 - The suite collects in a checkout whose folder is no valid package name (``headrace-main``).
 """
 
@@ -50,7 +51,11 @@ def test_install_run_then_editable_install_imports_every_module(tmp_path: Path) 
     py = str(env_dir / "bin" / "python")
     env = {**os.environ, "HEADRACE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ""}
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "."], src, env)
-    _run([py, "-c", "from headrace.channels import shm; shm.warm_up()"], tmp_path, env)
+    out = _run([py, "-c", "import sys; from headrace.channels import native; "
+                          "print(native.kind(), 'numba' in sys.modules)"], tmp_path, env)
+    assert out.split() == ["aot", "False"], "the install did not build the ops ahead of time"
+    _run([py, "-c", "from headrace.channels import native; native.ops()"], tmp_path,
+         {**env, "HEADRACE_NATIVE": "jit"})
     leftovers = [p for p in (site / "headrace").rglob("*") if p.suffix in (".nbi", ".nbc")]
     assert leftovers == [], "numba wrote its cache inside the installed package"
     assert list((tmp_path / "cache").rglob("*.nbi")), "numba's cache is not in the cache dir"

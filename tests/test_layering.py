@@ -72,7 +72,7 @@ def _modules(root: Path = ROOT) -> dict[str, Path]:
     found = {}
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if rel.parts[0] in ("tests", "bench", "build") or rel.parts[0].startswith("."):
+        if rel.parts[0] in ("tests", "bench", "build", "_build") or rel.parts[0].startswith("."):
             continue
         parts = list(rel.with_suffix("").parts)
         if parts[-1] == "__init__":

@@ -34,7 +34,7 @@ import cloudpickle
 import zmq
 
 from ... import _config
-from ...channels import warmup
+from ...channels import native
 from ...channels.segments import sweep_dead_owners, unlink_owned
 from ...exceptions import ActorDiedError, ObjectLostError, TaskCancelledError, WorkerCrashedError
 from ..wire import protocol
@@ -60,7 +60,7 @@ class Runtime:
     def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
         sweep_dead_owners()
         # after an install: compile the channels' numba ops in the background, once
-        self.warmup = warmup.start()
+        self.warmup = native.prepare()
         if self.warmup is not None:     # reap it as soon as it is done: no zombie meanwhile
             _reap_later(self.warmup)
         self.pid = os.getpid()

@@ -17,7 +17,7 @@ Invariants:
   covers producers that cannot ring (a socket writer on another host).
 - No lost wake-up: a word's value is read before the producer is polled and the condition is
   checked; whoever changes something afterwards moves the word (sequentially consistent atomics,
-  the protocol of ``channels._native``).
+  the protocol of ``channels.native``).
 - ``ReadRole``: one thread at a time reads a producer. A thread that finds it taken is recorded;
   the holder, letting go, rings the producer's word, so the one left waiting looks again.
 
@@ -204,12 +204,11 @@ class _FutexWaiter:
     def __init__(self) -> None:
         import numpy as np
 
-        from ...channels import _native as nat
-        from ...channels.shm import native_ops
-        self._ops = ops = native_ops()
+        from ...channels import abi, native
+        self._ops = ops = native.ops()
         self._waitv = _has_waitv()
-        self._w = w = np.zeros(nat.BELL_WORDS, np.uint32)
-        self._addr = w.ctypes.data + 4 * nat.RD_NOTIFY
+        self._w = w = np.zeros(abi.BELL_WORDS, np.uint32)
+        self._addr = w.ctypes.data + 4 * abi.RD_NOTIFY
         self._spin = _SPIN_NS
         self._addrs: Any = None             # set while a wait uses it
         self._seen: Any = None
@@ -239,6 +238,6 @@ _WAITV: list[bool] = []
 
 def _has_waitv() -> bool:
     if not _WAITV:
-        from ...channels._native import has_waitv
+        from ...channels.native import has_waitv
         _WAITV.append(has_waitv())
     return _WAITV[0]

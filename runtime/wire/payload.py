@@ -89,16 +89,16 @@ class _ViewPin:
     __slots__ = ("address", "header", "segment")
 
     def __init__(self, segment: Segment) -> None:
-        from ...channels import _native      # lazy: numba loads on the first large payload
+        from ...channels import native      # lazy: the ops load on the first large payload
         self.segment = segment
         self.header = _header(segment)
         self.address = self.header.ctypes.data
-        _native.add(self.header, 0, 1)
+        native.add(self.header, 0, 1)
 
     def __del__(self) -> None:
         try:
-            from ...channels import _native
-            _native.add(self.header, 0, -1)
+            from ...channels import native
+            native.add(self.header, 0, -1)
         except Exception:   # noqa: BLE001,S110 - interpreter shutdown: the mapping goes too
             pass
 

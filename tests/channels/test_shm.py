@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headrace.channels import _native as nat
+from headrace.channels import abi as nat
 from headrace.channels import shm as shm_module
 from headrace.channels.segments import owned_segments
 from headrace.channels.shm import COPY_MAX, ShmChannel

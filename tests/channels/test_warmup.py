@@ -1,4 +1,6 @@
-"""The one-off numba compile: one process at a time, in the background after an install."""
+"""The JIT fallback's one-off numba compile: one process at a time, in the background.
+
+(An install compiles the ops ahead of time and never needs it: ``test_native.py``.)"""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def fresh_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if cached.is_dir():
         shutil.copytree(cached, tmp_path / "numba", ignore=shutil.ignore_patterns("ready-*"))
     monkeypatch.setenv("HEADRACE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HEADRACE_NATIVE", "jit")     # the children use numba's JIT
     return tmp_path
 
 

@@ -15,8 +15,7 @@ import pytest
 
 import headrace as hr
 from headrace import InputNode
-from headrace.channels import _native as nat
-from headrace.channels.shm import native_ops
+from headrace.channels import abi, native
 from headrace.exceptions import TaskCancelledError, TaskError
 from headrace.runtime.refs.waiting import ReadRole
 
@@ -27,14 +26,14 @@ FAST_S = 1.5            # far below SLOW_S: nothing waited for the slow producer
 
 
 def _words(n: int) -> tuple[list[np.ndarray], np.ndarray]:
-    arrays = [np.zeros(nat.BELL_WORDS, np.uint32) for _ in range(n)]
-    return arrays, np.array([a.ctypes.data + 4 * nat.RD_NOTIFY for a in arrays], np.int64)
+    arrays = [np.zeros(abi.BELL_WORDS, np.uint32) for _ in range(n)]
+    return arrays, np.array([a.ctypes.data + 4 * abi.RD_NOTIFY for a in arrays], np.int64)
 
 
 @pytest.mark.parametrize("waitv", [True, False], ids=["futex_waitv", "sliced-fallback"])
 def test_wait_any_wakes_on_whichever_word_moves_and_counts_itself_out(waitv) -> None:
-    ops = native_ops()
-    if waitv and not nat.has_waitv():
+    ops = native.ops()
+    if waitv and not native.has_waitv():
         pytest.skip("this kernel has no futex_waitv (Linux < 5.16): the fallback is tested")
     arrays, addrs = _words(3)
     seen = np.zeros(3, np.uint32)
@@ -47,7 +46,7 @@ def test_wait_any_wakes_on_whichever_word_moves_and_counts_itself_out(waitv) -> 
         waker.start()
         assert ops["wait_any"](addrs, seen, 0, 5_000_000_000, waitv) == k
         waker.join()
-    assert [int(a[nat.RD_WAITERS]) for a in arrays] == [0, 0, 0]
+    assert [int(a[abi.RD_WAITERS]) for a in arrays] == [0, 0, 0]
 
 
 def test_a_read_role_found_taken_rings_when_its_holder_lets_go() -> None:

@@ -33,6 +33,9 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from .._config import cache_dir
+from .abi import (CLOSED, N_READERS, N_SLOTS, RD_NOTIFY, RD_WAITERS, READER_SEQ, SIGNATURES,
+                  SLOTS, ST_IDLE_NS, ST_SEQ, ST_SLOT0, ST_SLOT_SIZE, ST_SPIN, ST_SPIN_MAX,
+                  ST_VALUES, ST_WAITS, UNREAD, VIEWS, WR_NOTIFY, WR_WAITERS, WRITE_SEQ)
 
 llvm.load_library_permanently(ctypes.util.find_library("c"))
 
@@ -56,24 +59,6 @@ _WAKE_ALL = 0x7FFFFFFF
 _syscall = types.ExternalFunction("syscall", types.int64(
     types.int64, types.intp, types.int64, types.int64, types.intp, types.int64, types.int64))
 _clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.intp))
-
-# Header words (uint32 indices). Hot words sit on their own 64-byte cache line.
-MAGIC, VERSION, N_SLOTS, N_READERS, SLOT_SIZE_LO, SLOT_SIZE_HI, WRITER_PID = range(7)
-READING = 8                     # a reader announces it is reading now (see ShmChannel.reading)
-WRITE_SEQ = 16                  # values published so far (wraps at 2**32; compared by difference)
-RD_NOTIFY, RD_WAITERS = 32, 33  # readers sleep on RD_NOTIFY
-WR_NOTIFY, WR_WAITERS = 48, 49  # the writer sleeps on WR_NOTIFY
-CLOSED = 64                     # 0 open, 1 closed, 2 broken (a peer died)
-READER_PIDS = 80                # one word per reader, 64 readers at most
-MAX_READERS = 64
-READER_SEQ = 160                # per reader, one cache line each: values it has consumed
-SLOTS = READER_SEQ + 16 * MAX_READERS   # per slot, one cache line: UNREAD, VIEWS
-UNREAD, VIEWS = 0, 1            # offsets inside a slot's line (VIEWS: of payload area i)
-
-
-def header_words(n_slots: int) -> int:
-    """Number of uint32 words of the header of a ring with ``n_slots`` slots."""
-    return SLOTS + 16 * n_slots
 
 
 def _item_pointer(context, builder, aryty, ary, idx):
@@ -210,9 +195,6 @@ def wait(h, word, value, equal, notify, waiters, spin_ns, timeout_ns):
         _fetch_add(h, waiters, _MINUS_ONE)
 
 
-# Per-endpoint state (a private int64 array, not shared): the fused ops below keep it current.
-ST_SPIN, ST_SPIN_MAX, ST_IDLE_NS, ST_SEQ, ST_WAITS, ST_VALUES, ST_SLOT0, ST_SLOT_SIZE = range(8)
-ST_WORDS = 8
 _SCALAR_MAX_TAG = 5             # codec tags 1..5 (None, True, False, int, float) are header-only
 _T_SPILL = 14                   # codec.T_SPILL: the slot header names a spill segment
 _AREA = 3                       # frame header word (u64) of a slot: the payload area of its value
@@ -417,11 +399,6 @@ def close(h, code):
     _wake(h, _I(WR_NOTIFY), _I(WR_WAITERS))
 
 
-# A doorbell (channels.doorbell) is a header of its own whose RD_NOTIFY word the writers of
-# several channels bump after each value: one reader waits on it for whichever comes first.
-BELL_WORDS = CLOSED + 16
-
-
 @njit(cache=True)
 def ring(b):
     """Writer of a channel with a doorbell: a value was published (or the channel closed)."""
@@ -533,54 +510,11 @@ def read_wait_try(h, m64, st, reader, budget):
     return read_wait(h, m64, st, reader, budget)
 
 
-def has_waitv() -> bool:
-    """Whether this kernel has ``futex_waitv`` (Linux 5.16+)."""
-    import errno
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall(ctypes.c_long(_SYS_FUTEX_WAITV), None, 0, 0, None, 0)
-    return ctypes.get_errno() != errno.ENOSYS
-
-
 def entry_points() -> dict[str, object]:
-    """The hot ops as direct entry points, skipping numba's dispatcher (about 300 ns a call).
-
-    Each op is compiled (or loaded from the cache) for exactly the argument types the channels
-    pass: uint32 header, uint64 slot words, int64 state, Python ints and bools.
-    """
-    h = np.zeros(header_words(1), np.uint32)
-    h[N_SLOTS], h[N_READERS] = 1, 1
-    m64 = np.zeros(64, np.uint64)
-    st = np.zeros(ST_WORDS, np.int64)
-    st[ST_SLOT0], st[ST_SLOT_SIZE] = 0, 128
-    recent = np.full(1, -1, np.int64)
-    bell = np.zeros(BELL_WORDS, np.uint32)
-    words = np.array([bell.ctypes.data + 4 * RD_NOTIFY], np.int64)
-    seen = np.zeros(1, np.uint32)
-    calls = {
-        "ring": (ring, (bell,)),
-        "bell_wait": (bell_wait, (bell, st, 0, 0)),
-        "write_wait": (write_wait, (h, st, 0)),
-        "write_scalar": (write_scalar, (h, m64, st, 4, 7, 0)),
-        "write_float": (write_float, (h, m64, st, 5, 1.5, 0)),
-        "pick_area": (pick_area, (h, m64, st, recent)),
-        "write_commit": (write_commit, (h, m64, st, recent, 8, 0, 0, 0, 0)),
-        "read_wait": (read_wait, (h, m64, st, 0, 0)),
-        "read_commit": (read_commit, (h, st, 0, False, 0)),
-        "release": (release, (h, h, SLOTS + VIEWS)),
-        "write_wait_try": (write_wait_try, (h, st, 0)),
-        "write_scalar_try": (write_scalar_try, (h, m64, st, 4, 7, 0)),
-        "write_float_try": (write_float_try, (h, m64, st, 5, 1.5, 0)),
-        "read_wait_try": (read_wait_try, (h, m64, st, 0, 0)),
-        "wait_any": (wait_any, (words, seen, 0, 0, True)),
-        "snapshot": (snapshot, (words, seen)),
-    }
-    h[SLOTS + VIEWS] = 1
-    out = {}
-    for name, (fn, args) in calls.items():
-        fn(*args)
-        out[name] = fn.overloads[fn.signatures[-1]].entry_point
-    return out
+    """The ops of ``abi.SIGNATURES`` as direct entry points, compiled (or loaded from numba's
+    cache) for exactly those types: calling one skips numba's dispatcher (about 300 ns a call)."""
+    here = globals()
+    return {name: here[name].compile(sig) for name, sig in SIGNATURES.items()}
 
 
 numba_config.CACHE_DIR = _USER_CACHE_DIR
