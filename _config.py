@@ -17,12 +17,12 @@ CHECKS = os.environ.get("HEADRACE_CHECKS", "") not in ("", "0")
 #: Verbose internal logging; read once here, never on a hot path.
 DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
 
-#: After this many calls, an actor's (or a task worker's) calls and results move to
-#: shared-memory rings (zmq carries the rest); attaching costs the process a one-off numba load,
-#: in the background. 0: never.
-ACTOR_LANE_AFTER = int(os.environ.get("HEADRACE_ACTOR_LANE_AFTER", "8"))
-#: Spare actor processes kept started, their lane attached (numba loaded), from the first actor
-#: on: a new actor takes one, so its calls use the rings from the first call. 0: none.
+#: An actor's (or a task worker's) calls and results move to a pair of shared-memory rings as
+#: soon as the process is up and has attached them (zmq carries the calls until then and the
+#: rest of the control messages always). "0": never.
+ACTOR_LANES = os.environ.get("HEADRACE_ACTOR_LANES", "1") != "0"
+#: Spare actor processes kept started, their lane attached, from the first actor on: a new actor
+#: takes one, so it skips the process start and uses the rings from its first call. 0: none.
 SPARE_ACTORS = int(os.environ.get("HEADRACE_SPARE_ACTORS", "1"))
 
 #: How long shutdown() waits for children to exit on their own before SIGKILL.

@@ -54,7 +54,7 @@ from ..procs.records import ActorState
 from ..refs.ref import Ref, RefState
 from ..refs.waiting import ReadRole, wait_until
 
-#: How long a startup may take (the first attach in a fresh process loads numba's cache).
+#: How long a startup may take (with the JIT fallback, the first attach in a fresh process loads numba's cache).
 START_TIMEOUT_S = 120.0
 #: After a channel broke on its own, how long to wait for the runtime to say which process died.
 _DEATH_REPORT_S = 1.0

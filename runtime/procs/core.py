@@ -59,7 +59,7 @@ class Runtime:
 
     def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
         sweep_dead_owners()
-        # after an install: compile the channels' numba ops in the background, once
+        # only where the ops were not built at install: numba compiles them in the background
         self.warmup = native.prepare()
         if self.warmup is not None:     # reap it as soon as it is done: no zombie meanwhile
             _reap_later(self.warmup)
@@ -228,12 +228,13 @@ class Runtime:
         advance(proc, ProcState.READY)
         self.start_failures = 0
         self._connect(proc)
+        if _config.ACTOR_LANES:             # rings from the start: the ops load in a moment
+            self._ask_lane(proc)
         if proc.kind == "task":
             self.idle.append(proc)
             self._dispatch(out)
             return
-        if proc.actor is None:              # a spare: load numba now, while nobody waits
-            self._ask_lane(proc)
+        if proc.actor is None:              # a spare: ready for the actor that takes it
             return
         self._init_actor(proc, out)
 
@@ -520,9 +521,6 @@ class Runtime:
             proc.fn_ids.add(body.fn_id)
             self._send(proc, (Msg.TASK, task.tid, body.fn_id, blob, args, deps,
                               len(task.refs), task.name), frames)
-            proc.calls += 1
-            if proc.calls == _config.ACTOR_LANE_AFTER:     # a busy worker: rings, as actors
-                self._ask_lane(proc)
 
     def _pump(self, actor: ActorRecord, out: list[Finish]) -> None:
         """Send an actor's queued calls in order, up to the first whose arguments are pending."""
@@ -555,9 +553,6 @@ class Runtime:
             advance(task, TaskState.SENT)
             task.proc = proc
             actor.inflight[task.tid] = task
-            proc.calls += 1
-            if proc.calls == _config.ACTOR_LANE_AFTER:
-                self._ask_lane(proc)
 
     def _ask_lane(self, proc: Proc) -> None:
         if not proc.lane_asked:
@@ -566,7 +561,7 @@ class Runtime:
                              name="headrace-lane").start()
 
     def _open_lane(self, proc: Proc) -> None:
-        """Background: make the rings (the first time loads numba), hand them to the actor."""
+        """Background: make the rings, hand them to the process (its calls use zmq meanwhile)."""
         try:
             lane = DriverLane(self._handle)
         except Exception:       # noqa: BLE001 - no lane: the actor keeps using zmq
@@ -646,7 +641,7 @@ class Runtime:
 
     def _refill_spares(self) -> None:
         """Start spares up to ``SPARE_ACTORS`` (plus what demand added), a moment later: a new
-        spare loading numba must not slow the first calls of the actor that just took one."""
+        spare booting must not slow the first calls of the actor that just took one."""
         if len(self.spares) < self._spares_wanted() and not self._refilling:
             self._refilling = True
             timer = threading.Timer(_SPARE_DELAY_S, self._start_spares)
@@ -654,8 +649,8 @@ class Runtime:
             timer.start()
 
     def _start_spares(self, since: float | None = None) -> None:
-        """Start the spares once the runtime has had no call for a moment (a spare booting and
-        loading numba takes about a core for a second: not while calls are timed), or after
+        """Start the spares once the runtime has had no call for a moment (a spare booting takes
+        a core for a few hundred ms, its imports: not while calls are timed), or after
         ``_SPARE_MAX_DELAY_S`` in any case."""
         now = time.monotonic()
         since = now if since is None else since

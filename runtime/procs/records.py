@@ -70,7 +70,7 @@ class Proc:
 
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
                  "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
-                 "calls", "lane_asked")
+                 "lane_asked")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -89,7 +89,6 @@ class Proc:
         self.forced_cancel: str | None = None  # task id killed by hr.cancel(force=True)
         self.lane: Any = None                 # an actor's shm call/result rings (DriverLane)
         self.pending_lane: Any = None         # rings made, the actor not attached yet
-        self.calls = 0                        # calls sent to this actor
         self.lane_asked = False               # its lane is being made (or was)
 
 

@@ -251,7 +251,7 @@ class Worker:
                 protocol.send(self.outbox, header, frames)
 
     def _on_lane(self, header: tuple[Any, ...], frames: list[Any]) -> None:
-        """Attach the shm rings on a thread (numba loads there), then tell the driver."""
+        """Attach the shm rings on a thread (with the JIT fallback numba loads there), then tell the driver."""
         def attach() -> None:
             try:
                 lane = WorkerLane(pickle.loads(header[1]), self._ring_doorbell)

@@ -1,5 +1,5 @@
-"""Actor lanes: after a few calls an actor's calls and results move to shm rings; nothing changes
-for the user (order, errors, callbacks, deaths), only the latency."""
+"""Actor lanes: once its process is up, an actor's calls and results move to shm rings; nothing
+changes for the user (order, errors, callbacks, deaths), only the latency."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,14 +17,6 @@ from headrace.exceptions import ActorDiedError, TaskCancelledError
 from headrace.runtime.procs import lane as lane_mod
 
 pytestmark = pytest.mark.usefixtures("runtime")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def lanes_at_once() -> Iterator[None]:
-    before = _config.ACTOR_LANE_AFTER
-    _config.ACTOR_LANE_AFTER = 1
-    yield
-    _config.ACTOR_LANE_AFTER = before
 
 
 @hr.remote
@@ -52,7 +43,7 @@ class Stage:
 
 
 def on_lane(handle: hr.ActorHandle, timeout_s: float = 20.0) -> None:
-    """Call until the actor's rings are attached (the first attach loads numba there)."""
+    """Call until the actor's rings are attached."""
     deadline = time.monotonic() + timeout_s
     while handle._record.proc is None or handle._record.proc.lane is None:
         assert time.monotonic() < deadline, "the actor never switched to its lane"
