@@ -33,6 +33,7 @@ T_NONE, T_TRUE, T_FALSE, T_INT, T_FLOAT, T_BYTES, T_STR = range(1, 8)
 T_PICKLE, T_ARROW_TABLE, T_ARROW_BATCH, T_ARROW_ARRAY, T_EXCEPTION, T_BIGINT = range(8, 14)
 T_SPILL = 14            # used by the shm ring: the payload names a spill segment
 T_NDARRAY = 15          # aux: ndim; payload: dtype length, dtype str, shape, then the raw data
+T_FORWARD = 16          # used by the shm ring: the payload names a value in another ring's area
 SCALAR_TAGS = frozenset({T_NONE, T_TRUE, T_FALSE, T_INT, T_FLOAT})
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1

@@ -16,6 +16,12 @@ Invariants:
 - Payloads of at least ``COPY_MAX`` bytes are read zero-copy (read-only Arrow buffers, numpy
   arrays over them); a release token counts the views and gives the area back when the last dies.
   Smaller payloads are copied out, so they never pin an area.
+- A value read zero-copy from a payload area and written unchanged to another ring (an actor
+  returning its argument, a stage passing a table on) is forwarded, not copied: the slot names
+  the area (segment, offset, the original frame header), the writer counts one view of that area
+  per reader of its ring, and each reader maps it and gives its view back when its value dies.
+  The area stays unwritten meanwhile, as for any view; a chain of such stages all point at the
+  first ring's area.
 - A payload larger than a slot spills into a segment of its own (owned by the writer). The writer
   reuses a spill segment once every reader is done with it and keeps at most one idle (the ring
   "grows" to the largest value in flight); the others are unlinked as soon as the readers are done.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +49,8 @@ from .._config import INLINE_MAX_BYTES
 from ..exceptions import ChannelClosedError, ValueDecodeError, WouldBlock
 from . import abi, native
 from .base import WRITER, Channel, closed_error, timeout_error, timeout_ns
-from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_INT, T_NONE, T_SPILL,
-                    T_TRUE, decode, encode, read_header)
+from .codec import (HEADER, HEADER_BYTES, T_BYTES, T_FALSE, T_FLOAT, T_FORWARD, T_INT, T_NONE,
+                    T_SPILL, T_TRUE, Encoded, decode, encode, read_header)
 from .segments import Segment, unlink_name, is_alive
 
 _MAGIC = 0x31435248          # "HRC1"
@@ -61,6 +68,11 @@ _SPILL_GRAIN = 1 << 20
 SPILL_KEEP_BYTES = 64 << 20
 _I64_MIN, _I64_MAX = -(2 ** 63), 2 ** 63 - 1
 _BITS, _FLOAT = struct.Struct("<q"), struct.Struct("<d")
+#: A forward's slot payload: the value's payload offset in its segment, size, tag, aux, scalar
+#: bits, the word that counts its views, the length of the ring's name; then the ring's name, and
+#: for a value in a spill segment (its views counted in the spill's word 0) the spill's name.
+_FORWARD = struct.Struct("<QQIIqIH")
+_UPSTREAMS_KEPT = 16            # a reader's mappings of other rings' segments (forwards)
 
 
 def _pid_gone(pid: int) -> bool:
@@ -78,6 +90,38 @@ def _taken_value(rebuild: Callable[..., Any], *args: Any) -> Any:
         raise
     except Exception as exc:    # noqa: BLE001 - e.g. no memory or fds to map a spill
         raise ValueDecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _Origin:
+    """Where a value read zero-copy lives: a ring's payload area (``spill`` None) or a spill
+    segment of the ring; ``pin`` is the release token its views hold (see ``_remember``)."""
+
+    __slots__ = ("ref", "ring", "spill", "pin", "offset", "size", "tag", "aux", "bits")
+
+    def __init__(self, ref: weakref.ref, ring: Segment, spill: Segment | None, pin: _Pin,
+                 offset: int, size: int, tag: int, aux: int, bits: int) -> None:
+        self.ref, self.ring, self.spill, self.pin = ref, ring, spill, pin
+        self.offset, self.size, self.tag, self.aux, self.bits = offset, size, tag, aux, bits
+
+
+#: id(value) -> where it lives, for values of this process read zero-copy from a payload area
+#: and still alive: a write of the very same object forwards instead of copying.
+_ORIGINS: dict[int, _Origin] = {}
+
+
+def _remember(value: Any, ring: Segment, spill: Segment | None, pin: _Pin, offset: int,
+              size: int, tag: int, aux: int, bits: int) -> None:
+    key = id(value)
+
+    def forget(ref: weakref.ref) -> None:
+        origin = _ORIGINS.get(key)
+        if origin is not None and origin.ref is ref:
+            del _ORIGINS[key]
+    try:
+        ref = weakref.ref(value, forget)
+    except TypeError:       # dicts, lists and tuples of arrays: rebuilt, so encoded again
+        return
+    _ORIGINS[key] = _Origin(ref, ring, spill, pin, offset, size, tag, aux, bits)
 
 
 class _Pin:
@@ -158,10 +202,12 @@ class ShmChannel(Channel):
         st[abi.ST_IDLE_NS] = _IDLE_FACTOR * spin_max if sync == "auto" else 0
         st[abi.ST_SLOT0], st[abi.ST_SLOT_SIZE] = self._slot0, self._slot_size
         self.role = role
-        self._stats = {"bytes": 0, "spills": 0}
+        self._stats = {"bytes": 0, "spills": 0, "forwards": 0}
         self._spills: list[tuple[Segment, np.ndarray]] = []     # writer: its spill segments
         # reader: spill segments mapped lately, newest last (see _read_spill)
         self._spill_cache: OrderedDict[str, tuple[Segment, np.ndarray]] = OrderedDict()
+        # reader: other rings' segments mapped for forwards, newest last (see _upstream)
+        self._upstreams: OrderedDict[str, tuple[Segment, np.ndarray]] = OrderedDict()
         if role == WRITER:
             native.store(h, abi.WRITER_PID, os.getpid())
             st[abi.ST_SEQ] = native.load(h, abi.WRITE_SEQ)
@@ -223,8 +269,32 @@ class ShmChannel(Channel):
                 self._ops["write_commit"](self._h, self._m64, self._st, self._recent, T_BYTES,
                                           0, len(value), 0, area)
                 return
+        if _ORIGINS:
+            origin = _ORIGINS.get(id(value))
+            if origin is not None and origin.ref() is value:
+                self._forward(origin, budget, timeout_s)
+                return
         # a TypeError of encode() leaves the channel untouched
         self._write_encoded(encode(value), budget, timeout_s)
+
+    def _forward(self, origin: _Origin, budget: int, timeout_s: float | None) -> None:
+        """Write a reference to ``origin``'s payload area instead of a copy of the value."""
+        pin = origin.pin
+        ring = origin.ring.name.encode()
+        desc = _FORWARD.pack(origin.offset, origin.size, origin.tag, origin.aux, origin.bits,
+                             pin.word, len(ring)) + ring
+        if origin.spill is not None:
+            desc += origin.spill.name.encode()
+        n = self._n_readers
+        native.add(pin.pins, pin.word, n)       # one view per reader, given back by each
+        try:
+            self._write_encoded(Encoded(T_FORWARD, size=len(desc), parts=[(0, desc)]), budget,
+                                timeout_s)
+        except BaseException:
+            for _ in range(n):              # give them back as a reader would (then unpinned)
+                type(pin)(pin.h, pin.pins, pin.word, pin.keep)
+            raise
+        self._stats["forwards"] += 1
 
     def write_encoded(self, enc: Any, timeout_s: float | None = None) -> None:
         """``write`` of a value already encoded (``codec.encode``, not a header-only scalar):
@@ -341,10 +411,54 @@ class ShmChannel(Channel):
         if size < COPY_MAX:
             payload = bytearray(self._mv[start:start + size])
             commit(h, self._st, self.role, False, area)
+            if tag == T_FORWARD:
+                return _taken_value(self._read_forward, payload)
             return decode(tag, aux, bits, payload)
         commit(h, self._st, self.role, True, area)
-        return _taken_value(self._decode_pinned, tag, aux, bits, self._addr + start, size,
-                            _Pin(h, h, abi.SLOTS + 16 * area + abi.VIEWS, self._seg))
+        pin = _Pin(h, h, abi.SLOTS + 16 * area + abi.VIEWS, self._seg)
+        value = _taken_value(self._decode_pinned, tag, aux, bits, self._addr + start, size, pin)
+        _remember(value, self._seg, None, pin, start, size, tag, aux, bits)
+        return value
+
+    def _read_forward(self, desc: bytearray) -> Any:
+        """The value a forward names, read zero-copy from the other ring's area (its writer
+        counted our view there; the pin gives it back)."""
+        offset, size, tag, aux, bits, word, n_ring = _FORWARD.unpack_from(desc)
+        names = bytes(desc[_FORWARD.size:]).decode()
+        ring, h = self._upstream(names[:n_ring])
+        if names[n_ring:]:              # in a spill segment of that ring
+            seg, pins = self._map_spill(names[n_ring:])
+            pin: _Pin = _SpillPin(h, pins, word, seg)
+        else:
+            seg, pins = ring, h
+            pin = _Pin(h, h, word, seg)
+        if word >= pins.shape[0] or offset + size > seg.size:
+            raise ValueDecodeError(f"a forward names bytes {offset}..{offset + size} and view "
+                                   f"count word {word} of {seg.name}, which has {seg.size} "
+                                   f"bytes and {pins.shape[0]} words")
+        value = self._decode_pinned(tag, aux, bits, pins.ctypes.data + offset, size, pin)
+        _remember(value, ring, None if seg is ring else seg, pin, offset, size, tag, aux, bits)
+        return value
+
+    def _upstream(self, name: str) -> tuple[Segment, np.ndarray]:
+        """Ring segment ``name`` mapped, with its header (kept for the next forwards)."""
+        if name == self._seg.name:
+            return self._seg, self._h
+        cached = self._upstreams.get(name)
+        if cached is not None:
+            self._upstreams.move_to_end(name)
+            return cached
+        try:
+            seg = Segment.open(name, writable=True)
+        except FileNotFoundError:
+            raise closed_error(self, f"the ring {name} that a forwarded value lives in is gone "
+                                     "(its owner closed it or exited)") from None
+        capacity = int(np.frombuffer(seg.mmap, np.uint32, abi.N_SLOTS + 1)[abi.N_SLOTS])
+        h = np.frombuffer(seg.mmap, np.uint32, abi.header_words(capacity))
+        self._upstreams[name] = seg, h
+        if len(self._upstreams) > _UPSTREAMS_KEPT:
+            self._upstreams.popitem(last=False)
+        return seg, h
 
     def _read_spill(self, name: str) -> Any:
         cached = self._spill_cache.get(name)
@@ -359,9 +473,13 @@ class ShmChannel(Channel):
         if size < COPY_MAX:
             payload = bytearray(seg.buf[start:start + size])
             self._unpin_spill(sh, name)
+            if tag == T_FORWARD:
+                return self._read_forward(payload)
             return decode(tag, aux, scalar, payload)
-        return self._decode_pinned(tag, aux, scalar, sh.ctypes.data + start, size,
-                                   _SpillPin(self._h, sh, 0, seg))
+        pin = _SpillPin(self._h, sh, 0, seg)
+        value = self._decode_pinned(tag, aux, scalar, sh.ctypes.data + start, size, pin)
+        _remember(value, self._seg, seg, pin, start, size, tag, aux, scalar)
+        return value
 
     def _map_spill(self, name: str) -> tuple[Segment, np.ndarray]:
         """Map spill segment ``name`` and remember it: the writer reuses its spill segments,
@@ -502,6 +620,7 @@ class ShmChannel(Channel):
         for entry in [e for e in self._spills if native.load(e[1], 0) == 0]:
             self._drop_spill(entry)     # spills still unread stay for their readers
         self._spill_cache.clear()
+        self._upstreams.clear()
         if self._owner:
             self._seg.unlink()
 
