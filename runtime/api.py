@@ -55,12 +55,7 @@ def get_actor(name: str) -> Any:
     """A handle to the live actor created with ``.options(name=name)``."""
     from .remote import ActorHandle
     rt = session.current()
-    with rt.lock:
-        record = rt.named.get(name)
-    if record is None:
-        raise ValueError(f"no live actor is named {name!r}; create one with "
-                         f"Cls.options(name={name!r}).remote()")
-    return ActorHandle(record, rt)
+    return ActorHandle(rt.get_actor(name), rt)
 
 
 # -- get / wait / gather ----------------------------------------------------------------------

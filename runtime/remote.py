@@ -18,6 +18,7 @@ from typing import Any
 
 from . import session
 from .procs.records import ActorRecord
+from .refs.ref import note_handle
 
 _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
 _ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
@@ -181,6 +182,8 @@ class ActorHandle:
     def __init__(self, record: ActorRecord, runtime: Any) -> None:
         self._record = record
         record.handles += 1
+        if record.handles == 1:
+            runtime.hold_actor(record)
         self._finalizer = weakref.finalize(self, _drop_handle, weakref.ref(record),
                                            weakref.ref(runtime))
 
@@ -197,10 +200,17 @@ class ActorHandle:
         return f"<ActorHandle {r.label}{f' name={r.name!r}' if r.name else ''} id={r.aid}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            f"actor handle {self!r} cannot be passed to another task or actor: calling an actor "
-            "from inside a worker is not supported yet.\n\nCall it from the driver and pass "
-            "the resulting refs instead (they are resolved before the call).")
+        """Handles travel (arguments, return values, actor state): the sender holds the actor
+        until the receiver has counted its own handle (``note_handle``)."""
+        note_handle(self)
+        r = self._record
+        return _handle_from_wire, (r.aid, r.name, r.label, r.body.name, dict(r.body.methods))
+
+
+def _handle_from_wire(aid: str, name: str | None, label: str, cls_name: str,
+                      methods: dict[str, int]) -> ActorHandle:
+    rt = _runtime()
+    return ActorHandle(rt.actor_record(aid, name, label, cls_name, methods), rt)
 
 
 def _drop_handle(record_ref: weakref.ref, runtime_ref: weakref.ref) -> None:

@@ -15,6 +15,8 @@ import os
 import threading
 from typing import Any
 
+from .procs import client
+
 _LOCK = threading.RLock()
 _RUNTIME: Any = None
 _ATEXIT = False
@@ -39,6 +41,12 @@ def init(num_cpus: int | None = None, *, address: str | None = None,
         RuntimeError: already initialised and ``ignore_reinit_error`` is False.
     """
     global _RUNTIME, _ATEXIT
+    if client.CLIENT is not None:       # inside a worker: the driver's session is ours
+        if ignore_reinit_error:
+            return _describe(client.CLIENT)
+        raise RuntimeError("headrace is already initialised in this worker (it uses the "
+                           "driver's session); call hr.init() on the driver only, or pass "
+                           "ignore_reinit_error=True")
     if address not in (None, "local", "auto"):
         raise ValueError(f"address={address!r}: only the embedded local runtime exists so far; "
                          "pass address=None")
@@ -61,11 +69,12 @@ def init(num_cpus: int | None = None, *, address: str | None = None,
 
 
 def _describe(rt: Any) -> dict[str, Any]:
-    return {"num_cpus": rt.num_cpus, "session_dir": rt.dir, "driver_pid": rt.pid}
+    return {"num_cpus": rt.num_cpus, "session_dir": rt.dir, "driver_pid": rt.driver_pid}
 
 
 def shutdown() -> None:
-    """Stop every child process and unlink every shared-memory segment. Idempotent."""
+    """Stop every child process and unlink every shared-memory segment. Idempotent. (Inside
+    a worker it does nothing: the driver's session goes on.)"""
     global _RUNTIME
     with _LOCK:
         rt, _RUNTIME = _RUNTIME, None
@@ -74,18 +83,21 @@ def shutdown() -> None:
 
 
 def is_initialized() -> bool:
-    return _RUNTIME is not None
+    return _RUNTIME is not None or client.CLIENT is not None
 
 
 def current() -> Any:
-    """The runtime, started with the defaults if no ``init()`` came first."""
+    """The runtime, started with the defaults if no ``init()`` came first; inside a worker,
+    the client that asks the driver's runtime."""
     rt = _RUNTIME
     if rt is None:
+        if client.CLIENT is not None:
+            return client.CLIENT
         init(ignore_reinit_error=True)
         rt = _RUNTIME
     return rt
 
 
 def running() -> Any:
-    """The runtime if one runs, else None (never starts one)."""
+    """The runtime if one runs, else None (never starts one; None inside a worker)."""
     return _RUNTIME

@@ -235,7 +235,7 @@ class CompiledDAG:
         except ChannelTimeoutError:
             raise self._stall_error(self._submitted, "the input ring stayed full") from None
         except TypeError as exc:
-            from ..procs.core import bad_argument
+            from ..procs.arguments import bad_argument
             raise TypeError(bad_argument(args, kwargs, "execute()", None, exc)) from exc
         except ChannelClosedError:
             raise self._closed_error() from None

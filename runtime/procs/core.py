@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import zmq
 
 from ... import _config
@@ -46,6 +45,8 @@ from ..wire.payload import Payload, SegmentPool, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, WorkerSpec
 from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
                       advance)
+from .arguments import bad_argument
+from .requests import ShippedClass, WorkerRequests
 from ..refs.ref import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
 from .worker import SPEC_ENV
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 Finish = Callable[[], Any]
 
 
-class Runtime:
+class Runtime(WorkerRequests):
     """One embedded local runtime (one per driver process)."""
 
     def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
@@ -63,8 +64,9 @@ class Runtime:
         self.warmup = native.prepare()
         if self.warmup is not None:     # reap it as soon as it is done: no zombie meanwhile
             _reap_later(self.warmup)
-        self.pid = os.getpid()
+        self.pid = self.driver_pid = os.getpid()
         self.num_cpus = num_cpus
+        self._shipped: dict[str, Any] = {}          # functions workers submitted, by key
         self.free_cpus: float = num_cpus
         self.log_to_driver = log_to_driver
         self.logging_level = logging_level
@@ -108,7 +110,8 @@ class Runtime:
         wid = f"w{next(self._ids)}"
         spec = WorkerSpec(wid=wid, kind=kind, session_dir=self.dir, driver_pid=self.pid,
                           sys_path=tuple(p for p in sys.path if p), label=label,
-                          logging_level=self.logging_level, log_to_driver=self.log_to_driver)
+                          logging_level=self.logging_level, log_to_driver=self.log_to_driver,
+                          num_cpus=self.num_cpus)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
         out_r, out_w = os.pipe() if self.logs else (None, subprocess.DEVNULL)
@@ -258,6 +261,10 @@ class Runtime:
         if task is None:
             return
         payloads = [from_wire(d, frames, self.table, owner=True) for d in header[3]]
+        if len(header) > 4:             # handles in the value: their actors live with its refs
+            holds = self._holds(header[4])
+            for ref in task.refs:
+                ref._keep = holds
         for ref, payload in zip(task.refs, payloads, strict=True):
             out.append(_finisher(ref._finish_payload, payload))
 
@@ -290,7 +297,8 @@ class Runtime:
                 self._pump(task.actor, out)
         elif proc.task is task:
             proc.task = None
-            self.free_cpus += task.num_cpus
+            self.free_cpus += task.num_cpus - proc.lent
+            proc.lent = 0
             if proc.state is ProcState.READY:
                 self.idle.append(proc)
             self._dispatch(out)
@@ -305,6 +313,7 @@ class Runtime:
             for sock in (proc.push, proc.ctl):
                 if sock is not None:
                     sock.close(linger=0)
+            self._forget_child(proc)
             self.procs.pop(proc.wid, None)
             reason = _death_reason(proc.popen)
             self.start_failures += unstarted
@@ -403,56 +412,64 @@ class Runtime:
 
     # -- submission -------------------------------------------------------------------------
     def encode_args(self, args: tuple, kwargs: dict, describe: Callable[[], str],
-                    fn: Any = None) -> tuple[Payload, dict[str, Ref]]:
-        """Encode call arguments; refs inside them become dependencies.
+                    fn: Any = None) -> tuple[Payload, dict[str, Ref], list[Any]]:
+        """Encode call arguments; refs inside them become dependencies, and the actor handles
+        in them are returned (to be held until the call is answered).
 
         Raises:
             TypeError: an argument cannot be serialized; the message names it and the call.
         """
         deps: dict[str, Ref] = {}
+        handles: list[Any] = []
         try:
-            with capturing_refs(deps):
+            with capturing_refs(deps, handles):
                 payload = encode((args, kwargs), owner_pid=self.pid, own=True, table=self.table)
         except TypeError as exc:
             raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
-        return payload, deps
+        return payload, deps, handles
 
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
                     kwargs: dict) -> list[ObjectRef]:
         name = options.get("name") or body.name
-        payload, deps = self.encode_args(args, kwargs, lambda: f"{name}.remote()", body.fn)
+        payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()",
+                                               body.fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(options["num_returns"])]
         task = TaskRecord(refs[0]._id, name, refs, payload, deps, fn=body,
                           num_cpus=options["num_cpus"], retries_left=options["max_retries"])
+        task.keep = keep or None
         self._submit(task, refs)
         return refs
 
     def submit_call(self, actor: ActorRecord, method: str, nret: int, args: tuple,
                     kwargs: dict, fn: Any = None) -> list[ObjectRef]:
         name = f"{actor.label}.{method}"
-        payload, deps = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(nret)]
         task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor)
+        task.keep = keep or None
         self._submit(task, refs)
         return refs
 
     def _submit(self, task: TaskRecord, refs: list[ObjectRef]) -> None:
-        self.last_submit = time.monotonic()
         finishes: list[Finish] = []
         with self.lock:
             self._check_open()
-            for ref in refs:
-                ref._task = task
-            self.tasks[task.tid] = task
-            actor = task.actor
-            if actor is not None:
-                if actor.state is ActorState.DEAD:
-                    self.tasks.pop(task.tid)
-                    finishes.extend(_finisher(r._finish_error, actor.error) for r in refs)
-                else:
-                    actor.queue.append(task)
-            self._track_deps(task, finishes)
+            self._submit_locked(task, refs, finishes)
         _run(finishes)
+
+    def _submit_locked(self, task: TaskRecord, refs: list[ObjectRef], out: list[Finish]) -> None:
+        self.last_submit = time.monotonic()
+        for ref in refs:
+            ref._task = task
+        self.tasks[task.tid] = task
+        actor = task.actor
+        if actor is not None:
+            if actor.state is ActorState.DEAD:
+                self.tasks.pop(task.tid)
+                out.extend(_finisher(r._finish_error, actor.error) for r in refs)
+            else:
+                actor.queue.append(task)
+        self._track_deps(task, out)
 
     def _track_deps(self, task: TaskRecord, out: list[Finish]) -> None:
         if not task.deps:                   # the usual call: nothing to wait for
@@ -587,34 +604,72 @@ class Runtime:
                      kwargs: dict) -> ActorRecord:
         label = body.name
         name = options.get("name")
-        payload, deps = self.encode_args(args, kwargs, lambda: f"{label}.remote()",
-                                         body.cls.__init__)
+        payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{label}.remote()",
+                                               body.cls.__init__)
         actor = ActorRecord(new_ref_id(), name, label, body, payload, deps,
                             max_concurrency=options["max_concurrency"],
                             num_cpus=options["num_cpus"], max_restarts=options["max_restarts"])
+        actor.keep = keep or None
         finishes: list[Finish] = []
         with self.lock:
             self._check_open()
-            if name is not None and name in self.named:
-                raise ValueError(f"an actor named {name!r} already exists.\n\n"
-                                 f"Use hr.get_actor({name!r}) to get a handle to it, or pick "
-                                 "another name.")
-            if actor.num_cpus > self.free_cpus:
-                raise ValueError(
-                    f"actor {label} asks for num_cpus={actor.num_cpus} but only "
-                    f"{self.free_cpus:g} of {self.num_cpus} CPUs are free.\n\nLower num_cpus, "
-                    "kill actors you no longer need, or hr.init(num_cpus=...) with more.")
-            self.free_cpus -= actor.num_cpus
-            self.actors[actor.aid] = actor
-            if name is not None:
-                self.named[name] = actor
-            proc = self._take_spare(label)
-            actor.proc, proc.actor, proc.label = proc, actor, label
-            if proc.state is ProcState.READY:
-                self._init_actor(proc, finishes)
-            self._refill_spares()
+            self._start_actor(actor, finishes)
         _run(finishes)
         return actor
+
+    def _start_actor(self, actor: ActorRecord, out: list[Finish]) -> None:
+        """Place a new actor (under the lock): a spare process, or a new one.
+
+        Raises:
+            ValueError: its name is taken, or it asks for more CPUs than are free.
+        """
+        name, label = actor.name, actor.label
+        if name is not None and name in self.named:
+            raise ValueError(f"an actor named {name!r} already exists.\n\n"
+                             f"Use hr.get_actor({name!r}) to get a handle to it, or pick "
+                             "another name.")
+        if actor.num_cpus > self.free_cpus:
+            raise ValueError(
+                f"actor {label} asks for num_cpus={actor.num_cpus} but only "
+                f"{self.free_cpus:g} of {self.num_cpus} CPUs are free.\n\nLower num_cpus, "
+                "kill actors you no longer need, or hr.init(num_cpus=...) with more.")
+        self.free_cpus -= actor.num_cpus
+        self.actors[actor.aid] = actor
+        if name is not None:
+            self.named[name] = actor
+        proc = self._take_spare(label)
+        actor.proc, proc.actor, proc.label = proc, actor, label
+        if proc.state is ProcState.READY:
+            self._init_actor(proc, out)
+        self._refill_spares()
+
+    def hold_actor(self, actor: ActorRecord) -> None:
+        """The first handle to ``actor`` was made (a worker's client tells the driver)."""
+
+    def actor_record(self, aid: str, name: str | None, label: str, cls_name: str,
+                     methods: dict[str, int]) -> ActorRecord:
+        """The record of actor ``aid`` for a handle that arrived here (unpickled); an actor
+        that is gone gets a record of a dead actor, whose calls raise ActorDiedError."""
+        with self.lock:
+            actor = self.actors.get(aid)
+        if actor is not None:
+            return actor
+        actor = ActorRecord(aid, name, label, ShippedClass(cls_name, methods, None), None, {},
+                            max_concurrency=1, num_cpus=0, max_restarts=0)
+        actor.state = ActorState.DEAD
+        actor.error = ActorDiedError(f"actor {name or label!r} is no longer alive (a handle to "
+                                     "it arrived after it ended).\n\nCreate a new actor.",
+                                     actor_name=name or label)
+        return actor
+
+    def get_actor(self, name: str) -> ActorRecord:
+        """The record of the live actor named ``name``."""
+        with self.lock:
+            record = self.named.get(name)
+        if record is None:
+            raise ValueError(f"no live actor is named {name!r}; create one with "
+                             f"Cls.options(name={name!r}).remote()")
+        return record
 
     def _take_spare(self, label: str) -> Proc:
         """A spare actor process (the one started longest ago), or a new one named ``label``.
@@ -807,7 +862,7 @@ _MAX_EXTRA_SPARES = 2
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,
-    Msg.RESULT: Runtime._on_result, Msg.ERROR: Runtime._on_error,
+    Msg.REQUEST: Runtime._on_request, Msg.RESULT: Runtime._on_result, Msg.ERROR: Runtime._on_error,
     Msg.CANCELLED: Runtime._on_cancelled, Msg.INIT_FAILED: Runtime._on_init_failed,
     Msg.LANE_READY: Runtime._on_lane_ready,
 }
@@ -849,33 +904,6 @@ def _death_hint(sig: int | None, code: int | None) -> str:
         return "A signal ended the process; check what sent it (a crash in native code?)."
     return ("The process called os._exit() or sys.exit(), or crashed in native code; "
             "raise an exception instead to report an error.")
-
-
-def bad_argument(args: tuple, kwargs: dict, call: str, fn: Any, exc: Exception) -> str:
-    """Name the first argument of a call that cannot be serialized."""
-    import inspect
-    names: list[str] = []
-    try:
-        params = list(inspect.signature(fn).parameters) if fn is not None else []
-    except (TypeError, ValueError):
-        params = []
-    if params and params[0] in ("self", "cls"):
-        params = params[1:]
-    for i in range(len(args)):
-        names.append(f"argument {params[i]!r} (position {i})" if i < len(params)
-                     else f"positional argument {i}")
-    labelled = list(zip(names, args, strict=True)) + [
-        (f"keyword argument {k!r}", v) for k, v in kwargs.items()]
-    deps: dict[str, Ref] = {}
-    for label, value in labelled:
-        try:
-            with capturing_refs(deps):
-                cloudpickle.dumps(value, protocol=5)
-        except Exception as inner:      # noqa: BLE001
-            return (f"{label} of {call} cannot be serialized: {type(value).__name__} "
-                    f"({type(inner).__name__}: {inner}).\n\nPass something picklable, e.g. "
-                    "create the object inside the task instead of passing it in.")
-    return f"the arguments of {call} cannot be serialized: {exc}"
 
 
 def _kill(popen: subprocess.Popen) -> None:

@@ -70,7 +70,7 @@ class Proc:
 
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
                  "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
-                 "lane_asked")
+                 "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -90,13 +90,19 @@ class Proc:
         self.lane: Any = None                 # an actor's shm call/result rings (DriverLane)
         self.pending_lane: Any = None         # rings made, the actor not attached yet
         self.lane_asked = False               # its lane is being made (or was)
+        # the API used inside the child (procs/requests.py)
+        self.client_sock: Any = None          # PUSH to its client socket, made on first reply
+        self.client_lock = threading.Lock()
+        self.borrowed: dict[str, Any] = {}    # ref id -> the ref, while the child holds it
+        self.held: dict[str, int] = {}        # actor id -> handles the child holds (one count)
+        self.lent = 0.0                       # CPU slots lent while it blocks in get
 
 
 class TaskRecord:
     """One ``.remote()`` call (function task, actor call, or the marker that ends an actor)."""
 
     __slots__ = ("tid", "name", "refs", "fn", "method", "args", "deps", "waiting", "num_cpus",
-                 "state", "retries_left", "actor", "proc", "is_exit")
+                 "state", "retries_left", "actor", "proc", "is_exit", "keep")
 
     def __init__(self, tid: str, name: str, refs: list[ObjectRef], args: Payload | None,
                  deps: dict[str, Ref], *, fn: Any = None, method: str | None = None,
@@ -116,6 +122,7 @@ class TaskRecord:
         self.actor = actor
         self.proc: Proc | None = None
         self.is_exit = is_exit
+        self.keep: Any = None                 # actors of handles in its arguments, held
 
 
 class ActorRecord:
@@ -123,7 +130,7 @@ class ActorRecord:
 
     __slots__ = ("aid", "name", "label", "body", "init_args", "init_deps", "max_concurrency",
                  "num_cpus", "restarts_left", "state", "proc", "queue", "inflight", "error",
-                 "init_error", "handles", "killed", "exiting", "__weakref__")
+                 "init_error", "handles", "killed", "exiting", "keep", "__weakref__")
 
     def __init__(self, aid: str, name: str | None, label: str, body: Any, init_args: Payload,
                  init_deps: dict[str, Ref], *, max_concurrency: int, num_cpus: float,
@@ -146,3 +153,4 @@ class ActorRecord:
         self.handles = 0
         self.killed = False
         self.exiting = False                  # its last handle went: it ends after its queue
+        self.keep: Any = None                 # actors of handles in its __init__ arguments

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import faulthandler
+import gc
 import logging
 import os
 import pickle
@@ -40,7 +41,9 @@ from .lane import WorkerLane
 from ..wire.errors import error_info
 from ..wire.payload import Payload, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, WorkerSpec
-from ..refs.ref import resolving_refs
+from ..refs.ref import capturing_refs, resolving_refs
+from ..refs.waiting import set_block_hook
+from . import client as client_mod
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
@@ -73,6 +76,11 @@ class Worker:
         self.ctl = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".ctl"),
                                 True)
         self.outbox = self._socket(zmq.PUSH, protocol.endpoint(spec.session_dir, "driver"), False)
+        # the driver's replies to the API used here (procs/client.py), read by the control thread
+        self.client_sock = self._socket(
+            zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".client"), True)
+        self.flush_r, self.flush_w = os.pipe()
+        os.set_blocking(self.flush_w, False)    # full: a flush is due anyway
         self.send_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.table = SegmentTable()
@@ -94,6 +102,10 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the driver, not to us
         self.init_failed = False
+        self.client = client_mod.CLIENT = client_mod.WorkerClient(
+            self._send, self._wake_flush, spec, self.table, self.pid)
+        if spec.kind == "task":
+            set_block_hook(self.client.blocked)
         self.control = threading.Thread(target=self._control_loop, name="headrace-control",
                                         daemon=True)
         self.control.start()
@@ -137,6 +149,7 @@ class Worker:
         protocol.send(stop, (Msg.EXIT,))
         stop.close(linger=1000)
         self.control.join(1.0)
+        self.client_sock.close(linger=0)      # the control thread read it; it has stopped
         self.inbox.close(linger=0)
         self.outbox.close(linger=2000)
         self.ctx.term()     # returns once the replies are out (or the linger time is up)
@@ -207,20 +220,31 @@ class Worker:
             return
         except BaseException as exc:          # noqa: BLE001 - the user's error is the result
             self._send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
+            del exc
+            # NOTE: a raised error's traceback holds its frames, and they the refs that raised it
+            # (a cycle): collect now, so the driver hears of the refs' release while we idle
+            if self.client.holds_refs():
+                gc.collect()
             return
         self._reply_value(tid, name, value, nret)
 
     def _reply_value(self, tid: str, name: str, value: Any, nret: int) -> None:
+        handles: list[Any] = []         # handles in the value: alive until the driver has it
         try:
             values = [value] if nret == 1 else list(split_returns(value, nret, name))
             frames: list[Any] = [None]
-            descs = [self._encode(v).to_wire(frames) for v in values]
+            with capturing_refs(None, handles):
+                descs = [self._encode(v).to_wire(frames) for v in values]
         except BaseException as exc:          # noqa: BLE001
             info = error_info(exc, name, self.pid,
                               prefix=f"could not serialize the return value of {name}: ")
             self._send((Msg.ERROR, self.spec.wid, tid, info))
             return
-        self._send((Msg.RESULT, self.spec.wid, tid, descs), frames)
+        if handles:
+            self._send((Msg.RESULT, self.spec.wid, tid, descs,
+                        [h._record.aid for h in handles]), frames)
+        else:
+            self._send((Msg.RESULT, self.spec.wid, tid, descs), frames)
 
     def _encode(self, value: Any) -> Payload:
         return encode(value, owner_pid=self.spec.driver_pid, own=False, table=self.table)
@@ -243,12 +267,26 @@ class Worker:
                                  daemon=True).start()
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def _send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
+    def _send(self, header: tuple[Any, ...] | None, frames: list[Any] | None = None) -> None:
+        """Send ``header`` (None: only what the client queued) to the driver, after the
+        client's queued releases and handle counts."""
         with self.send_lock:
-            if self.lane is not None:
-                self.lane.send(header, frames)
-            else:
-                protocol.send(self.outbox, header, frames)
+            for queued in self.client.flush():
+                self._send_one(queued, None)
+            if header is not None:
+                self._send_one(header, frames)
+
+    def _send_one(self, header: tuple[Any, ...], frames: list[Any] | None) -> None:
+        if self.lane is not None:
+            self.lane.send(header, frames)
+        else:
+            protocol.send(self.outbox, header, frames)
+
+    def _wake_flush(self) -> None:
+        try:
+            os.write(self.flush_w, b"f")
+        except OSError:                 # full (a flush is due anyway), or closed at exit
+            pass
 
     def _on_lane(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Attach the shm rings on a thread (with the JIT fallback numba loads there), then tell the driver."""
@@ -306,6 +344,8 @@ class Worker:
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self.client_sock, zmq.POLLIN)
+        poller.register(self.flush_r, zmq.POLLIN)
         driver_fd = self.driver_fd
         if driver_fd is not None:
             poller.register(driver_fd, zmq.POLLIN)
@@ -318,6 +358,13 @@ class Worker:
                     return
                 if header[0] == Msg.CANCEL:
                     self._cancel(header[1])
+            if self.client_sock in events:
+                while self.client_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
+                    self.client.on_reply(header, frames)
+            if self.flush_r in events:
+                os.read(self.flush_r, 4096)
+                self._send(None)
             if (driver_fd is not None and driver_fd in events) or \
                     os.getppid() != self.spec.driver_pid:
                 _clean_up_after(self.spec)

@@ -318,19 +318,31 @@ _CAPTURE = threading.local()
 
 
 class capturing_refs:        # lower case: used as a function, `with capturing_refs(deps):`
-    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id.
+    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id
+    (``deps=None``: a ref refuses to be pickled), and actor handles are appended to ``handles``
+    (``note_handle``), so the sender can hold their actors while the bytes travel.
     (A class, not a generator: it is on every call's submit path.)"""
 
-    __slots__ = ("_deps",)
+    __slots__ = ("_deps", "_handles")
 
-    def __init__(self, deps: dict[str, Ref]) -> None:
+    def __init__(self, deps: dict[str, Ref] | None, handles: list[Any] | None = None) -> None:
         self._deps = deps
+        self._handles = handles
 
     def __enter__(self) -> None:
         _CAPTURE.deps = self._deps
+        _CAPTURE.handles = self._handles
 
     def __exit__(self, *exc: object) -> None:
         _CAPTURE.deps = None
+        _CAPTURE.handles = None
+
+
+def note_handle(handle: Any) -> None:
+    """An actor handle is being pickled: record it if a ``capturing_refs`` block wants them."""
+    handles = getattr(_CAPTURE, "handles", None)
+    if handles is not None:
+        handles.append(handle)
 
 
 @contextlib.contextmanager
@@ -397,12 +409,13 @@ class ObjectRef(Ref):
     the segments behind it are unlinked once the last ref to them is collected.
     """
 
-    __slots__ = ("_runtime", "_task")
+    __slots__ = ("_keep", "_runtime", "_task")
 
     def __init__(self, ref_id: str, name: str, runtime: Any = None) -> None:
         super().__init__(ref_id, name)
         self._runtime = runtime
         self._task: Any = None          # the producing task record while it is pending
+        self._keep: Any = None          # what its value needs alive (actors of handles in it)
 
     def _on_cancel(self, force: bool) -> None:
         if self._runtime is None:

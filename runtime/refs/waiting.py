@@ -41,6 +41,14 @@ _BACKSTOP_NS = 1_000_000_000
 _SPIN_NS = 100_000
 #: A wait longer than this many spin windows means the producers are idle: stop spinning.
 _IDLE_FACTOR = 4
+#: Around every wait that blocks, a context manager (set in task workers: the driver lends the
+#: worker's CPU slot to another task meanwhile).
+_BLOCK_HOOK: list[Callable[[], Any]] = []
+
+
+def set_block_hook(hook: Callable[[], Any]) -> None:
+    """Install ``hook()``, a context manager entered around every wait that blocks."""
+    _BLOCK_HOOK[:] = [hook]
 
 
 class Producer(Protocol):
@@ -117,6 +125,9 @@ def wait_until(cond: Callable[[], bool], refs: Iterable[Any], deadline: Deadline
     group = list(found)
     if len(group) == 1 and group[0].drive(cond, deadline):
         return cond()
+    if _BLOCK_HOOK and deadline.remaining_s() != 0:
+        with _BLOCK_HOOK[0]():
+            return _wait(cond, refs, group, deadline)
     return _wait(cond, refs, group, deadline)
 
 

@@ -6,7 +6,8 @@ Every message is a multipart zmq message: frame 0 is a pickled tuple whose first
   driver                                                        child (task worker or actor)
   PUSH ipc://<dir>/<wid>      ── INIT_ACTOR, TASK, CALL, EXIT ─▶  PULL (main thread runs them)
   PUSH ipc://<dir>/<wid>.ctl  ── CANCEL ──────────────────────▶  PULL (control thread)
-  PULL ipc://<dir>/driver     ◀─ READY, RESULT, ERROR, CANCELLED, INIT_FAILED ── PUSH
+  PUSH ipc://<dir>/<wid>.client ── REPLY ─────────────────────▶  PULL (control thread)
+  PULL ipc://<dir>/driver     ◀─ READY, RESULT, ERROR, CANCELLED, INIT_FAILED, REQUEST ── PUSH
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Msg(IntEnum):
     CANCEL = 5          # (kind, task_id)             on the control socket
     LANE = 6            # (kind, ends_blob)           attach shm rings (in the background)
     SWITCH = 7          # (kind,)                     the last message on zmq: read the ring
+    REPLY = 8           # (kind, ref_id, ok, desc | error blob)   on the client socket
     # child -> driver
     READY = 10          # (kind, wid, pid)
     RESULT = 11         # (kind, wid, task_id, [desc, ...])
@@ -37,6 +39,7 @@ class Msg(IntEnum):
     ACTOR_READY = 15    # (kind, wid)
     DOORBELL = 16       # (kind, wid)          an actor wrote its result ring while nobody read
     LANE_READY = 17     # (kind, wid)          the rings are attached: switch calls to them
+    REQUEST = 18        # (kind, wid, op, body)  the API used inside the child (procs/client.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class WorkerSpec:
     label: str
     logging_level: int
     log_to_driver: bool
+    num_cpus: int = 1             # the driver's CPU slots (what .remote() checks against)
 
 
 def endpoint(session_dir: str, name: str) -> str:

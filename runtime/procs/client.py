@@ -1,0 +1,298 @@
+"""The API inside a worker: ``.remote()``, ``get``, ``put``, handles, through the driver.
+
+In: the API calls of user code running in a task worker or an actor (``session.current()`` is a
+``WorkerClient`` there). Out: requests to the driver, which owns every process, task and value
+(``Msg.REQUEST`` over the worker's own channel: its lane or zmq, so they stay in order with its
+replies), and ``ClientRef``s that the driver's ``Msg.REPLY``s finish (on the worker's control
+thread, which reads the client socket).
+Invariants:
+- The driver holds a value for the worker while the worker holds its ref: a ref's death queues a
+  release, and so does a handle's last death in this process (its actor may then end). Queued
+  releases and handle counts go out before the next message of this process (``flush``), so the
+  driver learns of a handle that arrived here before the reply of the call that brought it.
+- A ref made here stays in this process: it can be an argument of calls made here, and
+  ``get``/``wait``/``await`` read it; pickling it into a return value is refused (typed error).
+- A blocked ``get`` in a task worker gives its CPU slot back to the driver while it waits, so
+  tasks that wait for tasks they submitted cannot starve the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ...exceptions import RefsTypeError, TaskCancelledError
+from ..refs.ref import ObjectRef, Ref, capturing_refs, new_ref_id
+
+#: The client of this process, set by a worker as it starts (None in the driver).
+CLIENT: WorkerClient | None = None
+
+#: Options a worker's ``.remote()`` sends along (the driver checks nothing twice).
+_TASK_OPTIONS = ("num_cpus", "max_retries")
+_ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts")
+#: The longest a worker waits for the driver to answer a lookup or an actor's creation.
+_ANSWER_S = 60.0
+
+
+class RemoteBody:
+    """What a handle needs of its actor's class in a process that did not define it."""
+
+    __slots__ = ("name", "methods", "cls")
+
+    def __init__(self, name: str, methods: dict[str, int]) -> None:
+        self.name, self.methods, self.cls = name, methods, None
+
+
+class RemoteActor:
+    """A worker's record of an actor it holds handles to (the driver has the real one)."""
+
+    __slots__ = ("aid", "name", "label", "body", "handles", "__weakref__")
+
+    def __init__(self, aid: str, name: str | None, label: str, body: RemoteBody) -> None:
+        self.aid, self.name, self.label, self.body = aid, name, label, body
+        self.handles = 0
+
+
+class ClientRef(ObjectRef):
+    """A ref made in a worker: the driver's reply finishes it (on the control thread)."""
+
+    __slots__ = ()
+
+    def _producer(self) -> Any:
+        return None                 # finished by another thread: its callbacks wake waiters
+
+    def _on_cancel(self, force: bool) -> None:
+        self._runtime.cancel(self, force=force)
+
+
+
+class WorkerClient:
+    """``session.current()`` in a worker process: the runtime's API, served by the driver."""
+
+    def __init__(self, send: Callable[..., None], wake: Callable[[], None], spec: Any,
+                 table: Any, pid: int) -> None:
+        from ..wire.protocol import Msg
+        self._msg = Msg
+        self._send = send               # the worker's _send: lane or zmq, in order
+        self._wake = wake               # the control thread flushes the queue (idle worker)
+        self.wid = spec.wid
+        self.dir = spec.session_dir
+        self.pid = pid
+        self.driver_pid = spec.driver_pid
+        self.num_cpus = spec.num_cpus
+        self.table = table
+        self._refs: weakref.WeakValueDictionary[str, ClientRef] = weakref.WeakValueDictionary()
+        self._actors: weakref.WeakValueDictionary[str, RemoteActor] = \
+            weakref.WeakValueDictionary()
+        self._fn_keys: dict[int, str] = {}     # id(FunctionBody) -> key the driver knows it by
+        self._keys = itertools.count(1)
+        self._pending: collections.deque = collections.deque()   # releases and handle counts
+        self._blocked = 0
+        self._blocked_lock = threading.Lock()
+        self.closed = False
+
+    # -- what goes to the driver --------------------------------------------------------------
+    def _request(self, op: str, body: tuple, frames: list[Any] | None = None) -> None:
+        self._send((self._msg.REQUEST, self.wid, op, body), frames)
+
+    def flush(self) -> list[tuple]:
+        """The queued releases and handle counts, as request headers (the worker sends them
+        first, under its send lock)."""
+        if not self._pending:
+            return []
+        released, handles = [], collections.Counter()
+        while self._pending:
+            kind, key, delta = self._pending.popleft()
+            if kind == "ref":
+                released.append(key)
+            else:
+                handles[key] += delta
+        out = []
+        if released:
+            out.append((self._msg.REQUEST, self.wid, "release", (released,)))
+        if any(handles.values()):
+            out.append((self._msg.REQUEST, self.wid, "handles", (dict(handles),)))
+        return out
+
+    def holds_refs(self) -> bool:
+        """Whether refs made here are alive (the driver holds their values for us)."""
+        return len(self._refs) > 0
+
+    def _queue(self, item: tuple) -> None:
+        """From anywhere (GC callbacks too): no lock; wakes the flusher (which may have just
+        emptied the queue: every item wakes it)."""
+        self._pending.append(item)
+        self._wake()
+
+    def _new_ref(self, name: str, rid: str | None = None) -> ClientRef:
+        ref = ClientRef(rid or new_ref_id(), name, self)
+        self._refs[ref._id] = ref
+        weakref.finalize(ref, self._queue, ("ref", ref._id, 0))
+        return ref
+
+    def _encode_args(self, args: tuple, kwargs: dict, describe: Callable[[], str],
+                     fn: Any) -> tuple[Any, list[Any], list[str]]:
+        from ..wire.payload import encode
+        from .arguments import bad_argument
+        deps: dict[str, Ref] = {}
+        handles: list[Any] = []
+        try:
+            with capturing_refs(deps, handles):
+                payload = encode((args, kwargs), owner_pid=self.driver_pid, own=False,
+                                 table=self.table)
+        except TypeError as exc:
+            raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
+        foreign = [r for r in deps.values() if not isinstance(r, ClientRef)]
+        if foreign:
+            raise RefsTypeError(f"{foreign[0].key} was not made in this process; inside a "
+                                "worker, pass refs made here (by .remote() or hr.put())")
+        frames: list[Any] = [None]
+        # (the handles stay alive in the caller's arguments until the request is sent)
+        return (payload.to_wire(frames), [h._record.aid for h in handles]), frames, list(deps)
+
+    # -- the runtime's API --------------------------------------------------------------------
+    def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
+                    kwargs: dict) -> list[ClientRef]:
+        name = options.get("name") or body.name
+        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{name}.remote()",
+                                               body.fn)
+        key = self._fn_keys.get(id(body))
+        blob = None
+        if key is None:
+            key = self._fn_keys[id(body)] = f"{self.wid}:{next(self._keys)}"
+            blob = body.blob
+        refs = [self._new_ref(name) for _ in range(options["num_returns"])]
+        self._request("task", ([r._id for r in refs], name, key, blob,
+                               {k: options[k] for k in _TASK_OPTIONS}, desc, deps), frames)
+        return refs
+
+    def submit_call(self, actor: Any, method: str, nret: int, args: tuple, kwargs: dict,
+                    fn: Any = None) -> list[ClientRef]:
+        name = f"{actor.label}.{method}"
+        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        refs = [self._new_ref(name) for _ in range(nret)]
+        self._request("call", (actor.aid, method, [r._id for r in refs], desc, deps), frames)
+        return refs
+
+    def create_actor(self, body: Any, options: dict[str, Any], args: tuple,
+                     kwargs: dict) -> RemoteActor:
+        """Ask the driver to start the actor; waits for its answer, so a taken name or too
+        few CPUs raise here, as on the driver."""
+        label = body.name
+        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{label}.remote()",
+                                               body.cls.__init__)
+        answer = self._new_ref(f"{label}.remote")
+        methods = dict(body.methods)
+        self._request("actor", (answer._id, label, options.get("name"), body.blob, methods,
+                                {k: options[k] for k in _ACTOR_OPTIONS}, desc, deps), frames)
+        aid = self._answer(answer)
+        return self.actor_record(aid, options.get("name"), label, body.name, methods)
+
+    def _answer(self, ref: ClientRef) -> Any:
+        from ..refs.deadline import Deadline
+        if not ref._wait(Deadline(_ANSWER_S)):
+            raise TimeoutError(f"the driver did not answer {ref.key} within {_ANSWER_S:g} s")
+        return ref._outcome()
+
+    def actor_record(self, aid: str, name: str | None, label: str, cls_name: str,
+                     methods: dict[str, int]) -> RemoteActor:
+        """This process's record of actor ``aid`` (one per actor while handles to it live)."""
+        record = self._actors.get(aid)
+        if record is None:
+            record = self._actors[aid] = RemoteActor(aid, name, label,
+                                                     RemoteBody(cls_name, methods))
+        return record
+
+    def hold_actor(self, record: RemoteActor) -> None:
+        """The first handle to ``record`` in this process: it holds the actor for us."""
+        self._queue(("handle", record.aid, 1))
+
+    def release_actor_soon(self, record: RemoteActor) -> None:
+        """The last handle to ``record`` here died (from a GC callback: only queue)."""
+        self._queue(("handle", record.aid, -1))
+
+    def put(self, value: Any) -> ClientRef:
+        from ..wire.payload import encode
+        if isinstance(value, Ref):
+            raise TypeError("hr.put() of a ref is not allowed; pass the ref itself instead")
+        payload = encode(value, owner_pid=self.driver_pid, own=False, table=self.table)
+        ref = self._new_ref("put")
+        frames: list[Any] = [None]
+        self._request("put", (ref._id, payload.to_wire(frames)), frames)
+        ref._finish_payload(payload)
+        return ref
+
+    def get_actor(self, name: str) -> RemoteActor:
+        """The record of the live actor named ``name`` (ValueError if there is none)."""
+        ref = self._new_ref("get_actor")
+        self._request("lookup", (ref._id, name))
+        aid, label, cls_name, methods = self._answer(ref)
+        return self.actor_record(aid, name, label, cls_name, methods)
+
+    def kill_actor(self, record: RemoteActor, no_restart: bool = True) -> None:
+        self._request("kill", (record.aid, no_restart))
+
+    def cancel(self, ref: Ref, *, force: bool = False) -> None:
+        self._request("cancel", (ref._id, force))
+
+    def blocked(self) -> _Blocked:
+        """While a thread waits in get: the driver may lend our CPU slot to another task
+        (``refs.waiting`` calls it around every wait that blocks, in task workers)."""
+        return _Blocked(self)
+
+    # -- what comes back ---------------------------------------------------------------------
+    def on_reply(self, header: tuple, frames: list[Any]) -> None:
+        """On the control thread: the driver finished ref ``header[1]``."""
+        _, rid, ok, body = header
+        ref = self._refs.get(rid)
+        if ref is None:
+            return                  # dropped meanwhile: its release is on the way
+        if ok:
+            from ..wire.payload import from_wire
+            ref._finish_payload(from_wire(body, frames, self.table, owner=False))
+        else:
+            try:
+                import cloudpickle
+                err = cloudpickle.loads(body)
+            except Exception as exc:   # noqa: BLE001 - an error class this process lacks
+                err = RuntimeError(f"{ref.key} failed, and its error could not be rebuilt "
+                                   f"here: {exc}")
+            if isinstance(err, TaskCancelledError):
+                ref._finish_cancelled(err)
+            else:
+                ref._finish_error(err)
+
+    def fail_all(self, err: BaseException) -> None:
+        """The driver is gone: no reply will come."""
+        self.closed = True
+        for ref in list(self._refs.values()):
+            ref._finish_error(err)
+
+
+class _Blocked:
+    """``with client.blocked():`` tells the driver when this process starts and stops waiting
+    (counted: several threads of an actor may wait at once)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: WorkerClient) -> None:
+        self._client = client
+
+    def __enter__(self) -> None:
+        c = self._client
+        with c._blocked_lock:
+            c._blocked += 1
+            if c._blocked == 1:
+                c._request("blocked", (True,))
+
+    def __exit__(self, *exc: object) -> None:
+        c = self._client
+        with c._blocked_lock:
+            c._blocked -= 1
+            if c._blocked == 0:
+                c._request("blocked", (False,))
+

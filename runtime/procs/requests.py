@@ -1,0 +1,269 @@
+"""The driver's side of the API used inside workers (``procs/client.py``): one mixin of Runtime.
+
+In: ``Msg.REQUEST``s from a child (on its lane or zmq, in the order it sent them), under the
+runtime's lock. Out: tasks, actor calls, actors and values made for the child with the ids it
+chose, and a ``Msg.REPLY`` on the child's client socket when each of its refs is final.
+Invariants:
+- A child's refs are held in ``proc.borrowed`` until it releases them or dies; its handles to an
+  actor count as one handle of that actor (``proc.held``) until it drops its last one or dies.
+- Handles inside arguments or a result hold their actors (``ActorHold``) while the bytes travel:
+  until the call is answered, or as long as the result's ref lives.
+- A task worker that blocks in ``get`` lends its CPU slot (``proc.lent``) until it goes on; the
+  pool grows by a worker when none is idle for the tasks that wait, so nested tasks finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+import zmq
+
+from ...exceptions import ActorDiedError
+from ..refs.ref import ObjectRef, Ref, RefState
+from ..wire import protocol
+from ..wire.payload import encode, from_wire
+from ..wire.protocol import Msg
+from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord
+
+
+class ShippedFunction:
+    """A function a worker submitted: the driver only forwards its pickled bytes."""
+
+    __slots__ = ("fn_id", "name", "blob")
+
+    def __init__(self, fn_id: str, name: str, blob: bytes) -> None:
+        self.fn_id, self.name, self.blob = fn_id, name, blob
+
+
+class ShippedClass:
+    """An actor class a worker created an actor of: its pickled bytes and method table."""
+
+    __slots__ = ("name", "methods", "blob", "cls")
+
+    def __init__(self, name: str, methods: dict[str, int], blob: bytes | None) -> None:
+        self.name, self.methods, self.blob, self.cls = name, methods, blob, None
+
+
+class ActorHold:
+    """Holds an actor like a handle does (its last holder gone, an unnamed actor ends)."""
+
+    __slots__ = ("__weakref__",)
+
+    def __init__(self, record: ActorRecord, rt: Any) -> None:
+        record.handles += 1
+        weakref.finalize(self, drop_hold, weakref.ref(record), weakref.ref(rt), 1)
+
+
+def drop_hold(record_ref: weakref.ref, rt_ref: weakref.ref, n: int) -> None:
+    record, rt = record_ref(), rt_ref()
+    if record is None:
+        return
+    record.handles -= n
+    if record.handles <= 0 and rt is not None:
+        rt.release_actor_soon(record)       # GC may run this anywhere: never lock here
+
+
+class WorkerRequests:
+    """Mixed into ``Runtime``: what a child asks for, and the replies it gets."""
+
+    # attributes of Runtime used here: lock, actors, named, procs, table, pid, dir, ctx, idle,
+    # ready, free_cpus, closed, _shipped; methods _submit_locked, _start_actor, _dispatch,
+    # _spawn, cancel, kill_actor, release_actor_soon
+
+    def _on_request(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
+        _, _, op, body = header
+        getattr(self, "_req_" + op)(proc, body, frames, out)
+
+    def _holds(self, aids: list[str]) -> list[ActorHold]:
+        return [ActorHold(self.actors[aid], self) for aid in aids if aid in self.actors]
+
+    def _args(self, proc: Proc, wire: tuple, dep_ids: list[str], frames: list,
+              ) -> tuple[Any, dict[str, Ref], list[ActorHold], str | None]:
+        """A child's call arguments: payload, dependencies, holds; or why they are unusable."""
+        desc, aids = wire
+        payload = from_wire(desc, frames, self.table, owner=True)
+        deps = {rid: proc.borrowed.get(rid) for rid in dep_ids}
+        gone = [rid for rid, ref in deps.items() if ref is None]
+        why = f"ref {gone[0]} was already released by its process" if gone else None
+        return payload, deps, self._holds(aids), why
+
+    def _own(self, proc: Proc, refs: list[ObjectRef]) -> None:
+        for ref in refs:
+            proc.borrowed[ref._id] = ref
+            ref.add_done_callback(functools.partial(self._reply, proc))
+
+    def _req_task(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        ids, name, key, blob, opts, wire, dep_ids = body
+        fn = self._shipped.get(key)
+        if fn is None and blob is not None:
+            fn = self._shipped[key] = ShippedFunction(key, name, blob)
+        payload, deps, holds, why = self._args(proc, wire, dep_ids, frames)
+        refs = [ObjectRef(rid, name, self) for rid in ids]
+        self._own(proc, refs)
+        if fn is None or why is not None:
+            err = RuntimeError(f"{name}.remote() from {proc.label} (pid {proc.pid}) failed: "
+                               f"{why or 'its function never arrived'}; this is a bug in "
+                               "headrace, please report it")
+            out.extend(_fail(r, err) for r in refs)
+            return
+        task = TaskRecord(ids[0], name, refs, payload, deps, fn=fn, num_cpus=opts["num_cpus"],
+                          retries_left=opts["max_retries"])
+        task.keep = holds
+        self._submit_locked(task, refs, out)
+
+    def _req_call(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        aid, method, ids, wire, dep_ids = body
+        payload, deps, holds, why = self._args(proc, wire, dep_ids, frames)
+        actor = self.actors.get(aid)
+        name = f"{actor.label if actor is not None else 'actor'}.{method}"
+        refs = [ObjectRef(rid, name, self) for rid in ids]
+        self._own(proc, refs)
+        if actor is None or why is not None:
+            err = ActorDiedError(f"the actor {name} was called from {proc.label} (pid "
+                                 f"{proc.pid}), but it is no longer alive.\n\nCreate a new "
+                                 "actor.") if actor is None else RuntimeError(why)
+            out.extend(_fail(r, err) for r in refs)
+            return
+        task = TaskRecord(ids[0], name, refs, payload, deps, method=method, actor=actor)
+        task.keep = holds
+        self._submit_locked(task, refs, out)
+
+    def _req_actor(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        answer, label, name, blob, methods, opts, wire, dep_ids = body
+        payload, deps, holds, why = self._args(proc, wire, dep_ids, frames)
+        ref = ObjectRef(answer, f"{label}.remote", self)
+        self._own(proc, [ref])
+        cls = ShippedClass(label, methods, blob)
+        actor = ActorRecord(answer, name, label, cls, payload, deps,
+                            max_concurrency=opts["max_concurrency"], num_cpus=opts["num_cpus"],
+                            max_restarts=opts["max_restarts"])
+        actor.keep = holds
+        try:
+            if why is not None:
+                raise RuntimeError(why)
+            self._start_actor(actor, out)
+        except (ValueError, RuntimeError) as exc:       # a taken name, too few CPUs
+            out.append(_fail(ref, exc))
+            return
+        out.append(lambda: ref._finish_value(answer))
+
+    def _req_put(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        rid, desc = body
+        ref = ObjectRef(rid, "put", self)
+        ref._finish_payload(from_wire(desc, frames, self.table, owner=True))
+        proc.borrowed[rid] = ref
+
+    def _req_release(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        for rid in body[0]:
+            proc.borrowed.pop(rid, None)
+
+    def _req_handles(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        for aid, delta in body[0].items():
+            record = self.actors.get(aid)
+            held = proc.held.get(aid, 0) + delta
+            if held > 0:
+                proc.held[aid] = held
+            else:
+                proc.held.pop(aid, None)
+            if record is not None:
+                record.handles += delta
+                if delta < 0 and record.handles <= 0:
+                    self.release_actor_soon(record)
+
+    def _req_kill(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        aid, no_restart = body
+        actor = self.actors.get(aid)
+        if actor is not None:
+            self.kill_actor(actor, no_restart=no_restart)
+
+    def _req_cancel(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        rid, force = body
+        ref = proc.borrowed.get(rid)
+        if ref is not None:
+            self.cancel(ref, force=force)
+
+    def _req_lookup(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        rid, name = body
+        ref = ObjectRef(rid, "get_actor", self)
+        self._own(proc, [ref])
+        actor = self.named.get(name)
+        if actor is None or actor.state is ActorState.DEAD:
+            out.append(_fail(ref, ValueError(
+                f"no live actor is named {name!r}; create one with "
+                f"Cls.options(name={name!r}).remote()")))
+        else:
+            value = (actor.aid, actor.label, actor.body.name, dict(actor.body.methods))
+            out.append(lambda: ref._finish_value(value))
+
+    def _req_blocked(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        task = proc.task
+        if proc.kind != "task" or task is None:
+            return
+        if body[0] and not proc.lent:
+            proc.lent = task.num_cpus
+            self.free_cpus += task.num_cpus
+            starting = sum(1 for p in self.procs.values()
+                           if p.kind == "task" and p.state is ProcState.STARTING)
+            if self.ready and not self.idle and starting < len(self.ready) and not self.closed:
+                self._spawn("task", "worker")       # the pool grows: nested tasks must run
+            self._dispatch(out)
+        elif not body[0] and proc.lent:
+            self.free_cpus -= proc.lent
+            proc.lent = 0
+
+    # -- replies ------------------------------------------------------------------------------
+    def _reply(self, proc: Proc, ref: Ref) -> None:
+        """A done callback: send the child the outcome of its ref ``ref``."""
+        if proc.state is ProcState.DEAD or ref._id not in proc.borrowed:
+            return
+        frames: list[Any] = [None]
+        if ref._state is RefState.READY:
+            payload = ref._payload
+            if payload is None:         # finished with a plain value (lookups, answers)
+                payload = encode(ref._value, owner_pid=self.pid, own=True, table=self.table)
+            header = (Msg.REPLY, ref._id, True, payload.to_wire(frames))
+        else:
+            header = (Msg.REPLY, ref._id, False, _error_blob(ref._error))
+        with proc.client_lock:
+            sock = proc.client_sock
+            if sock is None:
+                if proc.state is ProcState.DEAD:
+                    return
+                sock = proc.client_sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(protocol.endpoint(self.dir, proc.wid + ".client"))
+            protocol.send(sock, header, frames)
+
+    def _forget_child(self, proc: Proc) -> None:
+        """``proc`` died: drop what it held (refs, handles, a lent slot)."""
+        proc.borrowed.clear()
+        for aid, n in proc.held.items():
+            record = self.actors.get(aid)
+            if record is not None:
+                record.handles -= n
+                if record.handles <= 0:
+                    self.release_actor_soon(record)
+        proc.held.clear()
+        if proc.lent:
+            self.free_cpus -= proc.lent
+            proc.lent = 0
+        with proc.client_lock:
+            if proc.client_sock is not None:
+                proc.client_sock.close(linger=0)
+                proc.client_sock = None
+
+
+def _fail(ref: Ref, err: BaseException) -> Any:
+    return lambda: ref._finish_error(err)
+
+
+def _error_blob(err: BaseException | None) -> bytes:
+    import cloudpickle
+    try:
+        return cloudpickle.dumps(err)
+    except Exception:       # noqa: BLE001 - an error that does not pickle: its text then
+        return cloudpickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
+

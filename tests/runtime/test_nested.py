@@ -1,0 +1,175 @@
+"""The API inside workers: handles travel, tasks and actors call tasks and actors, through the
+driver; values, errors and deaths reach the caller as on the driver; nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import headrace as hr
+from headrace.exceptions import ActorDiedError, RefsTypeError, TaskError
+from headrace.runtime import session
+
+pytestmark = pytest.mark.usefixtures("runtime")
+
+
+@hr.remote
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+
+    def inc(self, k=1):
+        self.n += k
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def boom(self):
+        raise KeyError("inner boom")
+
+    def sleep(self, s):
+        time.sleep(s)
+        return s
+
+
+@hr.remote
+def call_it(handles, k):
+    """Handles inside a container: each is called from this task, and waited for here."""
+    return hr.get([h.inc.remote(k) for h in handles])
+
+
+@hr.remote
+def fib(n):
+    if n < 2:
+        return n
+    return sum(hr.get([fib.remote(n - 1), fib.remote(n - 2)]))
+
+
+@hr.remote
+class Caller:
+    """The Serve composition, synchronously: holds a Downstream handle as state."""
+
+    def __init__(self, down):
+        self.down = down
+
+    def call(self, x):
+        return hr.get(self.down.inc.remote(x))
+
+    def twice(self, x):
+        ref = self.down.inc.remote(x)       # not waited for: passed on as an argument
+        return hr.get(self.down.inc.remote(ref))
+
+    def put_and_wait(self):
+        refs = [hr.put(i) for i in range(3)] + [self.down.sleep.remote(0.05)]
+        ready, pending = hr.wait(refs, num_returns=4, timeout=10)
+        return len(ready), len(pending), refs[1].result(timeout=10)
+
+    def make_counter(self, start):
+        return Counter.remote(start)
+
+    def by_name(self, name):
+        return hr.get(hr.get_actor(name).inc.remote(100))
+
+    def fail(self):
+        return hr.get(self.down.boom.remote())
+
+    def wait_sleep(self, s):
+        return hr.get(self.down.sleep.remote(s))
+
+    def leak_a_ref(self):
+        return [self.down.inc.remote(1)]
+
+    def borrowed(self):
+        return None
+
+
+def _borrowed_total() -> int:
+    return sum(len(p.borrowed) for p in list(session.running().procs.values()))
+
+
+def test_handles_passed_to_a_task_in_a_container_are_called_there() -> None:
+    a, b = Counter.remote(), Counter.remote(10)
+    assert hr.get(call_it.remote([a, b], 5), timeout=30) == [5, 15]
+    assert hr.get([a.inc.remote(), b.inc.remote()], timeout=30) == [6, 16]
+
+
+def test_an_actor_holding_a_handle_calls_it_and_passes_refs_on() -> None:
+    down = Counter.remote()
+    caller = Caller.remote(down)
+    assert hr.get(caller.call.remote(2), timeout=30) == 2
+    assert hr.get(caller.twice.remote(3), timeout=30) == 5 + 5    # inc(3) -> 5, inc(5) -> 10
+    assert hr.get(caller.put_and_wait.remote(), timeout=30) == (4, 0, 1)
+
+
+def test_tasks_that_submit_tasks_finish_on_two_cpus() -> None:
+    """Each waiting task lends its CPU slot: fib as tasks cannot starve the 2-CPU pool."""
+    assert hr.get(fib.remote(7), timeout=120) == 13
+
+
+def test_actors_made_in_a_worker_and_handles_returned_to_the_driver() -> None:
+    caller = Caller.remote(Counter.remote())
+    made = hr.get(caller.make_counter.remote(40), timeout=30)
+    assert hr.get(made.inc.remote(2), timeout=30) == 42
+    named = Counter.options(name="nested-named").remote(0)
+    assert hr.get(caller.by_name.remote("nested-named"), timeout=30) == 100
+    with pytest.raises(TaskError, match="no live actor is named 'nobody'"):
+        hr.get(caller.by_name.remote("nobody"), timeout=30)
+    hr.kill(named)
+
+
+def test_an_actor_made_in_a_worker_ends_when_its_last_handle_goes() -> None:
+    caller = Caller.remote(Counter.remote())
+    made = hr.get(caller.make_counter.remote(0), timeout=30)
+    pid = hr.get(made.pid.remote(), timeout=30)
+    del made                                # the worker's handle died with its method's frame
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the actor outlived its last handle")
+
+
+def test_a_nested_error_reaches_the_caller_with_both_tracebacks() -> None:
+    caller = Caller.remote(Counter.remote())
+    with pytest.raises(TaskError, match="inner boom") as info:
+        hr.get(caller.fail.remote(), timeout=30)
+    assert "Caller.fail" in str(info.value) and "Counter.boom" in str(info.value)
+
+
+def test_the_death_of_a_callee_fails_the_waiting_caller_quickly() -> None:
+    down = Counter.remote()
+    pid = hr.get(down.pid.remote(), timeout=30)
+    caller = Caller.remote(down)
+    ref = caller.wait_sleep.remote(30)
+    time.sleep(0.5)                         # the caller waits in get now
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TaskError) as info:
+        hr.get(ref, timeout=10)
+    assert time.monotonic() - started < 1.0
+    assert isinstance(info.value, ActorDiedError) or "died" in str(info.value)
+
+
+def test_a_ref_made_in_a_worker_cannot_leave_it_yet() -> None:
+    caller = Caller.remote(Counter.remote())
+    with pytest.raises(TaskError, match="cannot be pickled") as info:
+        hr.get(caller.leak_a_ref.remote(), timeout=30)
+    assert isinstance(info.value, RefsTypeError) or "RefsTypeError" in str(info.value)
+
+
+def test_refs_a_worker_drops_are_released_on_the_driver() -> None:
+    caller = Caller.remote(Counter.remote())
+    for _ in range(5):
+        hr.get(caller.put_and_wait.remote(), timeout=30)
+    deadline = time.monotonic() + 10
+    while _borrowed_total() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _borrowed_total() == 0, [(p.label, list(p.borrowed.values())) for p in session.running().procs.values() if p.borrowed]
