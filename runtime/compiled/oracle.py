@@ -3,7 +3,8 @@
 In: a traced ``DagIR`` and the execute() arguments. Out: an ``ObjectRef`` per output (a list for a
 ``MultiOutputNode``). This is the reference the compiled path is tested against: the same
 functions and methods, called through ``.remote()`` with refs as arguments (resolved by the
-runtime before each call), so no value passes through the driver.
+runtime before each call, nested ones too: a node nested in a list means its value), so no value
+passes through the driver.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from ...dag.ir import DagIR, OpKind, eval_input, fill, is_used_whole
 from ..api import put
+from ..refs.ref import resolving_nested_refs
 
 
 def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
@@ -34,7 +36,8 @@ def run_with_tasks(ir: DagIR, args: tuple, kwargs: dict) -> Any:
             else:
                 call = getattr(op.target, op.method).options(
                     num_returns=op.num_returns).remote
-            values[op.index] = call(*call_args, **call_kwargs)
+            with resolving_nested_refs():
+                values[op.index] = call(*call_args, **call_kwargs)
     outs = [_as_ref(values[i]) for i in ir.outputs]
     return outs if ir.multi else outs[0]
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...exceptions import RefsTypeError, TaskCancelledError
-from ..refs.ref import ObjectRef, Ref, capturing_refs, new_ref_id
+from ..refs.ref import ObjectRef, Ref, as_arguments, capturing_refs, new_ref_id
 
 #: The client of this process, set by a worker as it starts (None in the driver).
 CLIENT: WorkerClient | None = None
@@ -61,6 +61,9 @@ class ClientRef(ObjectRef):
     """A ref made in a worker: the driver's reply finishes it (on the control thread)."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<ObjectRef: status: {self._state.value}, key: {self.key}>"
 
     def _producer(self) -> Any:
         return None                 # finished by another thread: its callbacks wake waiters
@@ -104,19 +107,10 @@ class WorkerClient:
         first, under its send lock)."""
         if not self._pending:
             return []
-        released, handles = [], collections.Counter()
+        items = []
         while self._pending:
-            kind, key, delta = self._pending.popleft()
-            if kind == "ref":
-                released.append(key)
-            else:
-                handles[key] += delta
-        out = []
-        if released:
-            out.append((self._msg.REQUEST, self.wid, "release", (released,)))
-        if any(handles.values()):
-            out.append((self._msg.REQUEST, self.wid, "handles", (dict(handles),)))
-        return out
+            items.append(self._pending.popleft())
+        return [(self._msg.REQUEST, self.wid, "batch", (items,))]   # in order
 
     def holds_refs(self) -> bool:
         """Whether refs made here are alive (the driver holds their values for us)."""
@@ -140,19 +134,21 @@ class WorkerClient:
         from .arguments import bad_argument
         deps: dict[str, Ref] = {}
         handles: list[Any] = []
+        exported: list[Ref] = []
         try:
-            with capturing_refs(deps, handles):
-                payload = encode((args, kwargs), owner_pid=self.driver_pid, own=False,
-                                 table=self.table)
+            with capturing_refs(deps, handles, exported):
+                payload = encode(as_arguments(args, kwargs), owner_pid=self.driver_pid,
+                                 own=False, table=self.table)
         except TypeError as exc:
             raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
         foreign = [r for r in deps.values() if not isinstance(r, ClientRef)]
-        if foreign:
-            raise RefsTypeError(f"{foreign[0].key} was not made in this process; inside a "
-                                "worker, pass refs made here (by .remote() or hr.put())")
+        if foreign:                     # a CompiledDAGRef: it lives in the driver only
+            raise RefsTypeError(f"{foreign[0].key} cannot be an argument of a call made in a "
+                                "worker; pass its value")
         frames: list[Any] = [None]
-        # (the handles stay alive in the caller's arguments until the request is sent)
-        return (payload.to_wire(frames), [h._record.aid for h in handles]), frames, list(deps)
+        # (handles and refs stay alive in the caller's arguments until the request is sent)
+        return (payload.to_wire(frames), [h._record.aid for h in handles],
+                [r._id for r in exported]), frames, list(deps)
 
     # -- the runtime's API --------------------------------------------------------------------
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
@@ -206,6 +202,15 @@ class WorkerClient:
             record = self._actors[aid] = RemoteActor(aid, name, label,
                                                      RemoteBody(cls_name, methods))
         return record
+
+    def borrow(self, rid: str, name: str) -> ClientRef:
+        """A ref that arrived inside a value: this process now holds it (the driver hears of it
+        before anything else this process sends, so before it answers the call it got it in)."""
+        ref = self._refs.get(rid)
+        if ref is None:
+            ref = self._new_ref(name, rid)
+            self._queue(("borrow", rid, 0))
+        return ref
 
     def hold_actor(self, record: RemoteActor) -> None:
         """The first handle to ``record`` in this process: it holds the actor for us."""

@@ -47,7 +47,8 @@ from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, Task
                       advance)
 from .arguments import bad_argument
 from .requests import ShippedClass, WorkerRequests
-from ..refs.ref import ObjectRef, Ref, RefState, capturing_refs, new_ref_id
+from ..refs.ref import (ObjectRef, Ref, RefState, as_arguments, capturing_refs, new_ref_id,
+                        set_ref_source)
 from .worker import SPEC_ENV
 
 _WORKER_CMD = "from headrace.runtime.procs.worker import main; main()"
@@ -67,6 +68,9 @@ class Runtime(WorkerRequests):
         self.pid = self.driver_pid = os.getpid()
         self.num_cpus = num_cpus
         self._shipped: dict[str, Any] = {}          # functions workers submitted, by key
+        #: refs that went into values (arguments, results): whoever unpickles one finds it here
+        self.known: weakref.WeakValueDictionary[str, Ref] = weakref.WeakValueDictionary()
+        set_ref_source(self.ref_by_id)
         self.free_cpus: float = num_cpus
         self.log_to_driver = log_to_driver
         self.logging_level = logging_level
@@ -261,8 +265,8 @@ class Runtime(WorkerRequests):
         if task is None:
             return
         payloads = [from_wire(d, frames, self.table, owner=True) for d in header[3]]
-        if len(header) > 4:             # handles in the value: their actors live with its refs
-            holds = self._holds(header[4])
+        if len(header) > 4:             # handles and refs in it live as long as its refs
+            holds = self._holds(proc, *header[4])
             for ref in task.refs:
                 ref._keep = holds
         for ref, payload in zip(task.refs, payloads, strict=True):
@@ -413,20 +417,25 @@ class Runtime(WorkerRequests):
     # -- submission -------------------------------------------------------------------------
     def encode_args(self, args: tuple, kwargs: dict, describe: Callable[[], str],
                     fn: Any = None) -> tuple[Payload, dict[str, Ref], list[Any]]:
-        """Encode call arguments; refs inside them become dependencies, and the actor handles
-        in them are returned (to be held until the call is answered).
+        """Encode call arguments: top-level refs become dependencies (their values are passed),
+        refs nested in containers travel as refs (Ray's rule); the handles and nested refs are
+        returned, to be held until the call is answered.
 
         Raises:
             TypeError: an argument cannot be serialized; the message names it and the call.
         """
         deps: dict[str, Ref] = {}
-        handles: list[Any] = []
+        keep: list[Any] = []            # handles, then refs nested in the arguments
+        exported: list[Ref] = []
         try:
-            with capturing_refs(deps, handles):
-                payload = encode((args, kwargs), owner_pid=self.pid, own=True, table=self.table)
+            with capturing_refs(deps, keep, exported):
+                payload = encode(as_arguments(args, kwargs), owner_pid=self.pid, own=True,
+                                 table=self.table)
         except TypeError as exc:
             raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
-        return payload, deps, handles
+        for ref in exported:            # a worker that gets one asks for it by id
+            self.known[ref._id] = ref
+        return payload, deps, keep + exported
 
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
                     kwargs: dict) -> list[ObjectRef]:

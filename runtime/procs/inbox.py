@@ -100,9 +100,9 @@ class Inbox:
         role = self.role
         while not cond():
             remaining = deadline.remaining_s()
-            if remaining == 0 or self.closed:
+            if remaining == 0:
                 return True
-            if self.io_wants:
+            if self.closed or self.io_wants:    # shutdown finishes the refs: wait for that
                 return False
             if not role.take():
                 if role.holder != self.io_ident:

@@ -15,17 +15,21 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import Any
 
 import zmq
 
-from ...exceptions import ActorDiedError
+from ...exceptions import ActorDiedError, ObjectLostError
 from ..refs.ref import ObjectRef, Ref, RefState
 from ..wire import protocol
 from ..wire.payload import encode, from_wire
 from ..wire.protocol import Msg
 from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord
+
+
+logger = logging.getLogger(__name__)
 
 
 class ShippedFunction:
@@ -76,18 +80,36 @@ class WorkerRequests:
         _, _, op, body = header
         getattr(self, "_req_" + op)(proc, body, frames, out)
 
-    def _holds(self, aids: list[str]) -> list[ActorHold]:
-        return [ActorHold(self.actors[aid], self) for aid in aids if aid in self.actors]
+    def _holds(self, proc: Proc, aids: list[str], rids: list[str] = ()) -> list[Any]:
+        """What a value from ``proc`` needs alive while it travels: the actors of its handles
+        and the refs inside it (which any process may now ask for by id)."""
+        keep: list[Any] = [ActorHold(self.actors[aid], self) for aid in aids
+                           if aid in self.actors]
+        for rid in rids:
+            ref = proc.borrowed.get(rid)
+            if ref is not None:
+                keep.append(ref)
+                self.known[rid] = ref
+        return keep
+
+    def ref_by_id(self, rid: str, name: str) -> Ref:
+        """The ref a value names (unpickling it here): alive, held by what carried it."""
+        ref = self.known.get(rid)
+        if ref is None:
+            ref = ObjectRef(rid, name, self)
+            ref._finish_error(ObjectLostError(
+                f"{name}-{rid} arrived inside a value after every holder of it let it go"))
+        return ref
 
     def _args(self, proc: Proc, wire: tuple, dep_ids: list[str], frames: list,
-              ) -> tuple[Any, dict[str, Ref], list[ActorHold], str | None]:
+              ) -> tuple[Any, dict[str, Ref], list[Any], str | None]:
         """A child's call arguments: payload, dependencies, holds; or why they are unusable."""
-        desc, aids = wire
+        desc, aids, rids = wire
         payload = from_wire(desc, frames, self.table, owner=True)
         deps = {rid: proc.borrowed.get(rid) for rid in dep_ids}
         gone = [rid for rid, ref in deps.items() if ref is None]
         why = f"ref {gone[0]} was already released by its process" if gone else None
-        return payload, deps, self._holds(aids), why
+        return payload, deps, self._holds(proc, aids, rids), why
 
     def _own(self, proc: Proc, refs: list[ObjectRef]) -> None:
         for ref in refs:
@@ -155,22 +177,31 @@ class WorkerRequests:
         ref._finish_payload(from_wire(desc, frames, self.table, owner=True))
         proc.borrowed[rid] = ref
 
-    def _req_release(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
-        for rid in body[0]:
-            proc.borrowed.pop(rid, None)
-
-    def _req_handles(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
-        for aid, delta in body[0].items():
-            record = self.actors.get(aid)
-            held = proc.held.get(aid, 0) + delta
-            if held > 0:
-                proc.held[aid] = held
+    def _req_batch(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        """Releases, borrows and handle counts, in the order the child made them."""
+        for kind, key, delta in body[0]:
+            if kind == "ref":
+                proc.borrowed.pop(key, None)
+            elif kind == "borrow":
+                ref = self.known.get(key)
+                if ref is None:             # cannot happen while the carrier holds it
+                    logger.error("%s borrowed ref %s, which nobody holds", proc.label, key)
+                    continue
+                self._own(proc, [ref])
             else:
-                proc.held.pop(aid, None)
-            if record is not None:
-                record.handles += delta
-                if delta < 0 and record.handles <= 0:
-                    self.release_actor_soon(record)
+                self._handle_count(proc, key, delta)
+
+    def _handle_count(self, proc: Proc, aid: str, delta: int) -> None:
+        record = self.actors.get(aid)
+        held = proc.held.get(aid, 0) + delta
+        if held > 0:
+            proc.held[aid] = held
+        else:
+            proc.held.pop(aid, None)
+        if record is not None:
+            record.handles += delta
+            if delta < 0 and record.handles <= 0:
+                self.release_actor_soon(record)
 
     def _req_kill(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
         aid, no_restart = body

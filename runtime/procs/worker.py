@@ -41,7 +41,7 @@ from .lane import WorkerLane
 from ..wire.errors import error_info
 from ..wire.payload import Payload, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, WorkerSpec
-from ..refs.ref import capturing_refs, resolving_refs
+from ..refs.ref import capturing_refs, resolving_refs, set_ref_source
 from ..refs.waiting import set_block_hook
 from . import client as client_mod
 
@@ -104,6 +104,7 @@ class Worker:
         self.init_failed = False
         self.client = client_mod.CLIENT = client_mod.WorkerClient(
             self._send, self._wake_flush, spec, self.table, self.pid)
+        set_ref_source(self.client.borrow)
         if spec.kind == "task":
             set_block_hook(self.client.blocked)
         self.control = threading.Thread(target=self._control_loop, name="headrace-control",
@@ -229,20 +230,21 @@ class Worker:
         self._reply_value(tid, name, value, nret)
 
     def _reply_value(self, tid: str, name: str, value: Any, nret: int) -> None:
-        handles: list[Any] = []         # handles in the value: alive until the driver has it
+        handles: list[Any] = []         # handles and refs in the value: alive until sent
+        exported: list[Any] = []
         try:
             values = [value] if nret == 1 else list(split_returns(value, nret, name))
             frames: list[Any] = [None]
-            with capturing_refs(None, handles):
+            with capturing_refs(None, handles, exported):
                 descs = [self._encode(v).to_wire(frames) for v in values]
         except BaseException as exc:          # noqa: BLE001
             info = error_info(exc, name, self.pid,
                               prefix=f"could not serialize the return value of {name}: ")
             self._send((Msg.ERROR, self.spec.wid, tid, info))
             return
-        if handles:
+        if handles or exported:
             self._send((Msg.RESULT, self.spec.wid, tid, descs,
-                        [h._record.aid for h in handles]), frames)
+                        ([h._record.aid for h in handles], [r._id for r in exported])), frames)
         else:
             self._send((Msg.RESULT, self.spec.wid, tid, descs), frames)
 

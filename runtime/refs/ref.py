@@ -74,6 +74,7 @@ class Ref:
         "_value",
     )
     _compiled = False       # a CompiledDAGRef: its waits time out as Ray's channels do
+    _travels = False        # pickled inside a value, it stays a ref (ObjectRef) or is resolved
 
     def __init__(self, ref_id: str, name: str) -> None:
         self._id = ref_id
@@ -109,13 +110,20 @@ class Ref:
         return self
 
     def __reduce__(self) -> Any:
+        exported = getattr(_CAPTURE, "exported", None)
+        if exported is not None and self._travels and not getattr(_CAPTURE, "resolve_all", 0):
+            exported.append(self)           # Ray's rule: a nested ref arrives as a ref
+            return (_ref_from_wire, (self._id, self._name))
+        return self._as_dependency()
+
+    def _as_dependency(self) -> Any:
         deps = getattr(_CAPTURE, "deps", None)
         if deps is None:
             raise RefsTypeError(
                 f"{type(self).__name__} {self.key} cannot be pickled on its own.\n\n"
-                "Pass refs as arguments of .remote() or execute() calls (they are resolved "
-                "first, also inside lists, tuples and dicts), or pass hr.get(ref) instead.")
-        deps[self._id] = self
+                "Pass refs as arguments of .remote() calls, or return them from tasks and "
+                "actor methods; or pass hr.get(ref) instead.")
+        deps[self._id] = self               # a top-level argument: its value is passed
         return (_resolve_ref, (self._id,))
 
     # -- state ------------------------------------------------------------------------------
@@ -318,24 +326,76 @@ _CAPTURE = threading.local()
 
 
 class capturing_refs:        # lower case: used as a function, `with capturing_refs(deps):`
-    """While pickling in this block, refs are recorded in ``deps`` and stand in by their id
-    (``deps=None``: a ref refuses to be pickled), and actor handles are appended to ``handles``
-    (``note_handle``), so the sender can hold their actors while the bytes travel.
+    """While pickling in this block:
+    - with ``exported`` (a list), an ObjectRef is appended to it and travels as a ref (Ray's
+      rule for refs nested in arguments);
+    - a top-level argument (``as_arguments``), or any ref without ``exported``, is recorded in
+      ``deps`` and stands in by its id, for its value (``deps=None``: it refuses to be pickled);
+    - actor handles are appended to ``handles`` (``note_handle``).
+    The sender keeps what it captured alive until the bytes have arrived.
     (A class, not a generator: it is on every call's submit path.)"""
 
-    __slots__ = ("_deps", "_handles")
+    __slots__ = ("_deps", "_exported", "_handles")
 
-    def __init__(self, deps: dict[str, Ref] | None, handles: list[Any] | None = None) -> None:
+    def __init__(self, deps: dict[str, Ref] | None, handles: list[Any] | None = None,
+                 exported: list[Ref] | None = None) -> None:
         self._deps = deps
         self._handles = handles
+        self._exported = exported
 
     def __enter__(self) -> None:
         _CAPTURE.deps = self._deps
         _CAPTURE.handles = self._handles
+        _CAPTURE.exported = self._exported
 
     def __exit__(self, *exc: object) -> None:
-        _CAPTURE.deps = None
-        _CAPTURE.handles = None
+        _CAPTURE.deps = _CAPTURE.handles = _CAPTURE.exported = None
+
+
+class _Argument:
+    """A ref that is itself an argument of a call: its value is passed (``as_arguments``)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Ref) -> None:
+        self.ref = ref
+
+    def __reduce__(self) -> Any:
+        return self.ref._as_dependency()
+
+
+def as_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to encode: the top-level refs marked as arguments (their values are
+    passed), so the same ref nested in a container still travels as a ref."""
+    if not any(isinstance(a, Ref) for a in (*args, *kwargs.values())):
+        return args, kwargs
+    return (tuple(_Argument(a) if isinstance(a, Ref) else a for a in args),
+            {k: _Argument(v) if isinstance(v, Ref) else v for k, v in kwargs.items()})
+
+
+@contextlib.contextmanager
+def resolving_nested_refs() -> Iterator[None]:
+    """Calls made in this block get the values of refs nested in their arguments too (a DAG's
+    nodes nested in containers, run without compiling, mean their values)."""
+    _CAPTURE.resolve_all = True
+    try:
+        yield
+    finally:
+        _CAPTURE.resolve_all = False
+
+
+#: Makes the ref an id stands for in this process (the driver's runtime, a worker's client).
+_REF_SOURCE: list[Callable[[str, str], Ref]] = []
+
+
+def set_ref_source(source: Callable[[str, str], Ref]) -> None:
+    _REF_SOURCE[:] = [source]
+
+
+def _ref_from_wire(ref_id: str, name: str) -> Ref:
+    if not _REF_SOURCE:
+        raise RefsTypeError(f"ref {name}-{ref_id} arrived outside a headrace session")
+    return _REF_SOURCE[0](ref_id, name)
 
 
 def note_handle(handle: Any) -> None:
@@ -410,6 +470,7 @@ class ObjectRef(Ref):
     """
 
     __slots__ = ("_keep", "_runtime", "_task")
+    _travels = True
 
     def __init__(self, ref_id: str, name: str, runtime: Any = None) -> None:
         super().__init__(ref_id, name)

@@ -93,9 +93,12 @@ def test_upstream_error_fails_downstream_call_with_that_error() -> None:
     @hr.remote
     def bad():
         raise ArithmeticError("upstream")
-    down = echo.remote([bad.remote()])
+    down = echo.remote(bad.remote())
     with pytest.raises(ArithmeticError, match="upstream"):
         hr.get(down, timeout=10)
+    inside = hr.get(echo.remote([bad.remote()]), timeout=10)   # nested: it stays a ref
+    with pytest.raises(ArithmeticError, match="upstream"):
+        hr.get(inside[0], timeout=10)
 
 
 def test_user_exception_class_from_driver_script_is_caught_by_its_class() -> None:

@@ -3,7 +3,9 @@ driver; values, errors and deaths reach the caller as on the driver; nothing lea
 
 from __future__ import annotations
 
+import gc
 import os
+import pickle
 import signal
 import time
 
@@ -158,11 +160,44 @@ def test_the_death_of_a_callee_fails_the_waiting_caller_quickly() -> None:
     assert isinstance(info.value, ActorDiedError) or "died" in str(info.value)
 
 
-def test_a_ref_made_in_a_worker_cannot_leave_it_yet() -> None:
+@hr.remote
+def total(refs):
+    return sum(hr.get(refs))
+
+
+@hr.remote
+class Keeper:
+    """Holds refs it was given inside a value, and reads them later."""
+
+    def __init__(self):
+        self.refs = []
+
+    def keep(self, box):
+        self.refs.extend(box["refs"])
+        return len(self.refs)
+
+    def total(self):
+        return sum(hr.get(self.refs))
+
+
+def test_refs_travel_out_of_workers_and_between_them() -> None:
+    """A ref made in a worker comes back to the driver inside a value and can be passed on;
+    a ref given inside a value is kept by an actor and read after the driver dropped it."""
     caller = Caller.remote(Counter.remote())
-    with pytest.raises(TaskError, match="cannot be pickled") as info:
-        hr.get(caller.leak_a_ref.remote(), timeout=30)
-    assert isinstance(info.value, RefsTypeError) or "RefsTypeError" in str(info.value)
+    [made] = hr.get(caller.leak_a_ref.remote(), timeout=30)
+    assert isinstance(made, hr.ObjectRef) and hr.get(made, timeout=30) == 1
+    assert hr.get(total.remote([made, made]), timeout=30) == 2
+    keeper = Keeper.remote()
+    refs = [hr.put(5), made, Counter.remote(7).inc.remote(1)]
+    assert hr.get(keeper.keep.remote({"refs": refs}), timeout=30) == 3
+    del refs, made
+    gc.collect()
+    assert hr.get(keeper.total.remote(), timeout=30) == 5 + 1 + 8
+
+
+def test_a_ref_pickled_outside_a_call_is_refused() -> None:
+    with pytest.raises(RefsTypeError, match="cannot be pickled on its own"):
+        pickle.dumps(hr.put(1))
 
 
 def test_refs_a_worker_drops_are_released_on_the_driver() -> None:

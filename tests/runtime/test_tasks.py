@@ -47,13 +47,18 @@ def test_kwargs_and_closures_and_lambdas_ship() -> None:
     assert hr.get(add.remote(1, b=5), timeout=10) == 6
 
 
-def test_refs_are_resolved_also_nested_in_containers() -> None:
+def test_top_level_refs_are_resolved_and_nested_ones_arrive_as_refs() -> None:
+    """Ray's rule: an argument that is a ref gives its value; a ref inside a list, tuple or
+    dict stays a ref, which the task can get (``def reduce(refs): sum(hr.get(refs))``)."""
     a, b = add.remote(1, 1), add.remote(2, 2)
     assert hr.get(add.remote(a, b), timeout=10) == 6
-    assert hr.get(total.remote([a, b, 10]), timeout=10) == 16
-    assert hr.get(total.remote((a, b)), timeout=10) == 6
-    nested = hr.remote(lambda d: d["x"][0] + d["y"])
-    assert hr.get(nested.remote({"x": [a], "y": b}), timeout=10) == 6
+    assert hr.get(add.remote(a, b=b), timeout=10) == 6
+    reduce = hr.remote(lambda refs: sum(hr.get(list(refs))))
+    assert hr.get(reduce.remote([a, b]), timeout=10) == 6
+    assert hr.get(reduce.remote((a, b)), timeout=10) == 6
+    kinds = hr.remote(lambda d, x: (isinstance(d["x"][0], hr.ObjectRef),
+                                    isinstance(d["y"], hr.ObjectRef), x))
+    assert hr.get(kinds.remote({"x": [a], "y": b}, a), timeout=10) == (True, True, 2)
 
 
 def test_num_returns_gives_one_ref_per_value() -> None:
