@@ -21,7 +21,8 @@ from .procs.records import ActorRecord
 from .refs.ref import note_handle
 
 _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
-_ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": 1, "max_restarts": 0}
+#: max_concurrency None: Ray's default, 1000 for an actor with ``async def`` methods, else 1
+_ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": None, "max_restarts": 0}
 _ids = itertools.count(1)
 
 

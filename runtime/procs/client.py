@@ -68,6 +68,17 @@ class ClientRef(ObjectRef):
     def _producer(self) -> Any:
         return None                 # finished by another thread: its callbacks wake waiters
 
+    def add_done_callback(self, fn: Callable[[Ref], Any]) -> None:
+        """As ``Ref``'s; a pending ref someone waits on this way (``await ref``, ``future()``)
+        stays alive until it is final, even if nothing else holds it."""
+        if not self.done():
+            pinned = self._runtime.pinned
+            pinned.add(self)
+            super().add_done_callback(fn)
+            super().add_done_callback(pinned.discard)
+        else:
+            super().add_done_callback(fn)
+
     def _on_cancel(self, force: bool) -> None:
         self._runtime.cancel(self, force=force)
 
@@ -94,6 +105,7 @@ class WorkerClient:
         self._fn_keys: dict[int, str] = {}     # id(FunctionBody) -> key the driver knows it by
         self._keys = itertools.count(1)
         self._pending: collections.deque = collections.deque()   # releases and handle counts
+        self.pinned: set[ClientRef] = set()     # pending refs with callbacks (awaited)
         self._blocked = 0
         self._blocked_lock = threading.Lock()
         self.closed = False

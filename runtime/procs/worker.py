@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import faulthandler
 import gc
+import inspect
 import logging
 import os
 import pickle
@@ -46,6 +47,8 @@ from ..refs.waiting import set_block_hook
 from . import client as client_mod
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
+#: An async actor's max_concurrency unless set (Ray's default).
+_ASYNC_CONCURRENCY = 1000
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
 
@@ -88,6 +91,8 @@ class Worker:
         self.instance: Any = None
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.slots: asyncio.Semaphore | None = None         # an async actor's concurrency
+        self.async_calls: dict[str, concurrent.futures.Future] = {}
         self.running: dict[int, str] = {}           # thread ident -> task id
         self.cancelled: set[str] = set()            # asked to cancel before they started
         self.interrupt: str | None = None           # task id the main thread should drop
@@ -170,7 +175,12 @@ class Worker:
         _, tid, method, args_desc, deps, nret = header
         name = f"{self.label}.{method}"
         fn = self.internal.get(method) or getattr(self.instance, method)
-        if self.pool is None:
+        if self.slots is not None and method not in self.internal:
+            future = asyncio.run_coroutine_threadsafe(
+                self._run_async(tid, name, fn, args_desc, deps, frames, nret), self._loop())
+            with self.state_lock:
+                self.async_calls[tid] = future
+        elif self.pool is None:
             self._run(tid, name, fn, args_desc, deps, frames, nret)
         else:
             self.pool.submit(self._run, tid, name, fn, args_desc, deps, frames, nret)
@@ -187,7 +197,16 @@ class Worker:
             self._send((Msg.INIT_FAILED, self.spec.wid,
                         error_info(exc, f"{label}.__init__", self.pid)))
             return
-        if max_concurrency > 1:
+        is_async = any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls)
+                       if not n.startswith("__"))
+        if max_concurrency is None:     # Ray's defaults: 1000 for an async actor, else 1
+            max_concurrency = _ASYNC_CONCURRENCY if is_async else 1
+        if is_async:                    # one event loop runs its calls, up to max_concurrency
+            loop = self._loop()
+            self.slots = asyncio.run_coroutine_threadsafe(
+                _semaphore(max_concurrency), loop).result()
+            self.call_lock = contextlib.nullcontext()
+        elif max_concurrency > 1:
             self.call_lock = contextlib.nullcontext()
             self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
                                                               thread_name_prefix=label)
@@ -261,13 +280,46 @@ class Worker:
         payloads.append(args_payload)
         return args, kwargs, payloads     # the payloads keep their segments mapped
 
-    def _await(self, coro: Any) -> Any:
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The process's event loop, running on a thread of its own (made on first use)."""
         with self.state_lock:
             if self.loop is None:
                 self.loop = asyncio.new_event_loop()
                 threading.Thread(target=self.loop.run_forever, name="headrace-asyncio",
                                  daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+            return self.loop
+
+    def _await(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop()).result()
+
+    async def _run_async(self, tid: str, name: str, fn: Callable[..., Any], args_desc: Any,
+                         deps: Any, frames: list[Any], nret: int) -> None:
+        """One call of an async actor, on its event loop: ``async def`` methods run there
+        (awaiting lets the others go on), plain methods on the loop's threads (a blocking
+        ``hr.get`` in one blocks only itself). Ends in exactly one reply, like ``_run``."""
+        try:
+            async with self.slots:
+                if tid in self.cancelled:
+                    self.cancelled.discard(tid)
+                    raise asyncio.CancelledError
+                args, kwargs, _keep = self._decode_args(args_desc, deps, frames)
+                if inspect.iscoroutinefunction(fn):
+                    value = await fn(*args, **kwargs)
+                else:
+                    value = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: fn(*args, **kwargs))
+                    if asyncio.iscoroutine(value):
+                        value = await value
+        except asyncio.CancelledError:
+            self._send((Msg.CANCELLED, self.spec.wid, tid))
+            return
+        except BaseException as exc:          # noqa: BLE001 - the user's error is the result
+            self._send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
+            return
+        finally:
+            with self.state_lock:
+                self.async_calls.pop(tid, None)
+        self._reply_value(tid, name, value, nret)
 
     def _send(self, header: tuple[Any, ...] | None, frames: list[Any] | None = None) -> None:
         """Send ``header`` (None: only what the client queued) to the driver, after the
@@ -326,6 +378,10 @@ class Worker:
 
     def _cancel(self, tid: str) -> None:
         with self.state_lock:
+            future = self.async_calls.get(tid)
+            if future is not None:          # an async actor's call: cancel its task
+                future.cancel()
+                return
             thread = next((t for t, running in self.running.items() if running == tid), None)
             if thread is None:
                 self.cancelled.add(tid)
@@ -400,3 +456,7 @@ def _setup_logging(level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+
+
+async def _semaphore(n: int) -> asyncio.Semaphore:
+    return asyncio.Semaphore(n)            # made on the loop it guards

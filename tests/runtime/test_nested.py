@@ -3,6 +3,7 @@ driver; values, errors and deaths reach the caller as on the driver; nothing lea
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import pickle
@@ -208,3 +209,78 @@ def test_refs_a_worker_drops_are_released_on_the_driver() -> None:
     while _borrowed_total() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _borrowed_total() == 0, [(p.label, list(p.borrowed.values())) for p in session.running().procs.values() if p.borrowed]
+
+
+@hr.remote
+class Gate:
+    """``pass_at(n)`` returns once n calls are inside it at the same time: only an actor that
+    runs its calls concurrently gets through."""
+
+    def __init__(self):
+        self.inside = 0
+        self.full = None
+
+    async def pass_at(self, n):
+        if self.full is None:
+            self.full = asyncio.Event()
+        self.inside += 1
+        if self.inside >= n:
+            self.full.set()
+        await self.full.wait()
+        return n
+
+    async def say_hi(self, message):
+        await asyncio.sleep(0.01)
+        return f"Hello {message}!"
+
+    async def add(self, x):
+        return x + 1
+
+
+@hr.remote
+class AsyncCaller:
+    """Ray Serve's composition: awaits responses of a handle it holds, or passes them on."""
+
+    def __init__(self, down):
+        self.down = down
+
+    async def __call__(self, message):
+        return await self.down.say_hi.remote(message)
+
+    async def chain(self, start):
+        return await self.down.add.remote(self.down.add.remote(start))
+
+    async def through(self, n):
+        return await self.down.pass_at.remote(n)
+
+    def blocking(self, message):
+        return hr.get(self.down.say_hi.remote(message))
+
+    async def long(self):
+        await asyncio.sleep(30)
+
+
+def test_async_actors_compose_as_serve_deployments_do() -> None:
+    caller = AsyncCaller.remote(Gate.remote())
+    assert hr.get(caller.__call__.remote("world"), timeout=30) == "Hello world!"
+    assert hr.get(caller.chain.remote(1), timeout=30) == 3
+    # five calls wait inside the callee at once: both actors run their calls concurrently
+    assert hr.get([caller.through.remote(5) for _ in range(5)], timeout=30) == [5] * 5
+    # plain methods run beside the event loop: a blocking get holds only its own call
+    assert hr.get([caller.blocking.remote(i) for i in range(3)], timeout=30) == [
+        "Hello 0!", "Hello 1!", "Hello 2!"]
+
+
+def test_an_async_actor_honours_max_concurrency_and_cancel() -> None:
+    gate = Gate.options(max_concurrency=2).remote()
+    refs = [gate.pass_at.remote(3) for _ in range(3)]
+    with pytest.raises(hr.GetTimeoutError):
+        hr.get(refs, timeout=1.0)           # only two get in: the third never arrives
+    hr.kill(gate)
+    caller = AsyncCaller.remote(Gate.remote())
+    ref = caller.long.remote()
+    time.sleep(0.3)
+    hr.cancel(ref)
+    with pytest.raises(hr.TaskCancelledError):
+        hr.get(ref, timeout=10)
+    assert hr.get(caller.__call__.remote("again"), timeout=30) == "Hello again!"
