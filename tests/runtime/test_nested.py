@@ -284,3 +284,127 @@ def test_an_async_actor_honours_max_concurrency_and_cancel() -> None:
     with pytest.raises(hr.TaskCancelledError):
         hr.get(ref, timeout=10)
     assert hr.get(caller.__call__.remote("again"), timeout=30) == "Hello again!"
+
+
+@hr.remote
+class Signal:
+    """Ray's SignalActor: ``wait`` returns once ``send`` was called."""
+
+    def __init__(self):
+        self.event = None
+
+    def _ready(self):
+        if self.event is None:
+            self.event = asyncio.Event()
+        return self.event
+
+    async def wait(self):
+        await self._ready().wait()
+        return True
+
+    async def send(self):
+        self._ready().set()
+
+
+@hr.remote
+class Waiter:
+    def __init__(self, signal_handle):
+        self.signal = signal_handle
+
+    def wait_then(self, x):
+        hr.get(self.signal.wait.remote())
+        return x * 2
+
+
+def test_a_signal_handle_passed_to_two_actors_releases_both() -> None:
+    sig = Signal.remote()
+    waiters = [Waiter.remote(sig), Waiter.remote(sig)]
+    refs = [w.wait_then.remote(i + 1) for i, w in enumerate(waiters)]
+    ready, _ = hr.wait(refs, num_returns=2, timeout=0.5)
+    assert ready == []                      # both wait on the signal
+    hr.get(sig.send.remote(), timeout=30)
+    assert hr.get(refs, timeout=30) == [2, 4]
+
+
+@hr.remote
+class Relay:
+    """A compiled DAG's stage that calls another actor from its method."""
+
+    def __init__(self, down):
+        self.down = down
+
+    def fwd(self, x):
+        return hr.get(self.down.inc.remote(x)) * 10
+
+
+@hr.remote
+def relay_task(handle, x):
+    return hr.get(handle.inc.remote(x))
+
+
+def test_a_compiled_dags_ops_call_actors_through_handles() -> None:
+    from headrace.dag import InputNode
+    down = Counter.remote()
+    relay = Relay.remote(down)
+    with InputNode() as inp:
+        dag = relay.fwd.bind(inp)
+    with dag.experimental_compile() as compiled:
+        assert [hr.get(compiled.execute(1), timeout=30) for _ in range(3)] == [10, 20, 30]
+    with InputNode() as inp:
+        dag = relay_task.bind(down, inp)    # a function stage gets the handle as an argument
+    with dag.experimental_compile() as compiled:
+        assert hr.get(compiled.execute(5), timeout=30) == 8
+
+
+@hr.remote
+class Big:
+    def array(self, n):
+        import numpy as np
+        return np.ones(n, dtype=np.uint8)
+
+
+@hr.remote
+class Hoarder:
+    def __init__(self, big):
+        self.big = big
+        self.kept = []
+
+    def hoard(self, k):
+        self.kept.extend(self.big.array.remote(1 << 20) for _ in range(k))
+        return sum(int(a.sum()) for a in hr.get(self.kept))
+
+    def pid(self):
+        return os.getpid()
+
+
+def test_the_death_of_a_caller_releases_what_it_held() -> None:
+    from headrace.channels.segments import owned_segments
+    hoarder = Hoarder.remote(Big.remote())
+    pid = hr.get(hoarder.pid.remote(), timeout=30)
+    before = len(owned_segments(os.getpid()))
+    assert hr.get(hoarder.hoard.remote(3), timeout=30) == 3 << 20
+    assert len(owned_segments(os.getpid())) >= before + 3     # the driver holds them for it
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(owned_segments(os.getpid())) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(owned_segments(os.getpid())) <= before, owned_segments(os.getpid())
+
+
+def test_shutdown_ends_actors_that_workers_made() -> None:
+    caller = Caller.remote(Counter.remote())
+    made = hr.get(caller.make_counter.remote(0), timeout=30)
+    pids = [hr.get(made.pid.remote(), timeout=30)]
+    del made
+    made_in_task = hr.get(make_and_keep.remote(), timeout=30)
+    pids.append(hr.get(made_in_task.pid.remote(), timeout=30))
+    hr.shutdown()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    hr.init(num_cpus=2)                     # for the module's remaining tests
+
+
+@hr.remote
+def make_and_keep():
+    return Counter.remote()
