@@ -21,6 +21,9 @@ DEBUG = os.environ.get("HEADRACE_DEBUG", "") not in ("", "0")
 #: soon as the process is up and has attached them (zmq carries the calls until then and the
 #: rest of the control messages always). "0": never.
 ACTOR_LANES = os.environ.get("HEADRACE_ACTOR_LANES", "1") != "0"
+#: Workers call actors over shm rings of their own (runtime/procs/links.py) when a call's
+#: arguments carry no refs or handles; "0": every call from a worker goes through the driver.
+DIRECT_CALLS = os.environ.get("HEADRACE_DIRECT_CALLS", "1") != "0"
 #: Spare actor processes kept started, their lane attached, from the first actor on: a new actor
 #: takes one, so it skips the process start and uses the rings from its first call. 0: none.
 SPARE_ACTORS = int(os.environ.get("HEADRACE_SPARE_ACTORS", "1"))

@@ -10,6 +10,9 @@ while rounds alternate between them (STYLE 8):
 - ``import_headrace``: ``python -c "import headrace"`` minus ``python -c pass``, fresh processes.
 - ``fresh_actor_calls``: calls 2, 3, ... of a fresh actor (made, and called once, untimed before
   each round): what a short-lived actor or a benchmark's first calls see. headrace, ray.
+- ``nested_actor_call``: the driver calls actor A, which calls actor B and gets its value: the
+  row is the whole round trip; the nested call alone is that minus ``actor_call`` (same run).
+  headrace, ray.
 - ``mixed_get``: ``get([compiled_ref, actor_ref])`` next to each part alone (headrace only: Ray
   cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone,
   with the floor of the same shape: two child processes echoing over bare shm rings, both
@@ -43,6 +46,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "task": ("headrace", "ray", "dask", "mp-pipe"),
     "put_get_100mb": ("headrace", "ray", "memcpy"),
     "fresh_actor_calls": ("headrace", "ray"),
+    "nested_actor_call": ("headrace", "ray"),
     "mixed_get": ("compiled+actor", "compiled", "actor"),
     "two_dags_get": ("dag1+dag2", "dag1", "dag2", "floor-both", "floor-one"),
 }
@@ -75,6 +79,17 @@ class Echo:
 
     def echo(self, x: Any) -> Any:
         return x
+
+
+class Relay:
+    """Actor A of ``nested_actor_call``: calls actor B (its ``down``) and waits for it."""
+
+    def __init__(self, down: Any, runtime: str) -> None:
+        import importlib
+        self.down, self.get = down, importlib.import_module(runtime).get
+
+    def nested(self) -> int:
+        return self.get(self.down.ping.remote(), timeout=TIMEOUT_S)
 
 
 def one() -> int:
@@ -192,6 +207,7 @@ class Impls:
         self.ops["task", "headrace"] = lambda: hr.get(fn.remote(), timeout=TIMEOUT_S)
         self.ops["put_get_100mb", "headrace"] = put_get
         self._fresh_actor("headrace", hr, hr.kill)
+        self._nested("headrace", hr, actor)
         self._headrace_mixed(hr, actor)
 
     def _fresh_actor(self, name: str, mod: Any, kill: Callable[[Any], None]) -> None:
@@ -207,6 +223,12 @@ class Impls:
         self.ops["fresh_actor_calls", name] = lambda: mod.get(held[-1].ping.remote(),
                                                               timeout=TIMEOUT_S)
         self.hooks["fresh_actor_calls", name] = (before, after)
+
+    def _nested(self, name: str, mod: Any, down: Any) -> None:
+        relay = mod.remote(Relay).remote(down, name)
+        assert mod.get(relay.nested.remote(), timeout=TIMEOUT_S) == 1
+        self.ops["nested_actor_call", name] = lambda: mod.get(relay.nested.remote(),
+                                                              timeout=TIMEOUT_S)
 
     def _headrace_mixed(self, hr: Any, actor: Any) -> None:
         """get() over refs of several producers, and each producer alone (same run)."""
@@ -241,6 +263,7 @@ class Impls:
         self.ops["task", "ray"] = lambda: ray.get(fn.remote(), timeout=TIMEOUT_S)
         self.ops["put_get_100mb", "ray"] = put_get
         self._fresh_actor("ray", ray, ray.kill)
+        self._nested("ray", ray, actor)
 
     def dask(self) -> None:
         from dask.distributed import Client, LocalCluster
@@ -292,6 +315,22 @@ def judge(records: list[Record]) -> list[Target]:
     targets.append(Target("fresh actor, calls 2+: median <= 0.05x ray's, p99 <= 0.5 ms",
                           r <= 0.05 and fresh.p99_us <= 500 if ok else None,
                           f"{r:.2f}x, p99 {fresh.p99_us / 1e3:.2f} ms" if ok else "not measured"))
+    for impl in ("headrace", "ray"):
+        whole, call = by.get(("nested_actor_call", impl)), by.get(("actor_call", impl))
+        ok = whole is not None and call is not None and whole.median_us and call.median_us
+        if ok:
+            nested = whole.median_us - call.median_us
+            r = nested / call.median_us
+            detail = (f"{impl}: nested {nested:.1f} us = whole {whole.median_us:.1f} - driver "
+                      f"call {call.median_us:.1f}: {r:.2f}x the driver's call")
+        targets.append(Target(f"{impl} nested actor call (A calls B) <= 2x the driver's call"
+                              if impl == "headrace" else "ray nested actor call (reference)",
+                              (r <= 2 if impl == "headrace" else None) if ok else None,
+                              detail if ok else "not measured"))
+    hn, rn = by.get(("nested_actor_call", "headrace")), by.get(("nested_actor_call", "ray"))
+    if hn and rn and hn.median_us and rn.median_us:
+        targets.append(Target("nested actor call round trip vs ray's (reference)", None,
+                              f"{hn.median_us / rn.median_us:.2f}x"))
     r = ratio("put_get_100mb", "headrace", "memcpy", gbps=True)
     targets.append(Target("headrace put_get_100mb GB/s >= 0.5x memcpy GB/s", None if r is None
                           else r >= 0.5, "not measured" if r is None else f"{r:.2f}x memcpy"))

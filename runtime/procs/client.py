@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ... import _config
 from ...exceptions import RefsTypeError, TaskCancelledError
-from ..refs.ref import ObjectRef, Ref, as_arguments, capturing_refs, new_ref_id
+from ..refs.ref import ObjectRef, Ref, RefState, as_arguments, capturing_refs, new_ref_id
+from .links import LINK, Link, Route
 
 #: The client of this process, set by a worker as it starts (None in the driver).
 CLIENT: WorkerClient | None = None
@@ -34,6 +37,8 @@ CLIENT: WorkerClient | None = None
 #: Options a worker's ``.remote()`` sends along (the driver checks nothing twice).
 _TASK_OPTIONS = ("num_cpus", "max_retries")
 _ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts")
+#: Marks a ref the driver finished (``ClientRef._keep``): the driver has its value.
+_FROM_DRIVER = object()
 #: The longest a worker waits for the driver to answer a lookup or an actor's creation.
 _ANSWER_S = 60.0
 
@@ -50,11 +55,12 @@ class RemoteBody:
 class RemoteActor:
     """A worker's record of an actor it holds handles to (the driver has the real one)."""
 
-    __slots__ = ("aid", "name", "label", "body", "handles", "__weakref__")
+    __slots__ = ("aid", "name", "label", "body", "handles", "route", "__weakref__")
 
     def __init__(self, aid: str, name: str | None, label: str, body: RemoteBody) -> None:
         self.aid, self.name, self.label, self.body = aid, name, label, body
         self.handles = 0
+        self.route = Route()            # direct or through the driver (procs/links.py)
 
 
 class ClientRef(ObjectRef):
@@ -66,6 +72,9 @@ class ClientRef(ObjectRef):
         return f"<ObjectRef: status: {self._state.value}, key: {self.key}>"
 
     def _producer(self) -> Any:
+        link = self._task           # a direct call's: its link's result ring
+        if link is not None and link.dead is None:
+            return link.lane
         return None                 # finished by another thread: its callbacks wake waiters
 
     def add_done_callback(self, fn: Callable[[Ref], Any]) -> None:
@@ -80,8 +89,11 @@ class ClientRef(ObjectRef):
             super().add_done_callback(fn)
 
     def _on_cancel(self, force: bool) -> None:
-        self._runtime.cancel(self, force=force)
-
+        link = self._task
+        if link is not None:            # a direct call: tell its actor itself
+            self._runtime.cancel_direct(link, self)
+        else:
+            self._runtime.cancel(self, force=force)
 
 
 class WorkerClient:
@@ -109,6 +121,13 @@ class WorkerClient:
         self._blocked = 0
         self._blocked_lock = threading.Lock()
         self.closed = False
+        # direct calls (procs/links.py)
+        self.ctx: Any = None            # the worker's zmq context (cancels go to actors' ctl)
+        self._local: set[str] = set()   # ids of direct refs the driver does not know
+        self.links: weakref.WeakValueDictionary[str, Link] = weakref.WeakValueDictionary()
+        self.watches: collections.deque = collections.deque()   # (pidfd, link) to watch
+        self._ctl: dict[str, Any] = {}  # actor wid -> PUSH to its control socket
+        self._ctl_lock = threading.Lock()
 
     # -- what goes to the driver --------------------------------------------------------------
     def _request(self, op: str, body: tuple, frames: list[Any] | None = None) -> None:
@@ -137,11 +156,21 @@ class WorkerClient:
     def _new_ref(self, name: str, rid: str | None = None) -> ClientRef:
         ref = ClientRef(rid or new_ref_id(), name, self)
         self._refs[ref._id] = ref
-        weakref.finalize(ref, self._queue, ("ref", ref._id, 0))
+        weakref.finalize(ref, self._dropped, ref._id)
         return ref
 
+    def _dropped(self, rid: str) -> None:
+        """A ref of ours died (GC callback): the driver releases it, if it knows it."""
+        if rid in self._local:
+            self._local.discard(rid)
+        else:
+            self._queue(("ref", rid, 0))
+
     def _encode_args(self, args: tuple, kwargs: dict, describe: Callable[[], str],
-                     fn: Any) -> tuple[Any, list[Any], list[str]]:
+                     fn: Any, made: list[Any] | None = None,
+                     ) -> tuple[Any, list[Any], list[str], Any, bool]:
+        """Wire form, frames, ids of top-level refs, payload, and whether refs or handles
+        travel inside (the call then needs the driver)."""
         from ..wire.payload import encode
         from .arguments import bad_argument
         deps: dict[str, Ref] = {}
@@ -150,24 +179,61 @@ class WorkerClient:
         try:
             with capturing_refs(deps, handles, exported):
                 payload = encode(as_arguments(args, kwargs), owner_pid=self.driver_pid,
-                                 own=False, table=self.table)
+                                 own=False, table=self.table, reuse_pid=self.driver_pid,
+                                 made=made)
         except TypeError as exc:
             raise TypeError(bad_argument(args, kwargs, describe(), fn, exc)) from exc
+        self.export([*deps.values(), *exported])
         foreign = [r for r in deps.values() if not isinstance(r, ClientRef)]
         if foreign:                     # a CompiledDAGRef: it lives in the driver only
             raise RefsTypeError(f"{foreign[0].key} cannot be an argument of a call made in a "
                                 "worker; pass its value")
         frames: list[Any] = [None]
         # (handles and refs stay alive in the caller's arguments until the request is sent)
-        return (payload.to_wire(frames), [h._record.aid for h in handles],
-                [r._id for r in exported]), frames, list(deps)
+        return ((payload.to_wire(frames), [h._record.aid for h in handles],
+                 [r._id for r in exported]), frames, list(deps), payload,
+                bool(deps or handles or exported))
+
+    def export(self, refs: Any) -> None:
+        """``refs`` leave this process (or go to the driver as arguments): the driver adopts
+        those it does not know yet (direct refs), before the message that carries them."""
+        for ref in refs:
+            if isinstance(ref, ClientRef) and ref._id in self._local:
+                self.adopt(ref)
+
+    def adopt(self, ref: ClientRef) -> None:
+        rid = ref._id
+        self._local.discard(rid)
+        if ref.done():
+            self._settle(ref)
+        else:
+            self._request("adopt", (rid, ref._name, "pending", None))
+            ref.add_done_callback(self._settle)
+
+    def _settle(self, ref: Ref) -> None:
+        """Send the driver the outcome of an adopted ref (a copy: its value was in segments
+        named after this process)."""
+        from ..wire.payload import encode
+        if ref._keep is _FROM_DRIVER:
+            return
+        frames: list[Any] = [None]
+        state = ref._state
+        if state is RefState.READY:
+            value = ref._value if ref._payload is None else ref._payload.decode()
+            payload = encode(value, owner_pid=self.driver_pid, own=False)
+            body = (ref._id, ref._name, "value", payload.to_wire(frames))
+        else:
+            import cloudpickle
+            kind = "cancelled" if state is RefState.CANCELLED else "error"
+            body = (ref._id, ref._name, kind, cloudpickle.dumps(ref._error))
+        self._request("adopt", body, frames)
 
     # -- the runtime's API --------------------------------------------------------------------
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
                     kwargs: dict) -> list[ClientRef]:
         name = options.get("name") or body.name
-        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{name}.remote()",
-                                               body.fn)
+        desc, frames, deps, _, _ = self._encode_args(args, kwargs, lambda: f"{name}.remote()",
+                                                     body.fn)
         key = self._fn_keys.get(id(body))
         blob = None
         if key is None:
@@ -181,18 +247,114 @@ class WorkerClient:
     def submit_call(self, actor: Any, method: str, nret: int, args: tuple, kwargs: dict,
                     fn: Any = None) -> list[ClientRef]:
         name = f"{actor.label}.{method}"
-        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        made: list[Any] = []
+        desc, frames, deps, payload, travels = self._encode_args(
+            args, kwargs, lambda: f"{name}.remote()", fn, made)
         refs = [self._new_ref(name) for _ in range(nret)]
-        self._request("call", (actor.aid, method, [r._id for r in refs], desc, deps), frames)
+        ids = [r._id for r in refs]
+        route = actor.route
+        direct = _config.DIRECT_CALLS and not travels
+        if direct:
+            if route.link is None or route.link.dead is not None:
+                self._open_link(actor)
+            self._local.update(ids)     # from now on: exported before it goes, it is adopted
+
+        def send(go_direct: bool, _keep: tuple = (args, kwargs)) -> None:
+            # (_keep: refs and handles in the arguments stay alive while the call waits here)
+            if go_direct:
+                for seg in made:        # made for this call: ours until it is answered
+                    seg.take_ownership()
+                route.link.send(ids[0], refs, (self._msg.CALL, ids[0], method, desc[0], {},
+                                               nret, ids), frames, payload)
+            else:
+                self._local.difference_update(ids)  # the driver makes them (or adopted them)
+                self._request("call", (actor.aid, method, ids, desc, deps), frames)
+
+        route.submit(direct, send, refs[0])
         return refs
+
+    # -- direct calls (procs/links.py) --------------------------------------------------------
+    def _open_link(self, actor: RemoteActor) -> None:
+        """Make the rings of a link to ``actor`` and have the driver hand its end over (an
+        internal call, queued behind this process's earlier calls to it)."""
+        route = actor.route
+        link = Link(actor.label, self._on_link_message)
+        route.link = link
+        self.links[link.id] = link
+        desc, frames, deps, _, _ = self._encode_args(
+            (link.ends(), link.id, self.pid, self.wid), {}, lambda: "link", None)
+        answer = self._new_ref(f"{actor.label}.link")
+
+        def linked(ref: Ref) -> None:
+            if ref._state is not RefState.READY:
+                link.dead = f"the link to {actor.label} failed: {ref._error}"
+                return
+            link.pid, link.wid, route.concurrent = ref._outcome()
+            try:
+                fd = os.pidfd_open(link.pid)
+            except OSError:             # already gone: its calls fail
+                link.die(f"the actor {actor.label} (pid {link.pid}) died")
+                return
+            self.watches.append((fd, link))
+            self._wake()                # the control thread watches its pid from now on
+
+        def send(go_direct: bool) -> None:
+            answer.add_done_callback(linked)    # before the route's own: it sees the link up
+            self._request("call", (actor.aid, LINK, [answer._id], desc, deps), frames)
+
+        route.submit(False, send, answer)
+
+    def _on_link_message(self, link: Link, header: tuple, frames: list[Any]) -> None:
+        """A reply on a link (on the thread that reads its result ring)."""
+        kind, tid = header[0], header[2]
+        refs = link.answered(tid)
+        if refs is None:
+            return
+        if kind == self._msg.RESULT:
+            if header[3] is None:       # the driver has it (a value with refs or handles)
+                self._local.difference_update(r._id for r in refs)
+                return
+            from ..wire.payload import from_wire
+            for ref, desc in zip(refs, header[3], strict=True):
+                ref._finish_payload(from_wire(desc, frames, self.table, owner=True))
+        elif kind == self._msg.ERROR:
+            from ..wire.errors import task_error
+            err = task_error(header[3])
+            for ref in refs:
+                ref._finish_error(err)
+        else:
+            err = TaskCancelledError(f"{refs[0].key} was cancelled")
+            for ref in refs:
+                ref._finish_cancelled(err)
+
+    def doorbell(self, link_id: str) -> None:
+        """On the control thread: an actor wrote a link's result ring while nobody read it."""
+        link = self.links.get(link_id)
+        if link is not None:
+            link.lane.doorbell()
+
+    def cancel_direct(self, link: Link, ref: Ref) -> None:
+        """Cancel a direct call: its actor's control thread hears of it (as from the driver)."""
+        if link.wid is None:
+            return
+        import zmq
+
+        from ..wire import protocol
+        with self._ctl_lock:
+            sock = self._ctl.get(link.wid)
+            if sock is None:
+                sock = self._ctl[link.wid] = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(protocol.endpoint(self.dir, link.wid + ".ctl"))
+            protocol.send(sock, (self._msg.CANCEL, ref._id))
 
     def create_actor(self, body: Any, options: dict[str, Any], args: tuple,
                      kwargs: dict) -> RemoteActor:
         """Ask the driver to start the actor; waits for its answer, so a taken name or too
         few CPUs raise here, as on the driver."""
         label = body.name
-        desc, frames, deps = self._encode_args(args, kwargs, lambda: f"{label}.remote()",
-                                               body.cls.__init__)
+        desc, frames, deps, _, _ = self._encode_args(args, kwargs, lambda: f"{label}.remote()",
+                                                     body.cls.__init__)
         answer = self._new_ref(f"{label}.remote")
         methods = dict(body.methods)
         self._request("actor", (answer._id, label, options.get("name"), body.blob, methods,
@@ -268,6 +430,8 @@ class WorkerClient:
         ref = self._refs.get(rid)
         if ref is None:
             return                  # dropped meanwhile: its release is on the way
+        self._local.discard(rid)    # a direct call's value that came through the driver
+        ref._keep = _FROM_DRIVER    # (it needs no adopting: the driver has it)
         if ok:
             from ..wire.payload import from_wire
             ref._finish_payload(from_wire(body, frames, self.table, owner=False))

@@ -56,11 +56,10 @@ def _unpack(message: bytes) -> tuple[tuple[Any, ...], list[Any]]:
 class DriverLane:
     """The driver's end: writes calls, reads results (one reading thread at a time)."""
 
-    def __init__(self, handle: Callable[[tuple, list], None]) -> None:
-        self.calls = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US,
-                                check_s=_config.WATCHED_CHECK_S)
-        self.results = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US,
-                                  check_s=_config.WATCHED_CHECK_S)
+    def __init__(self, handle: Callable[[tuple, list], None],
+                 check_s: float = _config.WATCHED_CHECK_S) -> None:
+        self.calls = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US, check_s=check_s)
+        self.results = ShmChannel(1, CAPACITY, SLOT_BYTES, spin_us=SPIN_US, check_s=check_s)
         self._call_w = self.calls.writer()
         self._result_r = self.results.reader(0)
         self._handle = handle
@@ -193,6 +192,10 @@ class WorkerLane:
     def recv(self) -> tuple[tuple[Any, ...], list[Any]]:
         """The next message; raises ChannelClosedError when the driver is gone."""
         return _unpack(self._calls.read())
+
+    def close(self) -> None:
+        self._calls.close()
+        self._results.close()
 
     def send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
         results = self._results

@@ -70,7 +70,7 @@ class Proc:
 
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
                  "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
-                 "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent")
+                 "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent", "adopted")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -96,6 +96,7 @@ class Proc:
         self.borrowed: dict[str, Any] = {}    # ref id -> the ref, while the child holds it
         self.held: dict[str, int] = {}        # actor id -> handles the child holds (one count)
         self.lent = 0.0                       # CPU slots lent while it blocks in get
+        self.adopted: set[str] = set()        # its direct refs we hold, value to come
 
 
 class TaskRecord:

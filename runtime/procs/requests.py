@@ -140,7 +140,10 @@ class WorkerRequests:
         payload, deps, holds, why = self._args(proc, wire, dep_ids, frames)
         actor = self.actors.get(aid)
         name = f"{actor.label if actor is not None else 'actor'}.{method}"
-        refs = [ObjectRef(rid, name, self) for rid in ids]
+        # a call meant to go direct may have had its refs adopted before it came here instead
+        refs = [proc.borrowed[rid] if rid in proc.adopted else ObjectRef(rid, name, self)
+                for rid in ids]
+        proc.adopted.difference_update(ids)
         self._own(proc, refs)
         if actor is None or why is not None:
             err = ActorDiedError(f"the actor {name} was called from {proc.label} (pid "
@@ -190,6 +193,45 @@ class WorkerRequests:
                 self._own(proc, [ref])
             else:
                 self._handle_count(proc, key, delta)
+
+    def _req_adopt(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        """A direct ref of the child leaves it (procs/links.py): we hold it from now on; its
+        value comes now or in a second ``adopt`` once the child has it."""
+        rid, name, kind, blob = body
+        ref = proc.borrowed.get(rid)
+        if ref is None:
+            ref = proc.borrowed[rid] = ObjectRef(rid, name, self)
+            self.known[rid] = ref
+        if kind == "pending":
+            if not ref.done():
+                proc.adopted.add(rid)
+            return
+        proc.adopted.discard(rid)
+        if kind == "value":
+            payload = from_wire(blob, frames, self.table, owner=True)
+            out.append(lambda: ref._finish_payload(payload))
+        else:
+            import cloudpickle
+            err = cloudpickle.loads(blob)
+            out.append(lambda: ref._finish_cancelled(err) if kind == "cancelled"
+                       else ref._finish_error(err))
+
+    def _req_give(self, proc: Proc, body: tuple, frames: list, out: list) -> None:
+        """An actor answers a direct call with handles or refs inside: we hold them for the
+        caller (as for a reply through us) and send it the value."""
+        caller_wid, ids, name, descs, aids, rids = body
+        caller = self.procs.get(caller_wid)
+        payloads = [from_wire(d, frames, self.table, owner=True) for d in descs]
+        if caller is None or caller.state is ProcState.DEAD:
+            return                          # the caller died meanwhile: nobody wants them
+        holds = self._holds(proc, aids, rids)
+        refs = [caller.borrowed[rid] if rid in caller.adopted else ObjectRef(rid, name, self)
+                for rid in ids]
+        caller.adopted.difference_update(ids)
+        for ref, payload in zip(refs, payloads, strict=True):
+            ref._keep = holds
+            ref._finish_payload(payload)
+        self._own(caller, refs)
 
     def _handle_count(self, proc: Proc, aid: str, delta: int) -> None:
         record = self.actors.get(aid)
@@ -269,7 +311,15 @@ class WorkerRequests:
             protocol.send(sock, header, frames)
 
     def _forget_child(self, proc: Proc) -> None:
-        """``proc`` died: drop what it held (refs, handles, a lent slot)."""
+        """``proc`` died: drop what it held (refs, handles, a lent slot); its direct refs we
+        hold for others will never get their values."""
+        for rid in proc.adopted:
+            ref = proc.borrowed.get(rid)
+            if ref is not None:
+                ref._finish_error(ObjectLostError(
+                    f"{ref.key} was made by {proc.label} (pid {proc.pid}), which died before "
+                    "it had the value"))
+        proc.adopted.clear()
         proc.borrowed.clear()
         for aid, n in proc.held.items():
             record = self.actors.get(aid)

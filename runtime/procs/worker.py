@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,7 @@ from ..wire import protocol
 from .output import install_prefixed_output
 from ...exceptions import ChannelClosedError
 from .lane import WorkerLane
+from .links import LINK
 from ..wire.errors import error_info
 from ..wire.payload import Payload, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, WorkerSpec
@@ -100,7 +102,8 @@ class Worker:
         #: Serializes the user's code between the main thread and compiled-DAG loop threads
         #: (an actor with max_concurrency > 1 asked for concurrency: no lock then).
         self.call_lock: Any = threading.Lock()
-        self.internal: dict[str, Callable[..., Any]] = {DAG_START: self._start_dag}
+        self.internal: dict[str, Callable[..., Any]] = {DAG_START: self._start_dag,
+                                                        LINK: self._link}
         install_prefixed_output(lambda: self.label, self.pid)
         _setup_logging(spec.logging_level)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -109,6 +112,7 @@ class Worker:
         self.init_failed = False
         self.client = client_mod.CLIENT = client_mod.WorkerClient(
             self._send, self._wake_flush, spec, self.table, self.pid)
+        self.client.ctx = self.ctx
         set_ref_source(self.client.borrow)
         if spec.kind == "task":
             set_block_hook(self.client.blocked)
@@ -169,21 +173,25 @@ class Worker:
         self.label = label
         self._run(tid, label, fn, args_desc, deps, frames, nret)
 
-    def _on_call(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+    def _on_call(self, header: tuple[Any, ...], frames: list[Any],
+                 to: _LinkReplies | None = None) -> None:
+        """A call from the driver, or (``to``) a direct one from a worker's link."""
         if self.init_failed:
+            if to is not None:          # the caller hears of the death from its link
+                to.close()
             return              # the driver fails it: the actor is dead, and it says why
-        _, tid, method, args_desc, deps, nret = header
-        name = f"{self.label}.{method}"
-        fn = self.internal.get(method) or getattr(self.instance, method)
+        tid, method, args_desc, deps, nret = header[1:6]
+        call = (tid, f"{self.label}.{method}",
+                self.internal.get(method) or getattr(self.instance, method),
+                args_desc, deps, frames, nret, to, header[6] if to is not None else None)
         if self.slots is not None and method not in self.internal:
-            future = asyncio.run_coroutine_threadsafe(
-                self._run_async(tid, name, fn, args_desc, deps, frames, nret), self._loop())
+            future = asyncio.run_coroutine_threadsafe(self._run_async(*call), self._loop())
             with self.state_lock:
                 self.async_calls[tid] = future
         elif self.pool is None:
-            self._run(tid, name, fn, args_desc, deps, frames, nret)
+            self._run(*call)
         else:
-            self.pool.submit(self._run, tid, name, fn, args_desc, deps, frames, nret)
+            self.pool.submit(self._run, *call)
 
     def _on_init_actor(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         _, cls_blob, args_desc, deps, max_concurrency, label = header
@@ -214,13 +222,16 @@ class Worker:
 
     # -- one call ---------------------------------------------------------------------------
     def _run(self, tid: str, name: str, fn: Callable[..., Any], args_desc: Any, deps: Any,
-             frames: list[Any], nret: int) -> None:
-        # One flat piece on purpose: every branch ends in exactly one reply to the driver.
+             frames: list[Any], nret: int, to: _LinkReplies | None = None,
+             ids: list[str] | None = None) -> None:
+        # One flat piece on purpose: every branch ends in exactly one reply to the driver
+        # (or, for a direct call, to the caller's link: ``to``).
+        send = self._send if to is None else to.send
         me = threading.get_ident()
         with self.state_lock:
             if tid in self.cancelled:
                 self.cancelled.discard(tid)
-                self._send((Msg.CANCELLED, self.spec.wid, tid))
+                send((Msg.CANCELLED, self.spec.wid, tid))
                 return
             self.running[me] = tid
         try:
@@ -236,39 +247,55 @@ class Worker:
                     if self.interrupt == tid:
                         self.interrupt = None
         except _Cancelled:
-            self._send((Msg.CANCELLED, self.spec.wid, tid))
+            send((Msg.CANCELLED, self.spec.wid, tid))
             return
         except BaseException as exc:          # noqa: BLE001 - the user's error is the result
-            self._send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
+            send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
             del exc
             # NOTE: a raised error's traceback holds its frames, and they the refs that raised it
             # (a cycle): collect now, so the driver hears of the refs' release while we idle
             if self.client.holds_refs():
                 gc.collect()
             return
-        self._reply_value(tid, name, value, nret)
+        self._reply_value(tid, name, value, nret, to, ids)
 
-    def _reply_value(self, tid: str, name: str, value: Any, nret: int) -> None:
+    def _reply_value(self, tid: str, name: str, value: Any, nret: int,
+                     to: _LinkReplies | None = None, ids: list[str] | None = None) -> None:
+        send = self._send if to is None else to.send
+        owner = self.spec.driver_pid if to is None else to.caller_pid
         handles: list[Any] = []         # handles and refs in the value: alive until sent
         exported: list[Any] = []
         try:
             values = [value] if nret == 1 else list(split_returns(value, nret, name))
             frames: list[Any] = [None]
             with capturing_refs(None, handles, exported):
-                descs = [self._encode(v).to_wire(frames) for v in values]
+                descs = [self._encode(v, owner).to_wire(frames) for v in values]
+            if to is not None and (handles or exported):
+                # the driver holds what travels inside: the value goes through it
+                frames = [None]
+                with capturing_refs(None, [], []):
+                    descs = [self._encode(v).to_wire(frames) for v in values]
         except BaseException as exc:          # noqa: BLE001
             info = error_info(exc, name, self.pid,
                               prefix=f"could not serialize the return value of {name}: ")
-            self._send((Msg.ERROR, self.spec.wid, tid, info))
+            send((Msg.ERROR, self.spec.wid, tid, info))
             return
-        if handles or exported:
-            self._send((Msg.RESULT, self.spec.wid, tid, descs,
-                        ([h._record.aid for h in handles], [r._id for r in exported])), frames)
+        if not (handles or exported):
+            send((Msg.RESULT, self.spec.wid, tid, descs), frames)
+            return
+        self.client.export(exported)
+        holds = ([h._record.aid for h in handles], [r._id for r in exported])
+        if to is None:
+            self._send((Msg.RESULT, self.spec.wid, tid, descs, holds), frames)
         else:
-            self._send((Msg.RESULT, self.spec.wid, tid, descs), frames)
+            self._send((Msg.REQUEST, self.spec.wid, "give",
+                        (to.caller_wid, ids, name, descs, *holds)), frames)
+            to.send((Msg.RESULT, self.spec.wid, tid, None))
 
-    def _encode(self, value: Any) -> Payload:
-        return encode(value, owner_pid=self.spec.driver_pid, own=False, table=self.table)
+    def _encode(self, value: Any, owner: int | None = None) -> Payload:
+        """For the driver (which adopts the names), or for a direct caller (``owner``)."""
+        pid = owner or self.spec.driver_pid
+        return encode(value, owner_pid=pid, own=False, table=self.table, reuse_pid=pid)
 
     def _decode_args(self, args_desc: Any, deps: dict[str, Any],
                      frames: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any], list[Payload]]:
@@ -293,10 +320,12 @@ class Worker:
         return asyncio.run_coroutine_threadsafe(coro, self._loop()).result()
 
     async def _run_async(self, tid: str, name: str, fn: Callable[..., Any], args_desc: Any,
-                         deps: Any, frames: list[Any], nret: int) -> None:
+                         deps: Any, frames: list[Any], nret: int,
+                         to: _LinkReplies | None = None, ids: list[str] | None = None) -> None:
         """One call of an async actor, on its event loop: ``async def`` methods run there
         (awaiting lets the others go on), plain methods on the loop's threads (a blocking
         ``hr.get`` in one blocks only itself). Ends in exactly one reply, like ``_run``."""
+        send = self._send if to is None else to.send
         try:
             async with self.slots:
                 if tid in self.cancelled:
@@ -311,15 +340,15 @@ class Worker:
                     if asyncio.iscoroutine(value):
                         value = await value
         except asyncio.CancelledError:
-            self._send((Msg.CANCELLED, self.spec.wid, tid))
+            send((Msg.CANCELLED, self.spec.wid, tid))
             return
         except BaseException as exc:          # noqa: BLE001 - the user's error is the result
-            self._send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
+            send((Msg.ERROR, self.spec.wid, tid, error_info(exc, name, self.pid)))
             return
         finally:
             with self.state_lock:
                 self.async_calls.pop(tid, None)
-        self._reply_value(tid, name, value, nret)
+        self._reply_value(tid, name, value, nret, to, ids)
 
     def _send(self, header: tuple[Any, ...] | None, frames: list[Any] | None = None) -> None:
         """Send ``header`` (None: only what the client queued) to the driver, after the
@@ -366,6 +395,24 @@ class Worker:
         from ..loops.dag_loop import start_loop
         return start_loop(self, plan, key, ends, trace_dir)
 
+    def _link(self, ends: tuple[Any, Any], link_id: str, caller_pid: int,
+              caller_wid: str) -> tuple[int, str, bool]:
+        """An internal call: serve a worker's direct calls (procs/links.py) on a thread of
+        their own, in the order it made them; the user's code stays under ``call_lock``."""
+        to = _LinkReplies(self, ends, link_id, caller_pid, caller_wid)
+        threading.Thread(target=self._serve_link, args=(to,), name=f"headrace-link-{link_id}",
+                         daemon=True).start()
+        return self.pid, self.spec.wid, self.slots is not None or self.pool is not None
+
+    def _serve_link(self, to: _LinkReplies) -> None:
+        while True:
+            try:
+                header, frames = to.lane.recv()
+            except ChannelClosedError:  # the caller closed it, or died
+                break
+            self._on_call(header, frames, to)
+        to.close()
+
     def _ring_doorbell(self) -> None:
         """Under ``send_lock``: the driver is not reading our result ring; tell it to."""
         protocol.send(self.outbox, (Msg.DOORBELL, self.spec.wid))
@@ -407,6 +454,7 @@ class Worker:
         driver_fd = self.driver_fd
         if driver_fd is not None:
             poller.register(driver_fd, zmq.POLLIN)
+        watched: dict[int, Any] = {}        # pidfd -> the link to that actor
         while True:     # NOTE: with a pidfd, no timeout: an idle actor wakes for nothing
             events = dict(poller.poll(None if driver_fd is not None else 1000))
             if self.ctl in events:
@@ -419,14 +467,61 @@ class Worker:
             if self.client_sock in events:
                 while self.client_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
-                    self.client.on_reply(header, frames)
+                    if header[0] == Msg.DOORBELL:
+                        self.client.doorbell(header[1])
+                    else:
+                        self.client.on_reply(header, frames)
             if self.flush_r in events:
                 os.read(self.flush_r, 4096)
                 self._send(None)
+            for fd in [fd for fd in watched if fd in events]:
+                poller.unregister(fd)
+                link = watched.pop(fd)()
+                os.close(fd)
+                if link is not None:
+                    link.die(f"the actor {link.label} (pid {link.pid}) died")
+            while self.client.watches:      # links made since: watch their actors' pids
+                fd, link = self.client.watches.popleft()
+                watched[fd] = weakref.ref(link)
+                poller.register(fd, zmq.POLLIN)
             if (driver_fd is not None and driver_fd in events) or \
                     os.getppid() != self.spec.driver_pid:
                 _clean_up_after(self.spec)
                 os._exit(1)                   # the driver is gone: nobody wants our results
+
+
+class _LinkReplies:
+    """Where a direct call's replies go: the caller's link (procs/links.py). Rings the caller's
+    doorbell (its client socket) when nobody there reads."""
+
+    def __init__(self, worker: Worker, ends: tuple[Any, Any], link_id: str, caller_pid: int,
+                 caller_wid: str) -> None:
+        self.caller_pid, self.caller_wid, self.link_id = caller_pid, caller_wid, link_id
+        self._lock = threading.Lock()
+        self._sock = worker.ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.connect(protocol.endpoint(worker.spec.session_dir, caller_wid + ".client"))
+        self.lane = WorkerLane(ends, self._doorbell)
+
+    def _doorbell(self) -> None:
+        protocol.send(self._sock, (Msg.DOORBELL, self.link_id))
+
+    def send(self, header: tuple[Any, ...], frames: list[Any] | None = None) -> None:
+        with self._lock:
+            if self._sock is None:
+                return
+            try:
+                self.lane.send(header, frames)
+            except ChannelClosedError:      # the caller is gone: nobody wants it
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
+            self.lane.close()
 
 
 def _clean_up_after(spec: WorkerSpec) -> None:

@@ -211,11 +211,14 @@ class SegmentTable:
         return None
 
 
-def encode(value: Any, *, owner_pid: int, own: bool, table: SegmentTable | None = None) -> Payload:
+def encode(value: Any, *, owner_pid: int, own: bool, table: SegmentTable | None = None,
+           reuse_pid: int | None = None, made: list[Segment] | None = None) -> Payload:
     """Encode ``value``; large out-of-band buffers go to one new shm segment (or stay put).
 
     ``own``: this process unlinks the new segment when the payload dies (the driver); a worker
-    passes False and the driver adopts the name on receipt.
+    passes False and the driver adopts the name on receipt. ``reuse_pid``: only buffers in
+    segments named after that process stay put (the receiver may own no others); ``made``
+    gets the new segment, if one was made.
     """
     meta, pickle_buffers = dumps(value)
     raws = [b.raw() for b in pickle_buffers]
@@ -224,8 +227,11 @@ def encode(value: Any, *, owner_pid: int, own: bool, table: SegmentTable | None 
     specs: list[tuple[str, int, int] | None] = [None] * len(raws)
     segments: list[Segment] = []
     fresh: list[int] = []
+    prefix = None if reuse_pid is None else segment_name(reuse_pid).rsplit("-", 1)[0] + "-"
     for i, raw in enumerate(raws):
         found = table.locate(raw) if table is not None else None
+        if found is not None and prefix is not None and not found[0].name.startswith(prefix):
+            found = None
         if found is None:
             fresh.append(i)
         else:
@@ -239,6 +245,8 @@ def encode(value: Any, *, owner_pid: int, own: bool, table: SegmentTable | None 
         seg = _copy_into_segment([raws[i] for i in fresh], owner_pid, own, specs, fresh, buffers,
                                  pool)
         segments.append(seg)
+        if made is not None:
+            made.append(seg)
         if table is not None:
             table.add(seg)
     for i, spec in enumerate(specs):       # decode-side views, read-only like the receiver's

@@ -105,8 +105,9 @@ def test_get_inside_running_event_loop_warns_once() -> None:
 
 
 def test_wait_returns_ready_and_not_ready_in_input_order() -> None:
-    fast1, slow1, fast2 = slow.remote(1), slow.remote(2, delay_s=3), slow.remote(3)
+    fast1, fast2 = slow.remote(1), slow.remote(3)
     hr.get([fast1, fast2], timeout=10)
+    slow1 = slow.remote(2, delay_s=3)       # made after the others finished: cannot be ready yet
     ready, not_ready = hr.wait([slow1, fast2, fast1], num_returns=2, timeout=5)
     assert ready == [fast2, fast1] and not_ready == [slow1]
 

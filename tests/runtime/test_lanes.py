@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import headrace as hr
-from headrace import _config
 from headrace.exceptions import ActorDiedError, TaskCancelledError
 from headrace.runtime.procs import lane as lane_mod
 
