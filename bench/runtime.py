@@ -11,8 +11,11 @@ while rounds alternate between them (STYLE 8):
 - ``fresh_actor_calls``: calls 2, 3, ... of a fresh actor (made, and called once, untimed before
   each round): what a short-lived actor or a benchmark's first calls see. headrace, ray.
 - ``nested_actor_call``: the driver calls actor A, which calls actor B and gets its value: the
-  row is the whole round trip; the nested call alone is that minus ``actor_call`` (same run).
+  row is the whole round trip (three processes busy at once: on 2 cores they share them).
   headrace, ray.
+- ``nested_in_actor``: the same nested call timed inside actor A (A calls B and gets the value,
+  ``per_round`` times in a row, and returns the times): the issue's "A calls B" round trip,
+  judged against ``actor_call``. headrace, ray.
 - ``mixed_get``: ``get([compiled_ref, actor_ref])`` next to each part alone (headrace only: Ray
   cannot mix them); ``two_dags_get``: ``get`` over refs of two compiled DAGs, and each alone,
   with the floor of the same shape: two child processes echoing over bare shm rings, both
@@ -47,6 +50,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "put_get_100mb": ("headrace", "ray", "memcpy"),
     "fresh_actor_calls": ("headrace", "ray"),
     "nested_actor_call": ("headrace", "ray"),
+    "nested_in_actor": ("headrace", "ray"),
     "mixed_get": ("compiled+actor", "compiled", "actor"),
     "two_dags_get": ("dag1+dag2", "dag1", "dag2", "floor-both", "floor-one"),
 }
@@ -91,6 +95,16 @@ class Relay:
     def nested(self) -> int:
         return self.get(self.down.ping.remote(), timeout=TIMEOUT_S)
 
+    def timed(self, n: int) -> list[float]:
+        """Seconds of each of ``n`` nested calls in a row, timed here in A."""
+        import time
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.get(self.down.ping.remote(), timeout=TIMEOUT_S)
+            out.append(time.perf_counter() - start)
+        return out
+
 
 def one() -> int:
     """The task of every runtime."""
@@ -119,6 +133,8 @@ class Impls:
         self.stops: list[Callable[[], None]] = []
         #: (case, impl) -> (before, after) around each of its rounds
         self.hooks: dict[tuple[str, str], tuple[Callable[[], None], Callable[[], None]]] = {}
+        #: (case, impl) -> a call that times ``n`` operations inside a worker, returning seconds
+        self.inner: dict[tuple[str, str], Callable[[int], list[float]]] = {}
 
     def start(self, name: str, starter: Callable[[], None]) -> None:
         """Run ``starter``; an ImportError means "not installed", anything else "setup failed"."""
@@ -229,6 +245,8 @@ class Impls:
         assert mod.get(relay.nested.remote(), timeout=TIMEOUT_S) == 1
         self.ops["nested_actor_call", name] = lambda: mod.get(relay.nested.remote(),
                                                               timeout=TIMEOUT_S)
+        self.inner["nested_in_actor", name] = lambda n: mod.get(relay.timed.remote(n),
+                                                                timeout=TIMEOUT_S)
 
     def _headrace_mixed(self, hr: Any, actor: Any) -> None:
         """get() over refs of several producers, and each producer alone (same run)."""
@@ -281,6 +299,28 @@ class Impls:
         self.ops["put_get_100mb", "memcpy"] = lambda: np.copyto(dst, big)
 
 
+def measure_inner(impls: Impls, case: str, names: tuple[str, ...], counts: Counts,
+                  ) -> list[Record]:
+    """Rounds of ``per_round`` operations timed inside a worker, the impls taking turns."""
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    for r in range(counts.rounds + 1):               # round 0 warms up, untimed
+        for name in names if r % 2 else reversed(names):
+            fn = impls.inner.get((case, name))
+            if fn is None or name in errors:
+                continue
+            try:
+                got = fn(counts.warmup if r == 0 else counts.per_round)
+            except Exception as exc:  # noqa: BLE001 - a failing impl becomes a row
+                errors[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                continue
+            if r:
+                samples[name].extend(got)
+    return [missing(case, n, impls.notes.get(n) or errors.get(n) or "not measured")
+            if impls.notes.get(n) or errors.get(n) or not samples[n]
+            else summarize(case, n, samples[n]) for n in names]
+
+
 def measure_import(n: int) -> Record:
     """``import headrace`` in a fresh interpreter minus an empty one, paired and alternated."""
     with tempfile.TemporaryDirectory() as cwd:     # away from any source tree on sys.path
@@ -316,17 +356,21 @@ def judge(records: list[Record]) -> list[Target]:
                           r <= 0.05 and fresh.p99_us <= 500 if ok else None,
                           f"{r:.2f}x, p99 {fresh.p99_us / 1e3:.2f} ms" if ok else "not measured"))
     for impl in ("headrace", "ray"):
-        whole, call = by.get(("nested_actor_call", impl)), by.get(("actor_call", impl))
-        ok = whole is not None and call is not None and whole.median_us and call.median_us
+        inner, call = by.get(("nested_in_actor", impl)), by.get(("actor_call", impl))
+        ok = inner is not None and call is not None and inner.median_us and call.median_us
         if ok:
-            nested = whole.median_us - call.median_us
-            r = nested / call.median_us
-            detail = (f"{impl}: nested {nested:.1f} us = whole {whole.median_us:.1f} - driver "
-                      f"call {call.median_us:.1f}: {r:.2f}x the driver's call")
+            r = inner.median_us / call.median_us
+            detail = (f"{impl}: A calls B {inner.median_us:.1f} us (timed in A) / driver call "
+                      f"{call.median_us:.1f} us = {r:.2f}x")
         targets.append(Target(f"{impl} nested actor call (A calls B) <= 2x the driver's call"
                               if impl == "headrace" else "ray nested actor call (reference)",
                               (r <= 2 if impl == "headrace" else None) if ok else None,
                               detail if ok else "not measured"))
+        whole = by.get(("nested_actor_call", impl))
+        if whole and call and whole.median_us and call.median_us:
+            x = whole.median_us / call.median_us
+            targets.append(Target(f"{impl} whole nested trip (driver -> A -> B) (reference)",
+                                  None, f"{whole.median_us:.1f} us = {x:.2f}x the driver's call"))
     hn, rn = by.get(("nested_actor_call", "headrace")), by.get(("nested_actor_call", "ray"))
     if hn and rn and hn.median_us and rn.median_us:
         targets.append(Target("nested actor call round trip vs ray's (reference)", None,
@@ -375,6 +419,11 @@ def run(quick: bool = False) -> list[Record]:
                               ("ray", impls.ray)):
             impls.start(name, starter)
         for case, names in CASES.items():
+            if any((case, n) in impls.inner for n in names):
+                for rec in measure_inner(impls, case, names, counts):
+                    records.append(rec)
+                    progress(SUITE, rec)
+                continue
             big = case == "put_get_100mb"
             fns = {n: impls.ops[case, n] for n in names if (case, n) in impls.ops}
             hooks = {n: impls.hooks[case, n] for n in names if (case, n) in impls.hooks}
