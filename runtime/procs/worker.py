@@ -161,7 +161,12 @@ class Worker:
         self.control.join(1.0)
         self.client_sock.close(linger=0)      # the control thread read it; it has stopped
         self.inbox.close(linger=0)
+        # NOTE: under send_lock, so a thread still sending (a lane attaching) finds it closed
+        # instead of writing to a closed socket; bounded, a stuck sender cannot keep us alive.
+        locked = self.send_lock.acquire(timeout=2.0)
         self.outbox.close(linger=2000)
+        if locked:
+            self.send_lock.release()
         self.ctx.term()     # returns once the replies are out (or the linger time is up)
         os._exit(code)      # NOTE: skip interpreter teardown: user threads must not keep us alive
 
@@ -362,7 +367,7 @@ class Worker:
     def _send_one(self, header: tuple[Any, ...], frames: list[Any] | None) -> None:
         if self.lane is not None:
             self.lane.send(header, frames)
-        else:
+        elif not self.outbox.closed:    # closed: this process is ending (``_exit``)
             protocol.send(self.outbox, header, frames)
 
     def _wake_flush(self) -> None:
@@ -380,6 +385,9 @@ class Worker:
                 logging.getLogger(__name__).exception("could not attach the shm lane")
                 return
             with self.send_lock:
+                if self.outbox.closed:      # exiting meanwhile: nobody wants the lane now
+                    lane.close()
+                    return
                 self.lane = lane
                 protocol.send(self.outbox, (Msg.LANE_READY, self.spec.wid))
         threading.Thread(target=attach, name="headrace-lane", daemon=True).start()
@@ -415,7 +423,8 @@ class Worker:
 
     def _ring_doorbell(self) -> None:
         """Under ``send_lock``: the driver is not reading our result ring; tell it to."""
-        protocol.send(self.outbox, (Msg.DOORBELL, self.spec.wid))
+        if not self.outbox.closed:
+            protocol.send(self.outbox, (Msg.DOORBELL, self.spec.wid))
 
     # -- cancellation -----------------------------------------------------------------------
     def _on_interrupt(self, signum: int, frame: Any) -> None:
