@@ -22,7 +22,9 @@ from .refs.ref import note_handle
 
 _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retries": 0}
 #: max_concurrency None: Ray's default, 1000 for an actor with ``async def`` methods, else 1
-_ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": None, "max_restarts": 0}
+#: host, resources: where on a Dask cluster it runs (runtime/hosts; an error without one)
+_ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": None, "max_restarts": 0,
+                  "host": None, "resources": None}
 _ids = itertools.count(1)
 
 
@@ -47,6 +49,15 @@ def _check_options(kind: str, allowed: dict[str, Any], given: dict[str, Any]) ->
         raise ValueError(f"num_cpus must be a number >= 0, got {opts['num_cpus']!r}")
     if opts["name"] is not None and not isinstance(opts["name"], str):
         raise TypeError(f"name must be a str, got {type(opts['name']).__name__}")
+    if opts.get("host") is not None and not isinstance(opts["host"], str):
+        raise TypeError(f"host must be a str (a Dask worker's address, name, IP or hostname), "
+                        f"got {type(opts['host']).__name__}")
+    res = opts.get("resources")
+    if res is not None and (not isinstance(res, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v >= 0 for k, v in res.items())):
+        raise ValueError(f"resources must be a dict of names to numbers >= 0 (Dask worker "
+                         f"resources), got {res!r}")
     return opts
 
 

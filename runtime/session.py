@@ -22,14 +22,16 @@ _RUNTIME: Any = None
 _ATEXIT = False
 
 
-def init(num_cpus: int | None = None, *, address: str | None = None,
+def init(num_cpus: int | None = None, *, address: Any = None,
          log_to_driver: bool = True, logging_level: int = logging.INFO,
          ignore_reinit_error: bool = False) -> dict[str, Any]:
     """Start the embedded local runtime: ``num_cpus`` pooled task workers (default: all cores).
 
     Args:
         num_cpus: Task worker processes and CPU slots; default ``os.cpu_count()``.
-        address: None or ``"local"``; clusters come with the scale-out work (DESIGN 5).
+        address: None (or ``"local"``): the embedded runtime on this host. A Dask scheduler
+            address (``"tcp://scheduler:8786"``) or a ``distributed.Client``: actors run on
+            that cluster's workers as well (needs ``pip install 'headrace[dask]'``).
         log_to_driver: Copy workers' and actors' output to this process's stderr.
         logging_level: Root logging level inside workers and actors.
         ignore_reinit_error: Return quietly if already initialised (Ray's flag).
@@ -47,9 +49,8 @@ def init(num_cpus: int | None = None, *, address: str | None = None,
         raise RuntimeError("headrace is already initialised in this worker (it uses the "
                            "driver's session); call hr.init() on the driver only, or pass "
                            "ignore_reinit_error=True")
-    if address not in (None, "local", "auto"):
-        raise ValueError(f"address={address!r}: only the embedded local runtime exists so far; "
-                         "pass address=None")
+    if address in ("local", "auto"):
+        address = None
     if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int)
                                  or num_cpus < 1):
         raise ValueError(f"num_cpus must be an int >= 1, got {num_cpus!r}")
@@ -61,7 +62,7 @@ def init(num_cpus: int | None = None, *, address: str | None = None,
                                "pass ignore_reinit_error=True")
         from .procs.core import Runtime
         _RUNTIME = Runtime(num_cpus or os.cpu_count() or 1, log_to_driver=log_to_driver,
-                           logging_level=logging_level)
+                           logging_level=logging_level, address=address)
         if not _ATEXIT:
             atexit.register(shutdown)
             _ATEXIT = True

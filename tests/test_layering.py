@@ -107,7 +107,7 @@ def import_graph(modules: dict[str, Path]) -> nx.DiGraph:
 
 #: runtime/'s parts, each one job, lowest first; a part imports only parts before it. "api" is
 #: the modules at runtime/'s top (session, remote, api): the session and the remote API.
-RUNTIME_PARTS = ["wire", "refs", "loops", "procs", "api", "compiled"]
+RUNTIME_PARTS = ["wire", "refs", "loops", "hosts", "procs", "api", "compiled"]
 
 
 def _runtime_part(module: str) -> str | None:

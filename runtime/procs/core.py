@@ -42,7 +42,7 @@ from .output import LogForwarder
 from ..wire.errors import task_error
 from .lane import DriverLane
 from ..wire.payload import Payload, SegmentPool, SegmentTable, encode, from_wire
-from ..wire.protocol import Msg, WorkerSpec
+from ..wire.protocol import Msg, RemoteSpec, WorkerSpec
 from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
                       advance)
 from .arguments import bad_argument
@@ -59,7 +59,8 @@ Finish = Callable[[], Any]
 class Runtime(WorkerRequests):
     """One embedded local runtime (one per driver process)."""
 
-    def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int) -> None:
+    def __init__(self, num_cpus: int, *, log_to_driver: bool, logging_level: int,
+                 address: Any = None) -> None:
         sweep_dead_owners()
         # only where the ops were not built at install: numba compiles them in the background
         self.warmup = native.prepare()
@@ -105,17 +106,33 @@ class Runtime(WorkerRequests):
         self.wake_r, self.wake_w = os.pipe()
         self.io = threading.Thread(target=self._io_loop, name="headrace-io", daemon=True)
         self.io.start()
+        self.cluster: Any = None                    # a Dask cluster hosting actors (hosts/)
+        if address is not None:
+            from ..hosts.cluster import DaskCluster
+            try:
+                self.cluster = DaskCluster(address, protocol.endpoint(self.dir, "driver"),
+                                           self._remote_lost, self._remote_ping)
+            except BaseException:
+                self.shutdown()
+                raise
         with self.lock:
             for _ in range(num_cpus):
                 self._spawn("task", "worker")
 
     # -- processes --------------------------------------------------------------------------
-    def _spawn(self, kind: str, label: str) -> Proc:
+    def _spawn(self, kind: str, label: str, worker: str | None = None) -> Proc:
+        """Start a child: here, or on the Dask worker ``worker`` (runtime/hosts)."""
         wid = f"w{next(self._ids)}"
+        remote = None if worker is None else RemoteSpec(
+            "", self.cluster.driver, self.cluster.keys.as_tuple(), 0, worker)
         spec = WorkerSpec(wid=wid, kind=kind, session_dir=self.dir, driver_pid=self.pid,
                           sys_path=tuple(p for p in sys.path if p), label=label,
                           logging_level=self.logging_level, log_to_driver=self.log_to_driver,
-                          num_cpus=self.num_cpus)
+                          num_cpus=self.num_cpus, remote=remote)
+        if worker is not None:
+            proc = Proc(wid, kind, label, self.cluster.launch(wid, spec, worker))
+            self.procs[wid] = proc
+            return proc
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
         out_r, out_w = os.pipe() if self.logs else (None, subprocess.DEVNULL)
@@ -136,11 +153,34 @@ class Runtime(WorkerRequests):
 
     def _connect(self, proc: Proc) -> None:
         for attr, name in (("push", proc.wid), ("ctl", proc.wid + ".ctl")):
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
+            setattr(proc, attr, self.child_socket(proc, name))
+
+    def child_socket(self, proc: Proc, name: str) -> zmq.Socket:
+        """A PUSH to the child's socket ``name`` (over CURVE TCP to one on another host)."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        if proc.remote is None:
             sock.connect(protocol.endpoint(self.dir, name))
-            setattr(proc, attr, sock)
+        else:
+            self.cluster.keys.client(sock)
+            sock.connect(proc.endpoints[name])
+        return sock
+
+    # -- processes on other hosts (runtime/hosts) ----------------------------------------------
+    def _remote_lost(self, wid: str, popen: Any) -> None:
+        """The cluster's watcher: a remote child is gone (its reason is in ``popen``)."""
+        proc = self.procs.get(wid)
+        if proc is not None and proc.popen is popen:
+            self._on_death(proc)
+
+    def _remote_ping(self, wid: str) -> None:
+        proc = self.procs.get(wid)
+        if proc is not None and proc.state is ProcState.READY:
+            try:
+                self._send(proc, (Msg.PING,), ctl=True)
+            except zmq.ZMQError:                # closed meanwhile: it is ending
+                pass
 
     def _send(self, proc: Proc, header: tuple[Any, ...], frames: list[Any] | None = None,
               ctl: bool = False, lane_timeout_s: float = 0.0) -> None:
@@ -219,6 +259,15 @@ class Runtime(WorkerRequests):
                 poller.register(fd, zmq.POLLIN)
 
     def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        if header[0] == Msg.HEARTBEAT:
+            if self.cluster is not None:
+                self.cluster.seen(header[1])
+            return
+        if header[0] == Msg.EXITED:
+            popen = self.cluster.exited(header[1], header[2]) if self.cluster else None
+            if popen is not None:
+                self._remote_lost(header[1], popen)
+            return
         if header[0] == Msg.DOORBELL:
             proc = self.procs.get(header[1])
             if proc is not None and proc.lane is not None:
@@ -234,8 +283,12 @@ class Runtime(WorkerRequests):
     def _on_ready(self, proc: Proc, header: tuple, frames: list, out: list[Finish]) -> None:
         advance(proc, ProcState.READY)
         self.start_failures = 0
+        if proc.remote is not None:         # on another host: its sockets, no shm rings
+            proc.pid = proc.popen.pid = header[2]
+            proc.endpoints = header[3]
+            self.cluster.seen(proc.wid, ready=True)
         self._connect(proc)
-        if _config.ACTOR_LANES:             # rings from the start: the ops load in a moment
+        if _config.ACTOR_LANES and proc.remote is None:   # rings from the start
             self._ask_lane(proc)
         if proc.kind == "task":
             self.idle.append(proc)
@@ -249,8 +302,9 @@ class Runtime(WorkerRequests):
         """Send the actor its class and arguments; its queued calls follow at once."""
         actor = proc.actor
         frames_out: list[Any] = [None]
-        args = actor.init_args.to_wire(frames_out)
-        deps = {rid: _payload_of(r, self).to_wire(frames_out)
+        inline = proc.remote is not None
+        args = actor.init_args.to_wire(frames_out, inline=inline)
+        deps = {rid: _payload_of(r, self).to_wire(frames_out, inline=inline)
                 for rid, r in actor.init_deps.items()}
         self._send(proc, (Msg.INIT_ACTOR, actor.body.blob, args, deps, actor.max_concurrency,
                           actor.label), frames_out, lane_timeout_s=_LANE_SEND_S)
@@ -327,7 +381,10 @@ class Runtime(WorkerRequests):
                 self._on_actor_death(proc.actor, proc, reason, finishes)
         # NOTE: what a child named after itself is channel spill segments only (its results
         # carry the driver's pid): a killed child cannot unlink them, so the driver does
-        unlink_owned(proc.popen.pid)
+        if proc.remote is None:
+            unlink_owned(proc.popen.pid)
+        else:
+            self.cluster.forget(proc.wid)
         _run(finishes)
 
     def _on_worker_death(self, proc: Proc, reason: tuple[str, int | None, int | None],
@@ -395,7 +452,7 @@ class Runtime(WorkerRequests):
         if restart:
             actor.restarts_left -= 1
             advance(actor, ActorState.STARTING)
-            actor.proc = self._spawn("actor", actor.label)
+            actor.proc = self._spawn("actor", actor.label, proc.remote)
             actor.proc.actor = actor
             return
         self._end_actor(actor, err, out)
@@ -566,9 +623,10 @@ class Runtime(WorkerRequests):
                     self._send(proc, (Msg.EXIT,))
                 continue
             frames: list[Any] = [None]
-            args = task.args.to_wire(frames)
-            deps = {rid: _payload_of(r, self).to_wire(frames) for rid, r in task.deps.items()} \
-                if task.deps else {}
+            inline = proc.remote is not None
+            args = task.args.to_wire(frames, inline=inline)
+            deps = {rid: _payload_of(r, self).to_wire(frames, inline=inline)
+                    for rid, r in task.deps.items()} if task.deps else {}
             header = (Msg.CALL, task.tid, task.method, args, deps, len(task.refs))
             if lane is not None:
                 if not lane.send(header, frames):
@@ -619,6 +677,8 @@ class Runtime(WorkerRequests):
                             max_concurrency=options["max_concurrency"],
                             num_cpus=options["num_cpus"], max_restarts=options["max_restarts"])
         actor.keep = keep or None
+        if options.get("host") is not None or options.get("resources"):
+            actor.placement = (options.get("host"), options.get("resources"), None)
         finishes: list[Finish] = []
         with self.lock:
             self._check_open()
@@ -637,6 +697,24 @@ class Runtime(WorkerRequests):
             raise ValueError(f"an actor named {name!r} already exists.\n\n"
                              f"Use hr.get_actor({name!r}) to get a handle to it, or pick "
                              "another name.")
+        if actor.placement is not None:         # on a Dask worker (runtime/hosts)
+            host, resources, _ = actor.placement
+            if self.cluster is None:
+                raise ValueError(f"actor {label} asks for host={host!r} resources="
+                                 f"{resources!r}, which only a cluster has.\n\nConnect to "
+                                 "one with hr.init(address='tcp://scheduler:8786'), or drop "
+                                 "those options.")
+        if self.cluster is not None:
+            host, resources, _ = actor.placement or (None, None, None)
+            worker = self.cluster.place(label, host, resources)
+            actor.placement = (host, resources, worker)
+            self.actors[actor.aid] = actor
+            if name is not None:
+                self.named[name] = actor
+            actor.num_cpus = 0                  # the cluster's CPUs, not this host's slots
+            proc = self._spawn("actor", label, worker)
+            actor.proc, proc.actor = proc, actor
+            return
         if actor.num_cpus > self.free_cpus:
             raise ValueError(
                 f"actor {label} asks for num_cpus={actor.num_cpus} but only "
@@ -820,9 +898,12 @@ class Runtime(WorkerRequests):
         self.inbox.closed = True
         self.wake_io()
         self.io.join(2.0)
+        if self.cluster is not None:            # every process on every host, then the rest
+            self.cluster.close()
         _reap(procs, _config.SHUTDOWN_GRACE_S)
         for proc in procs:
-            unlink_owned(proc.popen.pid)
+            if proc.remote is None:
+                unlink_owned(proc.popen.pid)
         if self.warmup is not None and self.warmup.poll() is None:
             _kill(self.warmup)          # not done yet: the next process compiles instead
             self.warmup.wait(2.0)
@@ -894,6 +975,8 @@ def _payload_of(ref: Ref, rt: Runtime) -> Payload:
 
 
 def _death_reason(popen: subprocess.Popen) -> tuple[str, int | None, int | None]:
+    if hasattr(popen, "death_reason"):      # on another host (runtime/hosts/cluster.py)
+        return popen.death_reason()
     try:
         code = popen.wait(timeout=1.0)
     except subprocess.TimeoutExpired:   # still tearing down (threads, big mappings)

@@ -70,7 +70,8 @@ class Proc:
 
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
                  "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
-                 "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent", "adopted")
+                 "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent", "adopted",
+                 "remote", "endpoints")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -96,6 +97,8 @@ class Proc:
         self.borrowed: dict[str, Any] = {}    # ref id -> the ref, while the child holds it
         self.held: dict[str, int] = {}        # actor id -> handles the child holds (one count)
         self.lent = 0.0                       # CPU slots lent while it blocks in get
+        self.remote = getattr(popen, "worker", None)   # the Dask worker it runs on, if remote
+        self.endpoints: dict[str, str] = {}   # a remote child's sockets (from its READY)
         self.adopted: set[str] = set()        # its direct refs we hold, value to come
 
 
@@ -131,7 +134,7 @@ class ActorRecord:
 
     __slots__ = ("aid", "name", "label", "body", "init_args", "init_deps", "max_concurrency",
                  "num_cpus", "restarts_left", "state", "proc", "queue", "inflight", "error",
-                 "init_error", "handles", "killed", "exiting", "keep", "__weakref__")
+                 "init_error", "handles", "killed", "exiting", "keep", "placement", "__weakref__")
 
     def __init__(self, aid: str, name: str | None, label: str, body: Any, init_args: Payload,
                  init_deps: dict[str, Ref], *, max_concurrency: int, num_cpus: float,
@@ -155,3 +158,5 @@ class ActorRecord:
         self.killed = False
         self.exiting = False                  # its last handle went: it ends after its queue
         self.keep: Any = None                 # actors of handles in its __init__ arguments
+        #: on a cluster: (host, resources) asked for, and then the Dask worker it runs on
+        self.placement: tuple[str | None, dict | None, str | None] | None = None

@@ -19,11 +19,11 @@ import logging
 import weakref
 from typing import Any
 
-import zmq
 
 from ...exceptions import ActorDiedError, ObjectLostError
 from ..refs.ref import ObjectRef, Ref, RefState
 from ..wire import protocol
+from .links import LINK
 from ..wire.payload import encode, from_wire
 from ..wire.protocol import Msg
 from .records import ActorRecord, ActorState, Proc, ProcState, TaskRecord
@@ -145,6 +145,9 @@ class WorkerRequests:
                 for rid in ids]
         proc.adopted.difference_update(ids)
         self._own(proc, refs)
+        if why is None and method == LINK and actor is not None and (
+                proc.remote is not None or actor.placement is not None):
+            why = "no direct link between hosts: the calls go through the driver"
         if actor is None or why is not None:
             err = ActorDiedError(f"the actor {name} was called from {proc.label} (pid "
                                  f"{proc.pid}), but it is no longer alive.\n\nCreate a new "
@@ -296,7 +299,8 @@ class WorkerRequests:
             payload = ref._payload
             if payload is None:         # finished with a plain value (lookups, answers)
                 payload = encode(ref._value, owner_pid=self.pid, own=True, table=self.table)
-            header = (Msg.REPLY, ref._id, True, payload.to_wire(frames))
+            header = (Msg.REPLY, ref._id, True,
+                      payload.to_wire(frames, inline=proc.remote is not None))
         else:
             header = (Msg.REPLY, ref._id, False, _error_blob(ref._error))
         with proc.client_lock:
@@ -304,10 +308,7 @@ class WorkerRequests:
             if sock is None:
                 if proc.state is ProcState.DEAD:
                     return
-                sock = proc.client_sock = self.ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.SNDHWM, 0)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(protocol.endpoint(self.dir, proc.wid + ".client"))
+                sock = proc.client_sock = self.child_socket(proc, proc.wid + ".client")
             protocol.send(sock, header, frames)
 
     def _forget_child(self, proc: Proc) -> None:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,10 @@ from . import client as client_mod
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
 #: An async actor's max_concurrency unless set (Ray's default).
 _ASYNC_CONCURRENCY = 1000
+#: On another host: a heartbeat to the driver this often (runtime/hosts/cluster.HEARTBEAT_S)...
+_HEARTBEAT_S = 0.25
+#: ...and the driver counts as gone after this long without its ping.
+_DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
 
@@ -77,13 +82,23 @@ class Worker:
         self.label = spec.label
         self.driver_fd = _pidfd(spec.driver_pid)     # readable once the driver has exited
         self.ctx = zmq.Context()
-        self.inbox = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid), True)
-        self.ctl = self._socket(zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".ctl"),
-                                True)
-        self.outbox = self._socket(zmq.PUSH, protocol.endpoint(spec.session_dir, "driver"), False)
+        self.remote = spec.remote               # set on another host than the driver's
+        self.endpoints: dict[str, str] = {}     # where this process listens (remote only)
+        self.auth: Any = None
+        if self.remote is not None:
+            from ..hosts.keys import SessionKeys, admit_only
+            from ..wire.payload import inline_only
+            inline_only()                       # no shm shared with the driver: values inline
+            self.keys = SessionKeys(*self.remote.keys)
+            self.auth = admit_only(self.ctx, self.keys)
+            self.driver_fd = None
+            self.last_ping = time.monotonic()
+            self.last_beat = 0.0
+        self.inbox = self._socket(zmq.PULL, spec.wid, True)
+        self.ctl = self._socket(zmq.PULL, spec.wid + ".ctl", True)
+        self.outbox = self._socket(zmq.PUSH, "driver", False)
         # the driver's replies to the API used here (procs/client.py), read by the control thread
-        self.client_sock = self._socket(
-            zmq.PULL, protocol.endpoint(spec.session_dir, spec.wid + ".client"), True)
+        self.client_sock = self._socket(zmq.PULL, spec.wid + ".client", True)
         self.flush_r, self.flush_w = os.pipe()
         os.set_blocking(self.flush_w, False)    # full: a flush is due anyway
         self.send_lock = threading.Lock()
@@ -121,14 +136,28 @@ class Worker:
         self.control.start()
         self.lane: WorkerLane | None = None         # replies go here once attached
         self.receive: Callable[[], tuple[tuple, list]] = lambda: protocol.recv(self.inbox)
-        self._send((Msg.READY, spec.wid, self.pid))
+        if self.remote is None:
+            self._send((Msg.READY, spec.wid, self.pid))
+        else:                                   # the driver connects to these
+            self._send((Msg.READY, spec.wid, self.pid, dict(self.endpoints)))
 
-    def _socket(self, kind: int, address: str, bind: bool) -> zmq.Socket:
+    def _socket(self, kind: int, name: str, bind: bool) -> zmq.Socket:
+        """Socket ``name``: in the session directory, or (remote) a CURVE server on a TCP port
+        of this host, or a CURVE client of the driver's inbox."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        (sock.bind if bind else sock.connect)(address)
+        if self.remote is None:
+            address = protocol.endpoint(self.spec.session_dir, name)
+            (sock.bind if bind else sock.connect)(address)
+        elif bind:
+            self.keys.serve(sock)
+            host = f"tcp://{self.remote.bind_ip}"
+            self.endpoints[name] = f"{host}:{sock.bind_to_random_port(host)}"
+        else:
+            self.keys.client(sock)
+            sock.connect(self.remote.driver if name == "driver" else self.endpoints[name])
         return sock
 
     # -- main loop --------------------------------------------------------------------------
@@ -154,8 +183,7 @@ class Worker:
             _clean_up_after(self.spec)
         sys.stdout.flush()
         sys.stderr.flush()
-        stop = self.ctx.socket(zmq.PUSH)
-        stop.connect(protocol.endpoint(self.spec.session_dir, self.spec.wid + ".ctl"))
+        stop = self._socket(zmq.PUSH, self.spec.wid + ".ctl", False)
         protocol.send(stop, (Msg.EXIT,))
         stop.close(linger=1000)
         self.control.join(1.0)
@@ -167,6 +195,8 @@ class Worker:
         self.outbox.close(linger=2000)
         if locked:
             self.send_lock.release()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()     # returns once the replies are out (or the linger time is up)
         os._exit(code)      # NOTE: skip interpreter teardown: user threads must not keep us alive
 
@@ -449,11 +479,25 @@ class Worker:
                                                            ctypes.py_object(_Cancelled))
 
     def _driver_gone(self) -> bool:
-        """The driver exited (its pidfd is readable; without one, its pid is gone)."""
+        """The driver exited (its pidfd is readable; without one, its pid is gone). Not asked
+        on another host (the driver's pid means nothing there; its pings tell)."""
+        if self.remote is not None:
+            return False
         fd = self.driver_fd
         if fd is None:
             return not is_alive(self.spec.driver_pid)
         return bool(select.select([fd], [], [], 0)[0])
+
+    def _remote_tick(self) -> bool:
+        """On another host: send a heartbeat when due; True when the driver stopped pinging or
+        the Dask worker that started us died (nobody wants our results then)."""
+        now = time.monotonic()
+        if now - self.last_beat >= _HEARTBEAT_S:
+            self.last_beat = now
+            with self.send_lock:
+                if not self.outbox.closed:
+                    protocol.send(self.outbox, (Msg.HEARTBEAT, self.spec.wid))
+        return now - self.last_ping > _DRIVER_SILENCE_S or os.getppid() != self.remote.parent_pid
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
@@ -464,8 +508,10 @@ class Worker:
         if driver_fd is not None:
             poller.register(driver_fd, zmq.POLLIN)
         watched: dict[int, Any] = {}        # pidfd -> the link to that actor
+        slice_ms = None if driver_fd is not None else 1000 if self.remote is None \
+            else int(_HEARTBEAT_S * 1000)
         while True:     # NOTE: with a pidfd, no timeout: an idle actor wakes for nothing
-            events = dict(poller.poll(None if driver_fd is not None else 1000))
+            events = dict(poller.poll(slice_ms))
             if self.ctl in events:
                 header, _ = protocol.recv(self.ctl)
                 if header[0] == Msg.EXIT:
@@ -473,6 +519,10 @@ class Worker:
                     return
                 if header[0] == Msg.CANCEL:
                     self._cancel(header[1])
+                elif header[0] == Msg.PING:
+                    self.last_ping = time.monotonic()
+            if self.remote is not None and self._remote_tick():
+                os._exit(1)                   # the driver or our Dask worker is gone
             if self.client_sock in events:
                 while self.client_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
@@ -494,7 +544,7 @@ class Worker:
                 watched[fd] = weakref.ref(link)
                 poller.register(fd, zmq.POLLIN)
             if (driver_fd is not None and driver_fd in events) or \
-                    os.getppid() != self.spec.driver_pid:
+                    (self.remote is None and os.getppid() != self.spec.driver_pid):
                 _clean_up_after(self.spec)
                 os._exit(1)                   # the driver is gone: nobody wants our results
 

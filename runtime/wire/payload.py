@@ -37,6 +37,16 @@ BufSpec = int | tuple[str, int, int]
 WireDesc = tuple[bytes, tuple[BufSpec, ...]]
 
 
+#: True in a process on another host than the driver: nothing goes to shm, values travel inline.
+_INLINE_ONLY = False
+
+
+def inline_only() -> None:
+    """This process is on another host than the driver: encode every value inline."""
+    global _INLINE_ONLY
+    _INLINE_ONLY = True
+
+
 class Payload:
     """An encoded value. ``decode()`` rebuilds it, reading shared-memory buffers in place."""
 
@@ -71,11 +81,14 @@ class Payload:
             buffers[i] = pa.foreign_buffer(pin.address + offset, nbytes, base=pin)
         return loads(self.meta, buffers)
 
-    def to_wire(self, frames: list[Any]) -> WireDesc:
-        """The descriptor to send; inline buffers are appended to ``frames`` (zero copy)."""
+    def to_wire(self, frames: list[Any], *, inline: bool = False) -> WireDesc:
+        """The descriptor to send; inline buffers are appended to ``frames`` (zero copy).
+
+        ``inline``: shared-memory buffers travel as frames too (for a process on another host).
+        """
         specs: list[BufSpec] = []
         for buf, spec in zip(self.buffers, self.specs, strict=True):
-            if spec is None:
+            if spec is None or inline:
                 specs.append(len(frames))
                 frames.append(buf)
             else:
@@ -222,7 +235,7 @@ def encode(value: Any, *, owner_pid: int, own: bool, table: SegmentTable | None 
     """
     meta, pickle_buffers = dumps(value)
     raws = [b.raw() for b in pickle_buffers]
-    if sum(r.nbytes for r in raws) < INLINE_MAX_BYTES:
+    if _INLINE_ONLY or sum(r.nbytes for r in raws) < INLINE_MAX_BYTES:
         return Payload(meta, raws, [None] * len(raws), [])
     specs: list[tuple[str, int, int] | None] = [None] * len(raws)
     segments: list[Segment] = []

@@ -1,4 +1,5 @@
-"""Control-plane messages between the driver and its children (pyzmq over ``ipc://``).
+"""Control-plane messages between the driver and its children (pyzmq over ``ipc://``; children
+on other hosts use ``tcp://`` with CURVE, see runtime/hosts).
 
 Every message is a multipart zmq message: frame 0 is a pickled tuple whose first item is a
 ``Msg``; inline payload buffers follow as frames 1.. and payload descriptors point at them.
@@ -40,6 +41,10 @@ class Msg(IntEnum):
     DOORBELL = 16       # (kind, wid)          an actor wrote its result ring while nobody read
     LANE_READY = 17     # (kind, wid)          the rings are attached: switch calls to them
     REQUEST = 18        # (kind, wid, op, body)  the API used inside the child (procs/client.py)
+    # scale-out (runtime/hosts): processes on other hosts, over CURVE-authenticated TCP
+    EXITED = 19         # (kind, wid, returncode)  from the Dask worker that started the child
+    HEARTBEAT = 20      # (kind, wid)              a remote child is alive (every HEARTBEAT_S)
+    PING = 21           # (kind,)                  on the control socket: the driver is alive
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,18 @@ class WorkerSpec:
     logging_level: int
     log_to_driver: bool
     num_cpus: int = 1             # the driver's CPU slots (what .remote() checks against)
+    remote: RemoteSpec | None = None   # set for a child on another host than the driver
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSpec:
+    """How a child on another host reaches the driver (runtime/hosts)."""
+
+    bind_ip: str                  # this host's address (the Dask worker's)
+    driver: str                   # tcp://ip:port of the driver's inbox
+    keys: tuple[bytes, bytes, bytes, bytes]   # CURVE: server public/secret, client public/secret
+    parent_pid: int               # the Dask worker that started it: its death ends the child
+    host: str                     # the host's name in errors (the Dask worker's address)
 
 
 def endpoint(session_dir: str, name: str) -> str:

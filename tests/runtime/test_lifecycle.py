@@ -27,8 +27,9 @@ def test_first_api_use_initialises_and_reinit_is_an_error() -> None:
 def test_init_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"^num_cpus must be an int >= 1, got 0$"):
         hr.init(num_cpus=0)
-    with pytest.raises(ValueError, match="only the embedded local runtime"):
-        hr.init(address="tcp://elsewhere:8786")
+    with pytest.raises(ValueError, match="pass a Dask scheduler address"):
+        hr.init(address="elsewhere:8786")
+    assert not hr.is_initialized()
 
 
 def test_shutdown_ends_children_and_unlinks_segments() -> None:

@@ -1,0 +1,309 @@
+"""The driver's side of scale-out: a Dask distributed cluster whose workers host our processes.
+
+In: ``hr.init(address="tcp://scheduler:8786")`` or ``hr.init(address=client)``. Out: placement
+of actors on the cluster's workers, ``RemoteProcess``es standing in for ``subprocess.Popen``,
+and deaths reported to the runtime (``lost``) with the host in the reason.
+Invariants:
+- Processes start through the session's ``HeadracePlugin`` on the chosen worker (never as a
+  Dask task); the plugin owns them, and ``close`` ends them all and unregisters it.
+- The control plane between hosts is zmq over TCP with CURVE (runtime/hosts/keys.py): the
+  driver's TCP inbox admits only the session's key and forwards into the runtime's own inbox.
+- A remote process is dead when its worker says so (EXITED, with its exit code), when the
+  scheduler no longer lists its worker, or when it sent no heartbeat for ``LOST_AFTER_S``:
+  whichever comes first, within 2 s of the death.
+
+  driver ─ipc─▶ local children       driver ◀─tcp+CURVE─ remote children (RESULT, HEARTBEAT, ...)
+  driver ─tcp+CURVE─▶ remote child's inbox/ctl/client     plugin ─tcp+CURVE─▶ driver (EXITED)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import zmq
+
+from .keys import SessionKeys, admit_only
+
+logger = logging.getLogger(__name__)
+
+#: A remote child sends a heartbeat this often; the driver pings its control socket as often.
+HEARTBEAT_S = 0.25
+#: ...and counts it lost after this long without one.
+LOST_AFTER_S = 1.5
+#: How long a remote child may take from launch to READY.
+START_TIMEOUT_S = 60.0
+#: How long init waits for the Dask scheduler to answer.
+CONNECT_TIMEOUT_S = 5.0
+_SESSIONS = itertools.count(1)
+
+
+def _dask_client(address: Any) -> tuple[Any, bool]:
+    """A ``distributed.Client`` for ``address`` (or ``address`` itself), and whether it is ours."""
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise ImportError(
+            "hr.init(address=...) runs headrace on a Dask distributed cluster, which needs "
+            "Dask: pip install 'headrace[dask]'") from exc
+    if isinstance(address, Client):
+        return address, False
+    if not isinstance(address, str) or not address.startswith(("tcp://", "tls://")):
+        raise ValueError(f"address={address!r}: pass a Dask scheduler address such as "
+                         "'tcp://scheduler:8786', a distributed.Client, or None for the "
+                         "embedded local runtime")
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False), True
+    except OSError as exc:
+        raise ConnectionError(f"could not reach the Dask scheduler at {address}: {exc}\n\n"
+                              "Check that `dask scheduler` runs there and the port is open."
+                              ) from exc
+
+
+def _local_ip_towards(address: str) -> str:
+    """This machine's address on the route to ``address`` (what the workers can reach)."""
+    url = urlparse(address)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((url.hostname, url.port or 8786))
+        return probe.getsockname()[0]
+    finally:
+        probe.close()
+
+
+class RemoteProcess:
+    """A child on another host, as ``subprocess.Popen`` looks to the runtime."""
+
+    def __init__(self, cluster: DaskCluster, wid: str, worker: str) -> None:
+        self.cluster, self.wid, self.worker = cluster, wid, worker
+        self.host = urlparse(worker).hostname or worker
+        self.pid = 0                        # known once launched
+        self.returncode: int | None = None
+        self.lost: str | None = None        # why it counts as dead without an exit code
+        self.started = time.monotonic()
+        self.last_seen = time.monotonic()
+        self.ready = False
+        self._done = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(f"{self.wid} on {self.worker}", timeout or 0)
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL it; its worker reports the exit (EXITED), as for any death."""
+        threading.Thread(target=self.cluster.stop, args=([self], 0.0, False), daemon=True,
+                         name=f"headrace-kill-{self.wid}").start()
+
+    def ended(self, code: int | None, lost: str | None = None) -> bool:
+        """Record the end (first report wins); True if this was news."""
+        if self._done.is_set():
+            return False
+        self.returncode, self.lost = code, lost
+        self._done.set()
+        return True
+
+    def death_reason(self) -> tuple[str, int | None, int | None]:
+        where = f"on host {self.host} (Dask worker {self.worker})"
+        if self.lost is not None:
+            return f"{self.lost} {where}", None, None
+        code = self.returncode
+        if code is not None and code < 0:
+            import signal
+            return f"killed by signal {signal.Signals(-code).name} ({-code}) {where}", None, -code
+        return f"exited with code {code} {where}", code, None
+
+
+class DaskCluster:
+    """The session's view of a Dask cluster: its workers, our plugin on them, our processes."""
+
+    def __init__(self, address: Any, inbox_endpoint: str,
+                 lost: Callable[[str, RemoteProcess], None],
+                 ping: Callable[[str], None]) -> None:
+        self.client, self._own_client = _dask_client(address)
+        self.keys = SessionKeys.new()
+        self.ctx = zmq.Context()
+        self._auth = admit_only(self.ctx, self.keys)
+        self._lost, self._ping = lost, ping
+        self.ip = _local_ip_towards(self.client.scheduler.address)
+        front = self.ctx.socket(zmq.PULL)
+        front.setsockopt(zmq.LINGER, 0)
+        front.setsockopt(zmq.RCVHWM, 0)
+        self.keys.serve(front)
+        port = front.bind_to_random_port(f"tcp://{self.ip}")
+        self.driver = f"tcp://{self.ip}:{port}"
+        back = self.ctx.socket(zmq.PUSH)
+        back.setsockopt(zmq.LINGER, 0)
+        back.setsockopt(zmq.SNDHWM, 0)
+        back.connect(inbox_endpoint)
+        self._proxy = threading.Thread(target=_forward, args=(front, back), daemon=True,
+                                       name="headrace-hosts-inbox")
+        self._proxy.start()
+        self.name = f"headrace-{socket.gethostname()}-{id(self):x}-{next(_SESSIONS)}"
+        from .plugin import HeadracePlugin
+        self.client.register_plugin(HeadracePlugin(self.name, self.driver,
+                                                   self.keys.as_tuple()), name=self.name)
+        self.procs: dict[str, RemoteProcess] = {}
+        self._next = 0                                  # round-robin over workers
+        self.lock = threading.Lock()
+        self.closed = False
+        self._workers: dict[str, dict] = self._fetch_workers()
+        self._watch = threading.Thread(target=self._watch_loop, daemon=True,
+                                       name="headrace-hosts-watch")
+        self._watch.start()
+
+    # -- placement --------------------------------------------------------------------------
+    def _fetch_workers(self) -> dict[str, dict]:
+        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def place(self, label: str, host: str | None, resources: dict[str, float] | None) -> str:
+        """The worker address for a new process: pinned by ``host`` (a worker address, name,
+        IP or hostname), limited to workers with ``resources``, else spread (fewest ours)."""
+        workers = self._workers
+        if not workers:
+            raise RuntimeError(f"cannot place {label}: the Dask cluster has no workers.\n\n"
+                               "Start `dask worker <scheduler address>` on a host.")
+        chosen = list(workers)
+        if host is not None:
+            chosen = [a for a in chosen if host in (a, workers[a].get("name"),
+                                                    workers[a].get("host"),
+                                                    urlparse(a).hostname)]
+            if not chosen:
+                raise ValueError(f"{label}: no Dask worker matches host={host!r}; the workers "
+                                 f"are {', '.join(sorted(workers))}")
+        if resources:
+            chosen = [a for a in chosen if all(workers[a].get("resources", {}).get(k, 0) >= v
+                                               for k, v in resources.items())]
+            if not chosen:
+                have = {a: workers[a].get("resources", {}) for a in workers}
+                raise ValueError(f"{label}: no Dask worker has resources={resources!r} (they "
+                                 f"have {have}).\n\nStart a worker with `dask worker ... "
+                                 "--resources ...`, or ask for less.")
+        with self.lock:
+            load = {a: 0 for a in chosen}
+            for proc in self.procs.values():
+                if proc.worker in load and proc.poll() is None:
+                    load[proc.worker] += 1
+            least = min(load.values())
+            return next(a for a in sorted(chosen) if load[a] == least)
+
+    # -- processes --------------------------------------------------------------------------
+    def launch(self, wid: str, spec: Any, worker: str) -> RemoteProcess:
+        """Start the child of ``spec`` on ``worker`` (in the background); returns its stand-in."""
+        proc = RemoteProcess(self, wid, worker)
+        with self.lock:
+            self.procs[wid] = proc
+        blob = pickle.dumps(spec)
+
+        def run() -> None:
+            from .plugin import launch
+            try:
+                out = self.client.run(launch, blob, self.name, workers=[worker])
+                proc.pid = out[worker]
+            except Exception as exc:  # noqa: BLE001 - the start failed: it is a death
+                if proc.ended(None, f"could not start ({type(exc).__name__}: {exc})"):
+                    self._lost(wid, proc)
+        threading.Thread(target=run, daemon=True, name=f"headrace-launch-{wid}").start()
+        return proc
+
+    def seen(self, wid: str, ready: bool = False) -> None:
+        proc = self.procs.get(wid)
+        if proc is not None:
+            proc.last_seen = time.monotonic()
+            proc.ready = proc.ready or ready
+
+    def exited(self, wid: str, code: int) -> RemoteProcess | None:
+        """Its worker reported the exit: the stand-in, if this was news."""
+        proc = self.procs.get(wid)
+        return proc if proc is not None and proc.ended(code) else None
+
+    def stop(self, procs: list[RemoteProcess], grace_s: float, record: bool = True) -> None:
+        """End ``procs`` (SIGKILL after ``grace_s``); ``record`` their exit codes here (else
+        their workers report them)."""
+        by_worker: dict[str, list[RemoteProcess]] = {}
+        for proc in procs:
+            by_worker.setdefault(proc.worker, []).append(proc)
+        from .plugin import stop
+        for worker, group in by_worker.items():
+            try:
+                codes = self.client.run(stop, [p.wid for p in group], grace_s, self.name,
+                                        workers=[worker])[worker]
+            except Exception as exc:  # noqa: BLE001 - the worker is gone: so are they
+                for p in group if record else ():
+                    p.ended(None, f"was lost with its worker ({type(exc).__name__})")
+                continue
+            for p in group if record else ():
+                p.ended(codes.get(p.wid), None if p.wid in codes else "was not running")
+
+    def _watch_loop(self) -> None:
+        """Ping our children, notice silent ones and workers that left the cluster."""
+        while not self.closed:
+            time.sleep(HEARTBEAT_S)
+            if self.closed:
+                return
+            try:
+                workers = self._fetch_workers()
+            except Exception:  # noqa: BLE001 - the scheduler is unreachable: keep the old list
+                workers = self._workers
+            self._workers = workers
+            now = time.monotonic()
+            with self.lock:
+                live = [p for p in self.procs.values() if p.poll() is None]
+            for proc in live:
+                why = None
+                if proc.worker not in workers:
+                    why = "was lost: its Dask worker left the cluster"
+                elif proc.ready and now - proc.last_seen > LOST_AFTER_S:
+                    why = f"was lost: no heartbeat for {now - proc.last_seen:.1f} s"
+                elif not proc.ready and now - proc.started > START_TIMEOUT_S:
+                    why = f"did not start within {START_TIMEOUT_S:.0f} s"
+                if why is not None:
+                    if proc.ended(None, why):
+                        self._lost(proc.wid, proc)
+                elif proc.ready:
+                    self._ping(proc.wid)
+
+    def forget(self, wid: str) -> None:
+        with self.lock:
+            self.procs.pop(wid, None)
+
+    def close(self) -> None:
+        """End every process of the session on every host; unregister the plugin."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.lock:
+            live = [p for p in self.procs.values() if p.poll() is None]
+        try:
+            self.stop(live, grace_s=1.0)
+            self.client.unregister_worker_plugin(self.name)
+        except Exception:  # noqa: BLE001 - a broken cluster must not stop the shutdown
+            logger.exception("could not end the session's processes on the Dask cluster")
+        self._watch.join(2 * HEARTBEAT_S)
+        if self._own_client:
+            self.client.close(timeout=5)
+        self._auth.stop()
+        self.ctx.term()         # the proxy's sockets close as it returns; then term does
+        self._proxy.join(1.0)
+
+
+def _forward(front: zmq.Socket, back: zmq.Socket) -> None:
+    """Copy messages from the TCP inbox into the runtime's inbox until the context ends."""
+    try:
+        zmq.proxy(front, back)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        front.close(linger=0)
+        back.close(linger=0)

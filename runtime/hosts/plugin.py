@@ -1,0 +1,134 @@
+"""Runs inside each Dask worker: starts, watches and ends one session's headrace processes.
+
+In: ``launch``/``stop`` run on a worker through ``Client.run`` (they find the session's
+``HeadracePlugin`` among the worker's plugins). Out: child processes running
+``headrace.runtime.procs.worker``, and an EXITED message to the driver when one ends.
+Invariants: the plugin owns its children: ``stop`` and the plugin's ``teardown`` (when the
+driver unregisters it, or the worker closes) end them, SIGKILL after a grace period; a child
+also ends on its own within a second when this worker dies (it watches its parent).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+_WORKER_CMD = "from headrace.runtime.procs.worker import main; main()"
+SPEC_ENV = "HEADRACE_WORKER_SPEC"
+
+
+class HeadracePlugin(WorkerPlugin):
+    """One session's children on this worker (registered by the driver under ``name``)."""
+
+    def __init__(self, name: str, driver: str, keys: tuple[bytes, bytes, bytes, bytes]) -> None:
+        self.name = name
+        self.driver = driver
+        self.keys = keys
+
+    def setup(self, worker: Any) -> None:
+        """On the worker (the plugin arrives pickled; its state is made here)."""
+        self.address = worker.address
+        self.children: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        self._ctx: Any = None
+        self._sock: Any = None
+
+    def teardown(self, worker: Any) -> None:
+        self.stop(None, grace_s=1.0)
+        self.closed = True
+        with self.lock:
+            if self._sock is not None:
+                self._sock.close(linger=500)
+                self._ctx.term()
+                self._sock = None
+
+    def launch(self, spec_blob: bytes) -> int:
+        """Start a child from the driver's spec (this host's address and our pid filled in)."""
+        spec = pickle.loads(spec_blob)
+        remote = dataclasses.replace(spec.remote, bind_ip=urlparse(self.address).hostname,
+                                     parent_pid=os.getpid(), host=self.address)
+        spec = dataclasses.replace(spec, remote=remote)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HEADRACE_DIRECT_CALLS="0")
+        env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
+        popen = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], env=env,
+                                 stdin=subprocess.DEVNULL, close_fds=True)
+        with self.lock:
+            self.children[spec.wid] = popen
+        threading.Thread(target=self._watch, args=(spec.wid, popen), daemon=True,
+                         name=f"headrace-watch-{spec.wid}").start()
+        return popen.pid
+
+    def _watch(self, wid: str, popen: subprocess.Popen) -> None:
+        code = popen.wait()
+        with self.lock:
+            self.children.pop(wid, None)
+            if self.closed:
+                return
+            try:
+                self._tell((19, wid, code))     # Msg.EXITED
+            except Exception:  # noqa: BLE001,S110 - the driver is gone: nobody to tell
+                pass
+
+    def _tell(self, header: tuple) -> None:
+        """Under ``lock``: send ``header`` to the driver's inbox (CURVE client)."""
+        import zmq
+        if self._sock is None:
+            self._ctx = zmq.Context()
+            self._sock = self._ctx.socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 1000)
+            self._sock.curve_serverkey = self.keys[0]
+            self._sock.curve_publickey = self.keys[2]
+            self._sock.curve_secretkey = self.keys[3]
+            self._sock.connect(self.driver)
+        self._sock.send(pickle.dumps(header, protocol=5))
+
+    def stop(self, wids: list[str] | None, grace_s: float) -> dict[str, int | None]:
+        """End children (all when ``wids`` is None): those that do not exit within ``grace_s``
+        (the driver sent them EXIT) get SIGKILL. Returns their exit codes."""
+        with self.lock:
+            chosen = {w: p for w, p in self.children.items() if wids is None or w in wids}
+        deadline = time.monotonic() + grace_s
+        codes: dict[str, int | None] = {}
+        for wid, popen in chosen.items():
+            try:
+                codes[wid] = popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    popen.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    codes[wid] = popen.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    codes[wid] = None
+        return codes
+
+
+def _plugin(dask_worker: Any, name: str) -> HeadracePlugin:
+    plugin = dask_worker.plugins.get(name)
+    if plugin is None:
+        raise RuntimeError(f"the headrace plugin {name!r} is not registered on this worker")
+    return plugin
+
+
+def launch(spec_blob: bytes, name: str, dask_worker: Any = None) -> int:
+    """``Client.run`` target: start one child on this worker; returns its pid."""
+    return _plugin(dask_worker, name).launch(spec_blob)
+
+
+def stop(wids: list[str] | None, grace_s: float, name: str,
+         dask_worker: Any = None) -> dict[str, int | None]:
+    """``Client.run`` target: end children of the session on this worker."""
+    return _plugin(dask_worker, name).stop(wids, grace_s)

@@ -1,0 +1,166 @@
+"""Actors on the hosts of a Dask cluster: placement, calls, values, errors, deaths, keys, ends.
+
+Hosts are network namespaces (tests/scaleout/netns.py): real processes, real TCP between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import headrace as hr
+from headrace.exceptions import ActorDiedError
+
+pytestmark = pytest.mark.deadline_s(90)
+
+
+@hr.remote
+class Where:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def where(self):
+        """This process's pid and the IPv4 addresses of its network namespace."""
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        addrs = sorted(line.split()[3].split("/")[0] for line in out.splitlines())
+        return os.getpid(), self.tag, [a for a in addrs if not a.startswith("127.")]
+
+    def echo(self, x):
+        return x
+
+    def total(self, arr):
+        return int(arr.sum())
+
+    def boom(self):
+        raise ValueError(f"bad input on {self.tag}")
+
+    def sleep(self, s):
+        time.sleep(s)
+        return s
+
+    def call(self, other, x):
+        return hr.get(other.echo.remote(x), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def session(cluster):
+    hr.init(num_cpus=1, address=cluster.address, log_to_driver=False)
+    yield cluster
+    hr.shutdown()
+
+
+def test_actors_spread_over_hosts_and_pin_by_host_and_resources(session) -> None:
+    a, b = Where.remote("a"), Where.remote("b")
+    (_, _, ips_a), (_, _, ips_b) = hr.get([a.where.remote(), b.where.remote()], timeout=60)
+    hosts = {h.address for h in session.hosts}
+    assert {ips_a[0], ips_b[0]} == hosts               # one on each host
+    second = session.hosts[1]
+    for pin in (second.address, second.name):          # an IP, a worker name
+        _, _, ips = hr.get(Where.options(host=pin).remote("p").where.remote(), timeout=60)
+        assert ips == [second.address]
+    _, _, ips = hr.get(Where.options(resources={"SLOT": 1}).remote("r").where.remote(),
+                       timeout=60)
+    assert ips == [session.hosts[0].address]           # only the first host has SLOT
+    with pytest.raises(ValueError, match="no Dask worker has resources"):
+        Where.options(resources={"GPU": 1}).remote("g")
+    with pytest.raises(ValueError, match="no Dask worker matches host='nowhere'"):
+        Where.options(host="nowhere").remote("n")
+
+
+def test_calls_values_and_errors_cross_hosts(session) -> None:
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    b = Where.options(host=session.hosts[1].address).remote("b")
+    big = np.arange(3_000_000, dtype=np.int64)            # 24 MB: shm on one host, TCP here
+    assert hr.get(a.total.remote(hr.put(big)), timeout=60) == int(big.sum())
+    back = hr.get(b.echo.remote(big), timeout=60)
+    assert back.dtype == big.dtype and np.array_equal(back, big)
+    refs = [a.echo.remote(i) for i in range(200)]       # in order, none lost or repeated
+    assert hr.get(refs, timeout=60) == list(range(200))
+    with pytest.raises(ValueError, match="bad input on b") as info:
+        hr.get(b.boom.remote(), timeout=30)
+    assert isinstance(info.value, hr.TaskError)
+    assert hr.get(a.call.remote(b, {"k": [1, 2]}), timeout=60) == {"k": [1, 2]}   # A calls B
+    assert hr.get(b.echo.remote("still works"), timeout=30) == "still works"
+
+
+def test_a_killed_remote_process_fails_its_calls_naming_the_host(session) -> None:
+    host = session.hosts[1]
+    victim = Where.options(host=host.address).remote("v")
+    pid, _, _ = hr.get(victim.where.remote(), timeout=60)
+    running = victim.sleep.remote(30)
+    queued = victim.echo.remote(1)
+    time.sleep(0.3)
+    start = time.monotonic()
+    os.kill(pid, 9)
+    for ref in (running, queued):
+        with pytest.raises(ActorDiedError, match=host.address):
+            hr.get(ref, timeout=10)
+    assert time.monotonic() - start < 2.0
+    with pytest.raises(ActorDiedError):
+        hr.get(victim.echo.remote(2), timeout=10)
+    other = Where.options(host=host.address).remote("o")          # the host still works
+    assert hr.get(other.echo.remote(3), timeout=60) == 3
+
+
+def test_a_rogue_process_without_the_keys_is_refused(session, caplog) -> None:
+    from headrace.runtime.session import current
+    driver = current().cluster.driver
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    assert hr.get(a.echo.remote(0), timeout=60) == 0
+    rogue = (
+        "import pickle, socket, sys, time, zmq\n"
+        "host, port = sys.argv[1].rsplit(':', 1)\n"
+        "raw = socket.create_connection((host.split('//')[1], int(port)), timeout=5)\n"
+        "raw.sendall(b'\\xff' * 64 + (2**31).to_bytes(8, 'big') + b'junk')\n"
+        "ctx = zmq.Context(); s = ctx.socket(zmq.PUSH); s.linger = 0\n"
+        "pub, sec = zmq.curve_keypair(); s.curve_publickey, s.curve_secretkey = pub, sec\n"
+        "s.curve_serverkey = sys.argv[2].encode(); s.connect(sys.argv[1])\n"
+        "s.send(pickle.dumps((11, 'w1', 'forged', [])), zmq.NOBLOCK) if s.poll(500, zmq.POLLOUT) else 0\n"
+        "p = ctx.socket(zmq.PUSH); p.linger = 0; p.connect(sys.argv[1]); p.poll(300, zmq.POLLOUT)\n"
+        "time.sleep(1.0)\n")
+    keys = current().cluster.keys
+    with caplog.at_level(logging.ERROR, logger="headrace.runtime.hosts.keys"):
+        done = subprocess.run(["ip", "netns", "exec", session.hosts[1].name, sys.executable,
+                               "-c", rogue, driver, keys.server_public.decode()],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 5
+        while not any("refused a CURVE client" in r.message for r in caplog.records) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert any("refused a CURVE client" in r.message for r in caplog.records)
+    refs = [a.echo.remote(i) for i in range(50)]          # the session goes on, unharmed
+    assert hr.get(refs, timeout=60) == list(range(50))
+
+
+def test_shutdown_leaves_no_process_on_any_host(cluster) -> None:
+    hr.shutdown()
+    hr.init(num_cpus=1, address=cluster.address, log_to_driver=False)
+    actors = [Where.remote(i) for i in range(4)]
+    assert len({tuple(ips) for _, _, ips in hr.get([a.where.remote() for a in actors],
+                                                    timeout=60)}) == 2
+    hr.shutdown()
+    for host in cluster.hosts:           # what is left in each namespace: its Dask worker
+        assert host.pids() == [host.worker.pid], (host.name, host.pids())
+
+
+def test_an_unreachable_scheduler_is_a_connection_error_naming_it() -> None:
+    with pytest.raises(ConnectionError, match="tcp://127.0.0.1:9"):
+        hr.init(address="tcp://127.0.0.1:9")
+    assert not hr.is_initialized()
+
+
+def test_without_dask_the_error_says_what_to_install(tmp_path) -> None:
+    code = ("import sys; sys.modules['distributed'] = None\n"
+            "import headrace as hr\n"
+            "try:\n    hr.init(address='tcp://127.0.0.1:8786')\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert "pip install 'headrace[dask]'" in out.stdout, out.stdout + out.stderr
