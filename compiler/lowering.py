@@ -22,8 +22,12 @@ from .validation import check_options, validate
 
 
 def lower(ir: DagIR, options: dict[str, Any] | None = None,
-          is_alive: Callable[[Any], bool] | None = None) -> Plan:
+          is_alive: Callable[[Any], bool] | None = None,
+          host_of: Callable[[str], str] | None = None) -> Plan:
     """Compile ``ir`` to a Plan.
+
+    ``host_of``: the host of a process (by key; "" for the driver's host), where the runtime
+    spans several (a Dask cluster); channels between hosts are socket channels.
 
     Raises:
         DAGCompileError: the DAG cannot run (the message names the node and its bind site).
@@ -32,12 +36,15 @@ def lower(ir: DagIR, options: dict[str, Any] | None = None,
     opts = check_options(options or {})
     fused = fuse_chains(validate(ir, is_alive))
     placement = place(fused)
-    channels, input_channel, input_splits, output_channels = plan_channels(fused, placement, opts)
+    hosts = {key: h for key in set(placement.values()) if (h := host_of(key) if host_of else "")}
+    channels, input_channel, input_splits, output_channels = plan_channels(fused, placement, opts,
+                                                                           hosts)
     processes = schedule(fused, placement, channels)
     if _config.CHECKS:
         verify(processes, channels)
     return Plan(tuple(task_spec(op) for op in fused.ops), processes, channels, input_channel,
-                input_splits, fused.outputs, output_channels, fused.multi, opts)
+                input_splits, fused.outputs, output_channels, fused.multi, opts,
+                tuple(sorted(hosts.items())))
 
 
 def task_spec(op: Op) -> TaskSpec:

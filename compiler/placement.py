@@ -50,8 +50,8 @@ def input_needs(ir: DagIR, placement: dict[int, str]) -> dict[str, list[int]]:
     return {proc: sorted(found) for proc, found in needs.items()}
 
 
-def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
-                  ) -> tuple[tuple[ChannelSpec, ...], int, tuple[tuple[int, tuple[int, ...]], ...],
+def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions,
+                  hosts: dict[str, str] | None = None) -> tuple[tuple[ChannelSpec, ...], int, tuple[tuple[int, tuple[int, ...]], ...],
                              tuple[int, ...]]:
     """Channels for every value that crosses processes.
 
@@ -60,12 +60,16 @@ def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
     that use the same parts, carrying only those parts (the INPUT/ATTR ops), which the driver
     evaluates (``inp[i]`` of a 1 MiB array per actor moves 1 MiB to each, not all to all).
 
+    ``hosts`` gives the host of each process off the driver's host (the rest share the
+    driver's): a channel whose readers are all on its writer's host is shared memory (unless
+    the options say "socket"), one that crosses hosts is a socket channel.
+
     Returns:
         The channel specs, the shared input channel's id (-1 if none or split), the split input
         channels with the input ops each carries, and each output's channel id (-1 for an
         output the driver computes itself: the input or a part of it).
     """
-    kind = _KIND[options.channel]
+    hosts = hosts or {}
     readers: dict[int, list[str]] = {}
     for op in ir.ops:
         if op.index not in placement:
@@ -94,20 +98,29 @@ def plan_channels(ir: DagIR, placement: dict[int, str], options: PlanOptions
         groups.setdefault(tuple(needs[proc]), []).append(proc)
     if len(groups) == 1:
         input_id = len(specs)
-        specs.append(_spec(input_id, kind, -1, DRIVER, input_readers, options))
+        specs.append(_spec(input_id, -1, DRIVER, input_readers, options, hosts))
     for parts, procs in groups.items() if len(groups) > 1 else ():
         splits.append((len(specs), parts))
-        specs.append(_spec(len(specs), kind, -1, DRIVER, procs, options))
+        specs.append(_spec(len(specs), -1, DRIVER, procs, options, hosts))
     for op in ir.ops:
         if readers.get(op.index):
             by_op[op.index] = len(specs)
-            specs.append(_spec(len(specs), kind, op.index, placement[op.index],
-                               readers[op.index], options))
+            specs.append(_spec(len(specs), op.index, placement[op.index],
+                               readers[op.index], options, hosts))
     outs = tuple(by_op.get(i, -1) for i in ir.outputs)
     return tuple(specs), input_id, tuple(splits), outs
 
 
-def _spec(i: int, kind: ChannelKind, op: int, writer: str, readers: list[str],
-          options: PlanOptions) -> ChannelSpec:
+def _spec(i: int, op: int, writer: str, readers: list[str], options: PlanOptions,
+          hosts: dict[str, str]) -> ChannelSpec:
+    host = hosts.get(writer, "")
+    crosses = any(hosts.get(r, "") != host for r in readers)
+    if crosses and options.channel == "shm":
+        raise ValueError(f"channel='shm' cannot link {writer} (on "
+                         f"{host or 'the driver host'}) to "
+                         f"{', '.join(r for r in readers if hosts.get(r, '') != host)} on another "
+                         "host: shared memory stays on one host.\n\nUse channel='auto' (shared "
+                         "memory inside a host, sockets between hosts) or channel='socket'.")
+    kind = ChannelKind.SOCKET if crosses else _KIND[options.channel]
     return ChannelSpec(i, kind, op, writer, tuple(readers), options.buffer_size_bytes,
-                       options.max_inflight_executions)
+                       options.max_inflight_executions, host)

@@ -50,13 +50,15 @@ class ChannelSpec:
     readers: tuple[str, ...]        # invariant: distinct; reader i opens endpoint i
     slot_bytes: int
     capacity: int
+    host: str = ""                  # the writer's host ("": the driver's)
 
     def line(self, parts: tuple[int, ...] | None = None) -> str:
         """One line of the plan; ``parts``: the input ops a split input channel carries."""
         what = f"%{self.op}" if self.op >= 0 else "input" if parts is None else \
             "input " + (",".join(f"%{i}" for i in parts) or "-")
+        where = f"  from host {self.host}" if self.host else ""
         return (f"ch{self.id} {self.kind.value:<6} {what:<6} {self.writer} -> "
-                f"{', '.join(self.readers)}  ({_size(self.slot_bytes)} x {self.capacity})")
+                f"{', '.join(self.readers)}  ({_size(self.slot_bytes)} x {self.capacity}){where}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,8 @@ class Plan:
     output_channels: tuple[int, ...]        # per output: its channel, -1: the driver computes it
     multi: bool
     options: PlanOptions
+    #: process key -> its host, for processes off the driver's host (a Dask cluster's)
+    hosts: tuple[tuple[str, str], ...] = ()
 
     def process_of(self, key: str) -> ProcessPlan:
         return next(p for p in self.processes if p.key == key)
@@ -128,8 +132,10 @@ class Plan:
         lines = [f"plan: {len(self.tasks)} ops, {len(self.processes)} processes, "
                  f"{len(self.channels)} channels (max_inflight_executions="
                  f"{o.max_inflight_executions}, sync={o.sync})"]
+        hosts = dict(self.hosts)
         for proc in self.processes:
-            lines.append(f"process {proc.key} ({proc.label})")
+            where = f" on host {hosts[proc.key]}" if proc.key in hosts else ""
+            lines.append(f"process {proc.key} ({proc.label}){where}")
             lines += [f"  {_step_text(self, s)}" for s in proc.steps]
         lines.append("channels")
         splits = dict(self.input_splits)

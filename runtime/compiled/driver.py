@@ -664,22 +664,25 @@ def compile_dag(root: DAGNode, options: dict[str, Any]) -> CompiledDAG:
     hosts: list[Any] = []
     channels: dict[int, Any] = {}
     files = _trace_files(plan.options.profile)
-    outputs = {c for c in plan.output_channels if c >= 0}
     bell = None
     try:
-        # the driver waits on one word for whichever output comes first (a socket channel has
-        # no word of its own: its writer rings the bell)
-        if len(outputs) > 1 or any(plan.channels[c].kind is ChannelKind.SOCKET for c in outputs):
-            from ...channels.doorbell import Doorbell
-            bell = Doorbell(_config.DAG_SPIN_US)
         for proc in plan.processes:
             if proc.actor is None:
                 handle = _take_host(rt, proc.label)
                 hosts.append((proc.label, handle))
                 actors[proc.key] = handle._record
+        if rt.cluster is not None:      # now each process has a host: plan channels by host
+            plan = lower(ir, options, is_alive=lambda key: rt.actors.get(key) is not None,
+                         host_of=lambda key: _host_of(actors.get(key)))
+        outputs = {c for c in plan.output_channels if c >= 0}
+        # the driver waits on one word for whichever output comes first (a socket channel has
+        # no word of its own: its writer rings the bell)
+        if len(outputs) > 1 or any(plan.channels[c].kind is ChannelKind.SOCKET for c in outputs):
+            from ...channels.doorbell import Doorbell
+            bell = Doorbell(_config.DAG_SPIN_US)
         for spec in plan.channels:
             channels[spec.id] = _open_channel(spec, plan.options.sync,
-                                              bell if spec.id in outputs else None)
+                                              bell if spec.id in outputs else None, rt)
         dag = CompiledDAG(rt, ir, plan, actors, hosts, channels, files, bell)
         starts = []
         for proc in plan.processes:
@@ -755,7 +758,24 @@ def _release_hosts(rt: Any, hosts: list[tuple[str, Any]]) -> None:
             rt.kill_actor(handle._record)
 
 
-def _open_channel(spec: Any, sync: str, bell: Any) -> Any:
+def _host_of(record: Any) -> str:
+    """The host of an actor's process ("": the driver's), from where the cluster placed it."""
+    placement = getattr(record, "placement", None)
+    if placement is None or placement[2] is None:
+        return ""
+    from urllib.parse import urlparse
+    return urlparse(placement[2]).hostname or placement[2]
+
+
+def _open_channel(spec: Any, sync: str, bell: Any, rt: Any) -> Any:
+    if spec.kind is ChannelKind.SOCKET and rt.cluster is not None:
+        from .spanning import open_spanning
+        return open_spanning(spec, sync, bell, rt.cluster, spec.slot_bytes + _FRAMING_BYTES)
+    if spec.host:                   # shm among processes of another host: made over there
+        return rt.cluster.make_channel(spec.host, (len(spec.readers), spec.capacity,
+                                                   spec.slot_bytes + _FRAMING_BYTES),
+                                       {"sync": sync, "spin_us": _config.DAG_SPIN_US,
+                                        "check_s": _config.WATCHED_CHECK_S})
     if spec.kind is ChannelKind.SOCKET:
         from ...channels.socket import SocketChannel
         return SocketChannel(len(spec.readers), spec.capacity, ring=bell)

@@ -22,8 +22,11 @@ _FORMATS = ("dot", "png", "svg", "pdf", "jpeg", "jpg", "gif", "ascii")
 def to_dot(plan: Plan, channel_details: bool = False) -> str:
     lines = ["digraph compiled_dag {", "  rankdir=LR;", '  node [shape=box, fontsize=10];',
              f'  "{DRIVER}" [shape=doublecircle, label="driver"];']
+    hosts = dict(plan.hosts)
     for i, proc in enumerate(plan.processes):
-        lines.append(f'  subgraph cluster_{i} {{ label="{_q(proc.key)} ({_q(proc.label)})";')
+        where = f" on host {hosts[proc.key]}" if proc.key in hosts else ""
+        lines.append(f'  subgraph cluster_{i} {{ label="{_q(proc.key)} ({_q(proc.label)})'
+                     f'{_q(where)}";')
         for step in proc.steps:
             if step.kind is StepKind.COMPUTE:
                 task = plan.tasks[step.op]

@@ -44,6 +44,7 @@ START_TIMEOUT_S = 60.0
 #: How long init waits for the Dask scheduler to answer.
 CONNECT_TIMEOUT_S = 5.0
 _SESSIONS = itertools.count(1)
+_CHANNELS = itertools.count(1)
 
 
 def _dask_client(address: Any) -> tuple[Any, bool]:
@@ -125,6 +126,55 @@ class RemoteProcess:
         return f"exited with code {code} {where}", code, None
 
 
+class _Opaque:
+    """A pickled endpoint kept as bytes here; it unpickles in the process it is sent to (the
+    segment it names lives on that process's host, not on this one)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self) -> tuple:
+        return pickle.loads, (self.blob,)
+
+
+class RemoteChannel:
+    """A shm channel that lives on another host (made and owned by our plugin there)."""
+
+    kind = "shm"
+
+    def __init__(self, cluster: DaskCluster, worker: str, key: str, writer: bytes,
+                 readers: list[bytes]) -> None:
+        self.cluster, self.worker, self.key = cluster, worker, key
+        self._writer, self._readers = writer, readers
+        self._closed = False
+
+    def writer(self) -> _Opaque:
+        return _Opaque(self._writer)
+
+    def reader(self, index: int = 0) -> _Opaque:
+        return _Opaque(self._readers[index])
+
+    def _tell(self, reason: str | None) -> None:
+        from .plugin import close_channel
+        try:
+            self.cluster.client.run(close_channel, self.key, reason, self.cluster.name,
+                                    workers=[self.worker])
+        except Exception:  # noqa: BLE001,S110 - the worker is gone, and the channel with it
+            pass
+
+    def mark_broken(self, reason: str) -> None:
+        if not self._closed:
+            self._tell(str(reason))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._tell(None)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"host": urlparse(self.worker).hostname, "kind": "shm (remote)"}
+
+
 class DaskCluster:
     """The session's view of a Dask cluster: its workers, our plugin on them, our processes."""
 
@@ -197,6 +247,31 @@ class DaskCluster:
                     load[proc.worker] += 1
             least = min(load.values())
             return next(a for a in sorted(chosen) if load[a] == least)
+
+    def free_port(self, host: str) -> int:
+        """A TCP port free now on ``host`` (this one's address, or a worker's host)."""
+        if host == self.ip:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((host, 0))
+                return probe.getsockname()[1]
+        worker = self._worker_on(host)
+        from .plugin import free_port
+        return self.client.run(free_port, workers=[worker])[worker]
+
+    def _worker_on(self, host: str) -> str:
+        worker = next((a for a in self._workers if urlparse(a).hostname == host), None)
+        if worker is None:
+            raise RuntimeError(f"no Dask worker runs on host {host} any more")
+        return worker
+
+    def make_channel(self, host: str, args: tuple, kwargs: dict) -> RemoteChannel:
+        """A shm channel made on ``host`` (by our plugin there), for processes on that host."""
+        from .plugin import make_channel
+        worker = self._worker_on(host)
+        key = f"ch{next(_CHANNELS)}"
+        writer, readers = self.client.run(make_channel, key, args, kwargs, self.name,
+                                          workers=[worker])[worker]
+        return RemoteChannel(self, worker, key, writer, readers)
 
     # -- processes --------------------------------------------------------------------------
     def launch(self, wid: str, spec: Any, worker: str) -> RemoteProcess:

@@ -44,8 +44,11 @@ class HeadracePlugin(WorkerPlugin):
         self.closed = False
         self._ctx: Any = None
         self._sock: Any = None
+        self.channels: dict[str, Any] = {}     # shm channels made here for compiled DAGs
 
     def teardown(self, worker: Any) -> None:
+        for key in list(self.channels):
+            self.close_channel(key, None)
         self.stop(None, grace_s=1.0)
         self.closed = True
         with self.lock:
@@ -116,6 +119,20 @@ class HeadracePlugin(WorkerPlugin):
         return codes
 
 
+    def make_channel(self, key: str, args: tuple, kwargs: dict) -> tuple[bytes, list[bytes]]:
+        """A shm channel on this host (for processes here); returns its pickled endpoints."""
+        from headrace.channels.shm import ShmChannel
+        channel = ShmChannel(*args, **kwargs)
+        self.channels[key] = channel
+        n = args[0]
+        return pickle.dumps(channel.writer()), [pickle.dumps(channel.reader(i)) for i in range(n)]
+
+    def close_channel(self, key: str, reason: str | None) -> None:
+        channel = self.channels.pop(key, None) if reason is None else self.channels.get(key)
+        if channel is not None:
+            channel.close() if reason is None else channel.mark_broken(reason)
+
+
 def _plugin(dask_worker: Any, name: str) -> HeadracePlugin:
     plugin = dask_worker.plugins.get(name)
     if plugin is None:
@@ -132,3 +149,22 @@ def stop(wids: list[str] | None, grace_s: float, name: str,
          dask_worker: Any = None) -> dict[str, int | None]:
     """``Client.run`` target: end children of the session on this worker."""
     return _plugin(dask_worker, name).stop(wids, grace_s)
+
+
+def free_port(dask_worker: Any = None) -> int:
+    """``Client.run`` target: a TCP port free now on this worker's host address."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((urlparse(dask_worker.address).hostname, 0))
+        return probe.getsockname()[1]
+
+
+def make_channel(key: str, args: tuple, kwargs: dict, name: str,
+                 dask_worker: Any = None) -> tuple[bytes, list[bytes]]:
+    """``Client.run`` target: a shm channel on this host, owned by the plugin."""
+    return _plugin(dask_worker, name).make_channel(key, args, kwargs)
+
+
+def close_channel(key: str, reason: str | None, name: str, dask_worker: Any = None) -> None:
+    """``Client.run`` target: close (``reason`` None) or break a channel made here."""
+    _plugin(dask_worker, name).close_channel(key, reason)

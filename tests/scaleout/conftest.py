@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+import headrace as hr
+
 from .netns import NetnsCluster, NetnsUnavailable
 
 
@@ -21,4 +23,5 @@ def cluster() -> Iterator[NetnsCluster]:
     try:
         yield made
     finally:
+        hr.shutdown()               # while the cluster still runs: it ends our processes there
         made.close()

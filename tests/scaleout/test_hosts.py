@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,11 +49,15 @@ class Where:
         return hr.get(other.echo.remote(x), timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def session(cluster):
-    hr.init(num_cpus=1, address=cluster.address, log_to_driver=False)
-    yield cluster
-    hr.shutdown()
+    """A runtime on the cluster (kept from test to test; no_leaks shuts it down at the end)."""
+    from headrace.runtime.session import current
+    if hr.is_initialized() and current().cluster is None:
+        hr.shutdown()
+    if not hr.is_initialized():
+        hr.init(num_cpus=1, address=cluster.address, log_to_driver=False)
+    return cluster
 
 
 def test_actors_spread_over_hosts_and_pin_by_host_and_resources(session) -> None:
@@ -164,3 +169,63 @@ def test_without_dask_the_error_says_what_to_install(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert "pip install 'headrace[dask]'" in out.stdout, out.stdout + out.stderr
+
+
+@hr.remote
+class Stage:
+    def __init__(self, k):
+        self.k = k
+
+    def f(self, x):
+        return x + self.k
+
+    def pid(self):
+        return os.getpid()
+
+
+def _three_stages(session):
+    h0, h1 = session.hosts[0].address, session.hosts[1].address
+    a, b = Stage.options(host=h0).remote(1), Stage.options(host=h0).remote(100)
+    c = Stage.options(host=h1).remote(np.int64(10_000))
+    with hr.InputNode() as inp:
+        dag = c.f.bind(b.f.bind(a.f.bind(inp)))
+    return (a, b, c), dag.experimental_compile()
+
+
+def test_a_compiled_dag_across_hosts_plans_shm_inside_and_sockets_between(session) -> None:
+    (a, b, c), compiled = _three_stages(session)
+    try:
+        text = compiled.plan.as_text()
+        h0, h1 = session.hosts[0].address, session.hosts[1].address
+        lines = text.splitlines()
+        kinds = {line.split()[0]: (line.split()[1], line.split("from host ")[-1]
+                                   if "from host" in line else "driver")
+                 for line in lines if re.match(r"\s+ch\d+ ", line)}
+        assert kinds == {"ch0": ("socket", "driver"), "ch1": ("shm", h0),
+                         "ch2": ("socket", h0), "ch3": ("socket", h1)}, text
+        assert sum(f"on host {h0}" in line for line in lines) == 2, text
+        assert sum(f"on host {h1}" in line for line in lines) == 1, text
+        dot = compiled.visualize(return_dot=True)
+        assert dot.count(f"on host {h0}") == 2 and dot.count(f"on host {h1}") == 1, dot
+        refs = [compiled.execute(i) for i in range(50)]        # pipelined, in order
+        assert hr.get(refs, timeout=60) == [i + 10_101 for i in range(50)]
+        arr = np.arange(200_000, dtype=np.float64)
+        assert np.array_equal(hr.get(compiled.execute(arr), timeout=60), arr + 10_101)
+    finally:
+        compiled.teardown()
+    assert hr.get(a.f.remote(1), timeout=30) == 2       # the actors go on after the teardown
+
+
+def test_a_stage_killed_on_its_host_breaks_the_dag_naming_the_host(session) -> None:
+    (a, b, c), compiled = _three_stages(session)
+    try:
+        assert hr.get(compiled.execute(0), timeout=60) == 10_101
+        pid = hr.get(c.pid.remote(), timeout=30)
+        start = time.monotonic()
+        os.kill(pid, 9)
+        with pytest.raises((ActorDiedError, hr.exceptions.ChannelClosedError),
+                           match=session.hosts[1].address):
+            hr.get(compiled.execute(1), timeout=10)
+        assert time.monotonic() - start < 2.0
+    finally:
+        compiled.teardown()
