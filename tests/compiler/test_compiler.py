@@ -291,3 +291,22 @@ def test_a_thousand_node_dag_lowers_to_a_plan() -> None:
     plan = lower(ir)
     assert len(plan.processes) == 8 and len(plan.channels) == 1001
     assert run_local(fuse_chains(ir), 0) == run_local(ir, 0) == 1000
+
+
+def test_channels_are_planned_by_host_shm_inside_one_and_sockets_between() -> None:
+    a, b, c = FakeActor("a"), FakeActor("b"), FakeActor("c")
+    with InputNode() as inp:
+        dag = c.inc.bind(b.inc.bind(a.inc.bind(inp)))
+    where = {"actor:a": "10.0.0.2", "actor:b": "10.0.0.2", "actor:c": "10.0.0.3"}
+    plan = lower(trace(dag), host_of=lambda key: where.get(key, ""))
+    kinds = {(c.writer, c.readers, c.host): c.kind.value for c in plan.channels}
+    assert kinds == {(DRIVER, ("actor:a",), ""): "socket",
+                     ("actor:a", ("actor:b",), "10.0.0.2"): "shm",
+                     ("actor:b", ("actor:c",), "10.0.0.2"): "socket",
+                     ("actor:c", (DRIVER,), "10.0.0.3"): "socket"}
+    text = plan.as_text()
+    assert "process actor:a (a) on host 10.0.0.2" in text and "from host 10.0.0.3" in text
+    local = lower(trace(dag), host_of=lambda key: "")          # one host: as before
+    assert {c.kind.value for c in local.channels} == {"shm"} and local.hosts == ()
+    with pytest.raises(ValueError, match="channel='shm' cannot link driver .* to actor:a on another host"):
+        lower(trace(dag), {"channel": "shm"}, host_of=lambda key: where.get(key, ""))
