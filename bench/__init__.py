@@ -13,6 +13,7 @@ SUITES: dict[str, str] = {
     "channels": "bench.channels",
     "compiled": "bench.compiled",
     "soak": "bench.soak",
+    "scaleout": "bench.scaleout",
 }
 
 __all__ = ["SUITES"]

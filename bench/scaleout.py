@@ -1,0 +1,288 @@
+"""The scale-out suite: headrace across hosts of a Dask cluster, next to raw TCP and Dask.
+
+Hosts are network namespaces joined by veth pairs (tests/scaleout/netns.py: root needed); the
+driver and the Dask scheduler share the root namespace, the peers run on host 1. Cases:
+
+- ``roundtrip_small``: an int there and back. ``socket-channel`` (two headrace socket channels
+  and an echo process on host 1), ``compiled-hop`` (a compiled DAG of one actor on host 1:
+  input channel, actor, output channel, relay), ``actor-call`` (``hr.get(a.ping.remote())``,
+  the actor on host 1), ``dask-actor`` (a Dask actor on host 1), ``dask-submit``
+  (``client.submit(f, workers=[host 1]).result()``) and ``tcp-floor`` (blocking stdlib sockets,
+  TCP_NODELAY, ``recv_into``: the floor).
+- ``oneway_100mb``: a 100 MB array to host 1, acknowledged with an int: ``socket-channel`` and
+  ``tcp-floor`` (``sendall`` of the buffer, ``recv_into`` preallocated memory).
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import common
+from .common import Record, Target, alternate, missing, progress, summarize
+
+SUITE = "scaleout"
+BIG_BYTES = 100_000_000
+TIMEOUT_S = 60.0
+CASES: dict[str, tuple[str, ...]] = {
+    "roundtrip_small": ("socket-channel", "compiled-hop", "actor-call", "dask-actor",
+                        "dask-submit", "tcp-floor"),
+    "oneway_100mb": ("socket-channel", "tcp-floor"),
+}
+
+#: The echo peer of ``tcp-floor`` on host 1: 8-byte pings come back; "B" + size: read that
+#: many bytes into preallocated memory, answer one byte.
+_TCP_ECHO = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1)
+print("up", flush=True)
+conn, _ = srv.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray(8); big = bytearray(int(sys.argv[3])); view = memoryview(big)
+def fill(v):
+    got = 0
+    while got < len(v):
+        n = conn.recv_into(v[got:])
+        if not n:
+            sys.exit(0)
+        got += n
+while True:
+    fill(memoryview(buf))
+    if buf[:1] == b"B":
+        size = int.from_bytes(buf[1:8], "little")
+        fill(view[:size]); conn.sendall(b"k")
+    else:
+        conn.sendall(buf)
+"""
+
+#: The echo peer of ``socket-channel`` on host 1: reads pickled endpoints on stdin, echoes
+#: ints and acknowledges arrays with their size.
+_CHANNEL_ECHO = r"""
+import pickle, sys
+inp, out = pickle.load(sys.stdin.buffer)
+print("up", flush=True)
+while True:
+    v = inp.read()
+    if v is None:
+        break
+    out.write(v if isinstance(v, int) else int(v.nbytes))
+out.close()
+"""
+
+
+def _netns(host: Any, code: str, *args: str, stdin: bytes | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(["ip", "netns", "exec", host.name, sys.executable, "-c", code, *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    if stdin is not None:
+        proc.stdin.write(stdin)
+    proc.stdin.close()
+    line = proc.stdout.readline()
+    if line.strip() != b"up":
+        raise RuntimeError(f"the peer on {host.name} did not start")
+    return proc
+
+
+class Impls:
+    """Starts every implementation on the cluster, hands out operations, stops them."""
+
+    def __init__(self, cluster: Any, big: np.ndarray) -> None:
+        self.cluster, self.big = cluster, big
+        self.host = cluster.hosts[0]
+        self.ops: dict[tuple[str, str], Callable[[], object]] = {}
+        self.notes: dict[str, str] = {}
+        self.stops: list[Callable[[], None]] = []
+
+    def start(self, names: tuple[str, ...], starter: Callable[[], None]) -> None:
+        try:
+            starter()
+        except ImportError as exc:
+            for n in names:
+                self.notes[n] = f"not installed ({exc.name or exc})"
+        except Exception as exc:  # noqa: BLE001 - a broken impl becomes a row, not a crash
+            for n in names:
+                self.notes[n] = f"setup failed: {type(exc).__name__}: {exc}"[:200]
+        print(f"[{SUITE}] started {', '.join(names)}: "
+              f"{self.notes.get(names[0], 'ok')}", flush=True)
+
+    def stop(self) -> None:
+        for stop in reversed(self.stops):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                print(f"[{SUITE}] stop failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def tcp_floor(self) -> None:
+        port = random.randint(20000, 60000)
+        peer = _netns(self.host, _TCP_ECHO, self.host.address, str(port), str(BIG_BYTES))
+        self.stops.append(peer.kill)
+        sock = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stops.append(sock.close)
+        ping, buf = b"p" * 8, bytearray(8)
+        view, head = memoryview(buf), b"B" + BIG_BYTES.to_bytes(7, "little")
+
+        def fill(v: memoryview) -> None:
+            got = 0
+            while got < len(v):
+                got += sock.recv_into(v[got:])
+
+        def roundtrip() -> None:
+            sock.sendall(ping)
+            fill(view)
+
+        def oneway() -> None:
+            sock.sendall(head)
+            sock.sendall(memoryview(self.big).cast("B"))
+            fill(view[:1])
+        roundtrip()
+        self.ops["roundtrip_small", "tcp-floor"] = roundtrip
+        self.ops["oneway_100mb", "tcp-floor"] = oneway
+
+    def socket_channel(self) -> None:
+        import os
+
+        from headrace.channels.socket import HMACAuth, SocketChannel
+        here = self.cluster.bridge_ip
+        to = SocketChannel(1, 8, host=here, auth=HMACAuth(os.urandom(32)))
+        back = SocketChannel(1, 8, host=self.host.address, port=random.randint(20000, 60000),
+                             auth=HMACAuth(os.urandom(32)))
+        peer = _netns(self.host, _CHANNEL_ECHO, stdin=pickle.dumps((to.reader(0),
+                                                                    back.writer())))
+        w, r = to.writer(), back.reader(0)
+
+        def stop() -> None:
+            w.write(None, timeout_s=5)
+            peer.wait(5)
+            to.close()
+            back.close()
+        self.stops.append(stop)
+
+        def roundtrip() -> None:
+            w.write(1, timeout_s=TIMEOUT_S)
+            r.read(timeout_s=TIMEOUT_S)
+
+        def oneway() -> None:
+            w.write(self.big, timeout_s=TIMEOUT_S)
+            assert r.read(timeout_s=TIMEOUT_S) == BIG_BYTES
+        roundtrip()
+        self.ops["roundtrip_small", "socket-channel"] = roundtrip
+        self.ops["oneway_100mb", "socket-channel"] = oneway
+
+    def headrace(self) -> None:
+        import headrace as hr
+        hr.init(num_cpus=1, address=self.cluster.address, log_to_driver=False)
+        self.stops.append(hr.shutdown)
+        actor = hr.remote(Echo).options(host=self.host.address).remote()
+        assert hr.get(actor.ping.remote(), timeout=TIMEOUT_S) == 1
+        with hr.InputNode() as inp:
+            dag = actor.echo.bind(inp)
+        compiled = dag.experimental_compile()
+        self.stops.append(compiled.teardown)
+        assert hr.get(compiled.execute(1), timeout=TIMEOUT_S) == 1
+        self.ops["roundtrip_small", "actor-call"] = lambda: hr.get(actor.ping.remote(),
+                                                                   timeout=TIMEOUT_S)
+        self.ops["roundtrip_small", "compiled-hop"] = lambda: hr.get(compiled.execute(1),
+                                                                     timeout=TIMEOUT_S)
+
+    def dask(self) -> None:
+        from distributed import Client
+        client = Client(self.cluster.address)       # (a Dask actor needs the default client)
+        self.stops.append(client.close)
+        worker = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                      if w.get("name") == self.host.name)
+        actor = client.submit(Echo, actor=True, workers=[worker]).result(timeout=TIMEOUT_S)
+        assert actor.ping().result() == 1
+        self.ops["roundtrip_small", "dask-actor"] = lambda: actor.ping().result()
+        self.ops["roundtrip_small", "dask-submit"] = lambda: client.submit(
+            one, workers=[worker], pure=False).result(timeout=TIMEOUT_S)
+
+
+class Echo:
+    """The actor of every runtime."""
+
+    def ping(self) -> int:
+        return 1
+
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def one() -> int:
+    return 1
+
+
+def judge(records: list[Record]) -> list[Target]:
+    by = {(r.case, r.impl): r for r in records}
+
+    def ratio(case: str, a: str, b: str, gbps: bool = False) -> float | None:
+        x, y = by.get((case, a)), by.get((case, b))
+        if not x or not y or not x.median_us or not y.median_us:
+            return None
+        return x.gbps / y.gbps if gbps and x.gbps and y.gbps else x.median_us / y.median_us
+
+    def target(name: str, r: float | None, ok: Callable[[float], bool] | None,
+               unit: str = "x") -> Target:
+        return Target(name, None if r is None or ok is None else ok(r),
+                      "not measured" if r is None else f"{r:.2f}{unit}")
+    return [
+        target("socket channel round trip <= 1.3x the raw TCP floor",
+               ratio("roundtrip_small", "socket-channel", "tcp-floor"), lambda r: r <= 1.3),
+        target("socket channel 100 MB GB/s >= 0.7x the raw TCP floor's",
+               ratio("oneway_100mb", "socket-channel", "tcp-floor", gbps=True),
+               lambda r: r >= 0.7),
+        target("headrace cross-host actor call <= 0.2x Dask's actor call",
+               ratio("roundtrip_small", "actor-call", "dask-actor"), lambda r: r <= 0.2),
+        target("compiled hop across hosts vs the raw TCP floor (reference)",
+               ratio("roundtrip_small", "compiled-hop", "tcp-floor"), None),
+        target("headrace cross-host actor call vs the raw TCP floor (reference)",
+               ratio("roundtrip_small", "actor-call", "tcp-floor"), None),
+        target("headrace cross-host actor call vs Dask's submit (reference)",
+               ratio("roundtrip_small", "actor-call", "dask-submit"), None),
+    ]
+
+
+def run(quick: bool = False) -> list[Record]:
+    """Run the suite (needs root for the namespaces); write ``bench/results/scaleout.*``."""
+    from tests.scaleout.netns import NetnsCluster, NetnsUnavailable
+    rounds, per_round, budget = (4, 100, 0.5) if quick else (10, 300, 1.5)
+    host = common.host_facts()
+    print(f"[{SUITE}] {host['cpu']}, {host['cores']} cores{', quick' if quick else ''}",
+          flush=True)
+    records: list[Record] = []
+    try:
+        cluster = NetnsCluster(1).start()
+    except NetnsUnavailable as exc:
+        print(f"[{SUITE}] skipped: {exc}", flush=True)
+        return records
+    impls = Impls(cluster, np.full(BIG_BYTES // 8, 1.0))
+    try:
+        impls.start(("tcp-floor",), impls.tcp_floor)
+        impls.start(("socket-channel",), impls.socket_channel)
+        impls.start(("actor-call", "compiled-hop"), impls.headrace)
+        impls.start(("dask-actor", "dask-submit"), impls.dask)
+        for case, names in CASES.items():
+            big = case == "oneway_100mb"
+            fns = {n: impls.ops[case, n] for n in names if (case, n) in impls.ops}
+            samples, errors = alternate(fns, rounds=rounds if not big else 6,
+                                        per_round=per_round if not big else 3,
+                                        warmup=20 if not big else 1,
+                                        round_budget_s=budget * (4 if big else 1))
+            for name in names:
+                note = impls.notes.get(name) or errors.get(name)
+                rec = (missing(case, name, note) if note or not samples.get(name) else
+                       summarize(case, name, samples[name], nbytes=BIG_BYTES if big else None))
+                records.append(rec)
+                progress(SUITE, rec)
+    finally:
+        impls.stop()
+        cluster.close()
+    path = common.write_results(SUITE, records, host, judge(records), quick=quick)
+    print(f"[{SUITE}] wrote {path}", flush=True)
+    return records
