@@ -7,12 +7,14 @@ Invariants:
 - Processes start through the session's ``HeadracePlugin`` on the chosen worker (never as a
   Dask task); the plugin owns them, and ``close`` ends them all and unregisters it.
 - The control plane between hosts is zmq over TCP with CURVE (runtime/hosts/keys.py): the
-  driver's TCP inbox admits only the session's key and forwards into the runtime's own inbox.
+  driver's TCP inbox admits only the session's key; the runtime's Inbox reads it next to its
+  own.
 - A remote process is dead when its worker says so (EXITED, with its exit code), when the
   scheduler no longer lists its worker, or when it sent no heartbeat for ``LOST_AFTER_S``:
   whichever comes first, within 2 s of the death.
 
-  driver ─ipc─▶ local children       driver ◀─tcp+CURVE─ remote children (RESULT, HEARTBEAT, ...)
+  driver ◀─ipc─ local children         driver ◀─tcp+CURVE─ remote children (RESULT, HEARTBEAT, ...)
+  (the runtime's Inbox reads both sockets: no thread in between)
   driver ─tcp+CURVE─▶ remote child's inbox/ctl/client     plugin ─tcp+CURVE─▶ driver (EXITED)
 """
 
@@ -178,8 +180,7 @@ class RemoteChannel:
 class DaskCluster:
     """The session's view of a Dask cluster: its workers, our plugin on them, our processes."""
 
-    def __init__(self, address: Any, inbox_endpoint: str,
-                 lost: Callable[[str, RemoteProcess], None],
+    def __init__(self, address: Any, lost: Callable[[str, RemoteProcess], None],
                  ping: Callable[[str], None]) -> None:
         self.client, self._own_client = _dask_client(address)
         self.keys = SessionKeys.new()
@@ -187,19 +188,12 @@ class DaskCluster:
         self._auth = admit_only(self.ctx, self.keys)
         self._lost, self._ping = lost, ping
         self.ip = _local_ip_towards(self.client.scheduler.address)
-        front = self.ctx.socket(zmq.PULL)
-        front.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.RCVHWM, 0)
-        self.keys.serve(front)
-        port = front.bind_to_random_port(f"tcp://{self.ip}")
-        self.driver = f"tcp://{self.ip}:{port}"
-        back = self.ctx.socket(zmq.PUSH)
-        back.setsockopt(zmq.LINGER, 0)
-        back.setsockopt(zmq.SNDHWM, 0)
-        back.connect(inbox_endpoint)
-        self._proxy = threading.Thread(target=_forward, args=(front, back), daemon=True,
-                                       name="headrace-hosts-inbox")
-        self._proxy.start()
+        #: the driver's inbox for children on other hosts; the runtime's Inbox reads it
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)
+        self.keys.serve(self.inbox)
+        self.driver = f"tcp://{self.ip}:{self.inbox.bind_to_random_port(f'tcp://{self.ip}')}"
         self.name = f"headrace-{socket.gethostname()}-{id(self):x}-{next(_SESSIONS)}"
         from .plugin import HeadracePlugin
         self.client.register_plugin(HeadracePlugin(self.name, self.driver,
@@ -368,17 +362,8 @@ class DaskCluster:
         self._watch.join(2 * HEARTBEAT_S)
         if self._own_client:
             self.client.close(timeout=5)
+
+    def release(self) -> None:
+        """After ``close`` and once nobody reads ``inbox``: free the sockets and keys' thread."""
         self._auth.stop()
-        self.ctx.term()         # the proxy's sockets close as it returns; then term does
-        self._proxy.join(1.0)
-
-
-def _forward(front: zmq.Socket, back: zmq.Socket) -> None:
-    """Copy messages from the TCP inbox into the runtime's inbox until the context ends."""
-    try:
-        zmq.proxy(front, back)
-    except zmq.ContextTerminated:
-        pass
-    finally:
-        front.close(linger=0)
-        back.close(linger=0)
+        self.ctx.destroy(linger=0)

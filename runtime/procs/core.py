@@ -104,17 +104,20 @@ class Runtime(WorkerRequests):
         self._ids = itertools.count(1)
         self.logs = LogForwarder() if log_to_driver else None
         self.wake_r, self.wake_w = os.pipe()
-        self.io = threading.Thread(target=self._io_loop, name="headrace-io", daemon=True)
-        self.io.start()
         self.cluster: Any = None                    # a Dask cluster hosting actors (hosts/)
         if address is not None:
             from ..hosts.cluster import DaskCluster
             try:
-                self.cluster = DaskCluster(address, protocol.endpoint(self.dir, "driver"),
-                                           self._remote_lost, self._remote_ping)
+                self.cluster = DaskCluster(address, self._remote_lost, self._remote_ping)
             except BaseException:
-                self.shutdown()
+                self.ctx.destroy(linger=0)
+                for fd in (self.wake_r, self.wake_w):
+                    _close_fd(fd)
+                shutil.rmtree(self.dir, ignore_errors=True)
                 raise
+            self.inbox.add(self.cluster.inbox)
+        self.io = threading.Thread(target=self._io_loop, name="headrace-io", daemon=True)
+        self.io.start()
         with self.lock:
             for _ in range(num_cpus):
                 self._spawn("task", "worker")
@@ -206,7 +209,8 @@ class Runtime(WorkerRequests):
         inbox = self.inbox
         inbox.io_ident = threading.get_ident()
         full, side = zmq.Poller(), zmq.Poller()
-        full.register(inbox.sock, zmq.POLLIN)
+        for sock in inbox.socks:
+            full.register(sock, zmq.POLLIN)
         for poller in (full, side):
             poller.register(self.wake_r, zmq.POLLIN)
         by_fd: dict[int, Proc] = {}
@@ -214,7 +218,7 @@ class Runtime(WorkerRequests):
             holding = inbox.io_should_read() and inbox.role.take()
             try:
                 for what, _ in (full if holding else side).poll(None if holding else 2):
-                    if what is inbox.sock:
+                    if what in inbox.socks:
                         inbox.drain()
                     elif what == self.wake_r:
                         os.read(self.wake_r, 4096)
@@ -923,9 +927,12 @@ class Runtime(WorkerRequests):
                     _close_fd(proc.pidfd)
         _run(finishes)
         if self.inbox.role.take_blocking(1.0):     # receivers leave within one poll slice
-            self.inbox.sock.close(linger=0)
+            for sock in self.inbox.socks:
+                sock.close(linger=0)
             self.inbox.role.give()
         self.ctx.destroy(linger=0)
+        if self.cluster is not None:
+            self.cluster.release()
         if self.logs is not None:
             self.logs.close()
         for fd in (self.wake_r, self.wake_w):

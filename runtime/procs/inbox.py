@@ -38,6 +38,7 @@ class Inbox:
     def __init__(self, sock: zmq.Socket, handle: Callable[[tuple, list], None],
                  wake_io: Callable[[], None]) -> None:
         self.sock = sock
+        self.socks = [sock]             # and the TCP one of children on other hosts (hosts/)
         self.role = ReadRole(wake_io)   # a waiter found it taken: the I/O thread takes over
         self.closed = False
         self._handle = handle
@@ -50,17 +51,27 @@ class Inbox:
         self.io_ident: int | None = None
         self.io_wants = False           # the I/O thread needs the socket (a child died)
 
+    def add(self, sock: zmq.Socket) -> None:
+        """Read ``sock`` too (before the I/O thread starts)."""
+        self.socks.append(sock)
+
     def drain(self, settle_s: float = 0.0) -> None:
         """Handle every message already here (caller holds the role); wait ``settle_s`` more."""
-        sock = self.sock
         deadline = time.monotonic() + settle_s
         while True:
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                header, frames = protocol.recv(sock, zmq.NOBLOCK)
-                self._handle(header, frames)
+            for sock in self.socks:
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    header, frames = protocol.recv(sock, zmq.NOBLOCK)
+                    self._handle(header, frames)
             left_ms = (deadline - time.monotonic()) * 1000
-            if left_ms <= 0 or not sock.poll(math.ceil(left_ms)):
+            if left_ms <= 0 or not self._poll(math.ceil(left_ms)):
                 return
+
+    def _poll(self, ms: int) -> bool:
+        """Whether a message came within ``ms`` on any of our sockets."""
+        if len(self.socks) == 1:
+            return bool(self.sock.poll(ms))
+        return bool(zmq.zmq_poll([(s, zmq.POLLIN) for s in self.socks], ms))
 
     def take_for_io(self, timeout_s: float = 1.0) -> bool:
         """For the I/O thread: get the socket back from a receiving user thread."""
@@ -140,5 +151,5 @@ class Inbox:
             if remaining == 0:
                 return
             ms = _SLICE_MS if remaining is None else min(_SLICE_MS, math.ceil(remaining * 1000))
-            if self.sock.poll(ms):
+            if self._poll(ms):
                 self.drain()
