@@ -3,14 +3,15 @@
 Hosts are network namespaces joined by veth pairs (tests/scaleout/netns.py: root needed); the
 driver and the Dask scheduler share the root namespace, the peers run on host 1. Cases:
 
-- ``roundtrip_small``: an int there and back. ``socket-channel`` (two headrace socket channels
-  and an echo process on host 1), ``compiled-hop`` (a compiled DAG of one actor on host 1:
+- ``roundtrip_small``: an int there and back. ``tcp-channel`` (two headrace TCP channels,
+  channels/tcp.py, and an echo process on host 1), ``socket-channel`` (the same over the zmq
+  socket channel), ``compiled-hop`` (a compiled DAG of one actor on host 1:
   input channel, actor, output channel, relay), ``actor-call`` (``hr.get(a.ping.remote())``,
   the actor on host 1), ``dask-actor`` (a Dask actor on host 1), ``dask-submit``
   (``client.submit(f, workers=[host 1]).result()``) and ``tcp-floor`` (blocking stdlib sockets,
   TCP_NODELAY, ``recv_into``: the floor).
-- ``oneway_100mb``: a 100 MB array to host 1, acknowledged with an int: ``socket-channel`` and
-  ``tcp-floor`` (``sendall`` of the buffer, ``recv_into`` preallocated memory).
+- ``oneway_100mb``: a 100 MB array to host 1, acknowledged with an int: ``tcp-channel``,
+  ``socket-channel`` and ``tcp-floor`` (``sendall`` of the buffer, ``recv_into`` preallocated memory).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ SUITE = "scaleout"
 BIG_BYTES = 100_000_000
 TIMEOUT_S = 60.0
 CASES: dict[str, tuple[str, ...]] = {
-    "roundtrip_small": ("socket-channel", "compiled-hop", "actor-call", "dask-actor",
-                        "dask-submit", "tcp-floor"),
-    "oneway_100mb": ("socket-channel", "tcp-floor"),
+    "roundtrip_small": ("tcp-channel", "socket-channel", "compiled-hop", "actor-call",
+                        "dask-actor", "dask-submit", "tcp-floor"),
+    "oneway_100mb": ("tcp-channel", "socket-channel", "tcp-floor"),
 }
 
 #: The echo peer of ``tcp-floor`` on host 1: 8-byte pings come back; "B" + size: read that
@@ -145,14 +146,18 @@ class Impls:
         self.ops["roundtrip_small", "tcp-floor"] = roundtrip
         self.ops["oneway_100mb", "tcp-floor"] = oneway
 
-    def socket_channel(self) -> None:
+    def socket_channel(self, kind: str = "socket-channel") -> None:
         import os
-
-        from headrace.channels.socket import HMACAuth, SocketChannel
-        here = self.cluster.bridge_ip
-        to = SocketChannel(1, 8, host=here, auth=HMACAuth(os.urandom(32)))
-        back = SocketChannel(1, 8, host=self.host.address, port=random.randint(20000, 60000),
-                             auth=HMACAuth(os.urandom(32)))
+        here, there = self.cluster.bridge_ip, self.host.address
+        if kind == "tcp-channel":
+            from headrace.channels.tcp import TcpChannel
+            to = TcpChannel(1, 8, host=here)
+            back = TcpChannel(1, 8, host=there, port=random.randint(20000, 60000))
+        else:
+            from headrace.channels.socket import HMACAuth, SocketChannel
+            to = SocketChannel(1, 8, host=here, auth=HMACAuth(os.urandom(32)))
+            back = SocketChannel(1, 8, host=there, port=random.randint(20000, 60000),
+                                 auth=HMACAuth(os.urandom(32)))
         peer = _netns(self.host, _CHANNEL_ECHO, stdin=pickle.dumps((to.reader(0),
                                                                     back.writer())))
         w, r = to.writer(), back.reader(0)
@@ -172,8 +177,8 @@ class Impls:
             w.write(self.big, timeout_s=TIMEOUT_S)
             assert r.read(timeout_s=TIMEOUT_S) == BIG_BYTES
         roundtrip()
-        self.ops["roundtrip_small", "socket-channel"] = roundtrip
-        self.ops["oneway_100mb", "socket-channel"] = oneway
+        self.ops["roundtrip_small", kind] = roundtrip
+        self.ops["oneway_100mb", kind] = oneway
 
     def headrace(self) -> None:
         import headrace as hr
@@ -232,11 +237,13 @@ def judge(records: list[Record]) -> list[Target]:
         return Target(name, None if r is None or ok is None else ok(r),
                       "not measured" if r is None else f"{r:.2f}{unit}")
     return [
-        target("socket channel round trip <= 1.3x the raw TCP floor",
-               ratio("roundtrip_small", "socket-channel", "tcp-floor"), lambda r: r <= 1.3),
-        target("socket channel 100 MB GB/s >= 0.7x the raw TCP floor's",
-               ratio("oneway_100mb", "socket-channel", "tcp-floor", gbps=True),
+        target("tcp channel round trip <= 1.3x the raw TCP floor",
+               ratio("roundtrip_small", "tcp-channel", "tcp-floor"), lambda r: r <= 1.3),
+        target("tcp channel 100 MB GB/s >= 0.7x the raw TCP floor's",
+               ratio("oneway_100mb", "tcp-channel", "tcp-floor", gbps=True),
                lambda r: r >= 0.7),
+        target("zmq socket channel round trip vs the raw TCP floor (reference)",
+               ratio("roundtrip_small", "socket-channel", "tcp-floor"), None),
         target("headrace cross-host actor call <= 0.2x Dask's actor call",
                ratio("roundtrip_small", "actor-call", "dask-actor"), lambda r: r <= 0.2),
         target("compiled hop across hosts vs the raw TCP floor (reference)",
@@ -265,6 +272,7 @@ def run(quick: bool = False) -> list[Record]:
     try:
         impls.start(("tcp-floor",), impls.tcp_floor)
         impls.start(("socket-channel",), impls.socket_channel)
+        impls.start(("tcp-channel",), lambda: impls.socket_channel("tcp-channel"))
         impls.start(("actor-call", "compiled-hop"), impls.headrace)
         impls.start(("dask-actor", "dask-submit"), impls.dask)
         for case, names in CASES.items():

@@ -78,6 +78,23 @@ class Encoded:
         self.pack_header(out)
         return bytes(out)
 
+    def views(self) -> list[Any]:
+        """The payload as a list of buffers, in order, padding included (for scatter/gather
+        sends without a copy; an Arrow value is written out once)."""
+        if self._arrow is not None:
+            return [self.payload_bytes()]
+        out: list[Any] = []
+        at = 0
+        for offset, part in self._parts:
+            if offset > at:
+                out.append(bytes(offset - at))
+            data = memoryview(part).cast("B")
+            out.append(data)
+            at = offset + data.nbytes
+        if self.size > at:
+            out.append(bytes(self.size - at))
+        return out
+
     def payload_bytes(self) -> bytearray:
         """The payload as one new buffer (for transports that cannot write in place)."""
         out = bytearray(self.size)

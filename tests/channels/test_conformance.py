@@ -1,4 +1,4 @@
-"""One contract, three channels: in-process, shared memory and socket pass the same suite."""
+"""One contract, four channels: in-process, shared memory, socket (zmq) and tcp pass one suite."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from headrace.exceptions import ChannelClosedError, ChannelTimeoutError, RemoteT
 from . import peers
 from .peers import error_when_killed, in_thread
 
-KINDS = ["inproc", "shm", "socket"]
-CROSS = ["shm", "socket"]
+KINDS = ["inproc", "shm", "socket", "tcp"]
+CROSS = ["shm", "socket", "tcp"]
 SPAWN = mp.get_context("spawn")
 
 
@@ -31,6 +31,9 @@ def make(kind: str, n_readers: int = 1, capacity: int = 4) -> Channel:
         return InProcChannel(n_readers, capacity)
     if kind == "shm":
         return ShmChannel(n_readers, capacity, slot_bytes=256 * 1024)
+    if kind == "tcp":
+        from headrace.channels.tcp import TcpChannel
+        return TcpChannel(n_readers, capacity)
     from headrace.channels.socket import SocketChannel
     return SocketChannel(n_readers, capacity)
 

@@ -1,0 +1,104 @@
+"""The TCP channel against hostile peers: whatever reaches its port is refused, logged and
+dropped without a big allocation, and the legitimate reader goes on; values arrive signed."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from headrace.channels.tcp import TcpChannel
+
+HEAD = struct.Struct("<4sBxxxQQ")
+
+
+def _open(ch: TcpChannel):
+    w, r = ch.writer(), ch.reader(0)
+    w.write("first", timeout_s=5)
+    assert r.read(timeout_s=5) == "first"          # the writer listens, the reader is attached
+    return w, r
+
+
+def _poke(ch: TcpChannel, data: bytes, hold_s: float = 0.2) -> None:
+    with socket.create_connection(("127.0.0.1", ch._cfg.port), timeout=5) as s:
+        s.sendall(data)
+        time.sleep(hold_s)
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100,                      # not our protocol at all
+    HEAD.pack(b"HRT1", 3, 0, 2 ** 31) + b"junk",                 # a 2 GB length prefix
+    HEAD.pack(b"HRT1", 3, 0, 16) + b"\0" * 16 + b"\0" * 32,      # a HELLO signed with nothing
+    HEAD.pack(b"HRT1", 3, 0, 16)[:10],                           # truncated, then gone
+])
+def test_junk_on_the_port_is_refused_logged_and_the_channel_works(junk: bytes, caplog) -> None:
+    ch = TcpChannel(1, 4)
+    try:
+        w, r = _open(ch)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with caplog.at_level(logging.ERROR, logger="headrace.channels.tcp"):
+            _poke(ch, junk)
+            w.write(1, timeout_s=5)             # the writer's own thread meets the junk too
+            deadline = time.monotonic() + 3
+            while not caplog.records and time.monotonic() < deadline:
+                w.write(0, timeout_s=5)
+                assert r.read(timeout_s=5) in (0, 1)
+        assert any("refused" in rec.message for rec in caplog.records), caplog.text
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+        w.write(np.arange(10), timeout_s=5)
+        got = [r.read(timeout_s=5) for _ in range(2)]
+        assert got[0] in (0, 1) and np.array_equal(got[-1], np.arange(10)) or \
+            np.array_equal(got[0], np.arange(10))
+        assert w.statistics()["refused"] >= 1
+    finally:
+        ch.close()
+
+
+def test_a_forged_reader_with_the_wrong_secret_gets_nothing() -> None:
+    ch = TcpChannel(2, 4)
+    try:
+        w, r = ch.writer(), ch.reader(0)
+        forged = TcpChannel(2, 4, port=ch._cfg.port)             # another secret, same port
+        forged._cfg.cid = ch._cfg.cid                            # even knowing the channel id
+        thief = forged.reader(1)
+        w.write("a", timeout_s=5)
+        assert r.read(timeout_s=5) == "a"
+        with pytest.raises(Exception):                           # never a value
+            thief.read(timeout_s=0.5)
+        assert w.statistics()["refused"] >= 1
+    finally:
+        ch.close()
+
+
+def test_an_oversized_value_is_refused_by_the_writer_and_the_reader() -> None:
+    ch = TcpChannel(1, 4, max_message_bytes=1000)
+    try:
+        w, r = _open(ch)
+        with pytest.raises(ValueError, match="at most 1000 bytes"):
+            w.write(b"x" * 5000, timeout_s=5)
+        w.write(b"y" * 100, timeout_s=5)
+        assert r.read(timeout_s=5) == b"y" * 100
+    finally:
+        ch.close()
+
+
+def test_big_values_arrive_intact_in_order() -> None:
+    ch = TcpChannel(1, 2)
+    try:
+        w, r = _open(ch)
+        arr = np.random.default_rng(0).random(3_000_000)
+        import threading
+        out = []
+        t = threading.Thread(target=lambda: out.extend(r.read(timeout_s=30) for _ in range(3)))
+        t.start()
+        for k in range(3):
+            w.write(arr + k, timeout_s=30)
+        t.join(30)
+        assert all(np.array_equal(v, arr + k) for k, v in enumerate(out))
+    finally:
+        ch.close()
