@@ -1,6 +1,6 @@
 """Compiled DAGs that span hosts (a Dask cluster, runtime/hosts): their socket channels.
 
-In: a ``ChannelSpec`` of kind SOCKET while the runtime has a cluster. Out: a socket channel
+In: a ``ChannelSpec`` of kind SOCKET while the runtime has a cluster. Out: a TCP channel
 whose writer listens on its own host, signed with a fresh HMAC key that travels only inside the
 endpoints (and those only over the CURVE control plane); for an output written on another host,
 a relay in the driver that moves each value into a local shm channel, which rings the outputs'
@@ -23,13 +23,18 @@ from ...exceptions import ChannelClosedError
 
 
 def open_spanning(spec: Any, sync: str, bell: Any, cluster: Any, slot_bytes: int) -> Any:
-    """The socket channel of ``spec``: on its writer's host, with a relay for the driver's end
-    when that writer is elsewhere."""
-    from ...channels.socket import HMACAuth, SocketChannel
+    """The channel of ``spec`` between hosts: a TCP channel (channels/tcp.py) listening on its
+    writer's host, with a relay for the driver's end when that writer is elsewhere (a writer
+    here that must ring the outputs' doorbell gets the zmq socket channel, which rings it)."""
     host = spec.host or cluster.ip
-    channel = SocketChannel(len(spec.readers), spec.capacity, host=host,
-                            port=cluster.free_port(host), auth=HMACAuth(os.urandom(32)),
-                            ring=None if spec.host else bell)
+    port = cluster.free_port(host)
+    if not spec.host and bell is not None:
+        from ...channels.socket import HMACAuth, SocketChannel
+        return SocketChannel(len(spec.readers), spec.capacity, host=host, port=port,
+                             auth=HMACAuth(os.urandom(32)), ring=bell)
+    from ...channels.tcp import TcpChannel
+    channel = TcpChannel(len(spec.readers), spec.capacity, host=host, port=port,
+                         secret=os.urandom(32))
     if not spec.host or DRIVER not in spec.readers:
         return channel
     return Relayed(channel, spec.readers.index(DRIVER), spec.capacity, sync, bell, slot_bytes)
