@@ -54,6 +54,7 @@ _CONTROL_MAX = 4096
 MAX_MESSAGE_BYTES = 1 << 30
 _CONNECT_RETRY_S = 0.005
 _SMALL = 16 * 1024          # frames this small are signed in one call, read in one recv
+_CHUNK = 1 << 20            # bigger ones are signed and checked a chunk at a time
 _STALL_S = 10.0             # a frame begun must be complete within this long
 _LATE_S = 0.15              # a closing writer waits this long for readers not yet connected
 #: This process's writers, by channel id (a reader here may wait for what they sent).
@@ -331,8 +332,18 @@ class _Reader:
             raise ConnectionError("a malformed frame")
         body = bytearray(size + _MAC)
         view = memoryview(body)
-        self._recv_exact(view, stall)
-        if not hmac.compare_digest(bytes(view[size:]), _mac(self.cfg.key, head, view[:size])):
+        if size <= _SMALL:
+            self._recv_exact(view, stall)
+            mac = _mac(self.cfg.key, head, view[:size])
+        else:                               # hashed chunk by chunk, while in the cache
+            h = hmac.new(self.cfg.key, head, hashlib.sha256)
+            for at in range(0, size, _CHUNK):
+                chunk = view[at:min(size, at + _CHUNK)]
+                self._recv_exact(chunk, stall)
+                h.update(chunk)
+            self._recv_exact(view[size:], stall)
+            mac = h.digest()
+        if not hmac.compare_digest(bytes(view[size:]), mac):
             _log.error("tcp channel %s:%d: reader %d got a badly signed frame",
                        self.cfg.host, self.cfg.port, self.index)
             raise ConnectionError("a badly signed frame")
@@ -525,12 +536,15 @@ class _Writer:
                 raise closed_error(ep, self.reason)
             head = bytearray(HEADER_BYTES)
             enc.pack_header(head)
-            parts = _frame(self.cfg, _DATA, self.sent, [head, *enc.views()])
-            self.sent += 1
-            self.nbytes += HEADER_BYTES + enc.size
             # the deadline bounds the wait for room; a value let in gets time to go out whole
             if deadline is not None:
                 deadline = max(deadline, time.monotonic() + _STALL_S)
+            if enc.size > _SMALL and self.cfg.n_readers == 1 and self.conns[0] is not None:
+                self._stream(ep, [head, *enc.views()], deadline, timeout_s)
+                return
+            parts = _frame(self.cfg, _DATA, self.sent, [head, *enc.views()])
+            self.sent += 1
+            self.nbytes += HEADER_BYTES + enc.size
             for i, sock in enumerate(self.conns):
                 if sock is None:
                     self.queued[i].append([bytes(memoryview(p).cast("B")) for p in parts])
@@ -543,6 +557,32 @@ class _Writer:
                 except OSError as exc:
                     self._shut(f"reader {i} is gone ({exc})")
                     raise closed_error(ep, self.reason) from None
+
+    def _stream(self, ep: Channel, body: list[Any], deadline: float | None,
+                timeout_s: float | None) -> None:
+        """A big value to the one reader: signed chunk by chunk as it goes out (each chunk is
+        hashed while it is still in the cache), the MAC last."""
+        sock = self.conns[0]
+        size = sum(memoryview(b).nbytes for b in body)
+        head = _HEAD.pack(_MAGIC, _DATA, self.sent, size)
+        mac = hmac.new(self.cfg.key, head, hashlib.sha256)
+        self.sent += 1
+        self.nbytes += size
+        try:
+            _send(sock, [head], deadline)
+            for part in body:
+                view = memoryview(part).cast("B")
+                for at in range(0, view.nbytes, _CHUNK):
+                    chunk = view[at:at + _CHUNK]
+                    mac.update(chunk)
+                    _send(sock, [chunk], deadline)
+            _send(sock, [mac.digest()], deadline)
+        except TimeoutError:
+            self._shut("reader 0 stopped reading mid-value")
+            raise timeout_error(ep, "write", timeout_s) from None
+        except OSError as exc:
+            self._shut(f"reader 0 is gone ({exc})")
+            raise closed_error(ep, self.reason) from None
 
     def _shut(self, reason: str | None) -> None:
         """Under ``lock``: CLOSE to every reader (late ones too, briefly), then stop."""
