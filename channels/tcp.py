@@ -195,6 +195,9 @@ class _Reader:
         self.closed, self.reason = False, None
         self.gone = False                   # the writer's connection ended (or said CLOSE)
         self._attaching = False
+        self._poller: Any = None
+        self._polled: Any = None
+        self.sock_fd = -1
         self.consumed = self.credited = 0
         self.threshold = max(1, cfg.capacity // 2)
         self.wake_r, self.wake_w = os.pipe()
@@ -216,7 +219,7 @@ class _Reader:
         _tune(sock)
         sock.settimeout(_STALL_S)           # a frame begun must be complete within this long
         _send(sock, _frame(self.cfg, _HELLO, self.index, [self.cfg.cid]), None)
-        self.sock = sock
+        self.sock, self.sock_fd = sock, sock.fileno()
         return sock
 
     def _connect(self, deadline: float | None) -> socket.socket:
@@ -296,15 +299,26 @@ class _Reader:
                 deadline = soon if deadline is None else min(deadline, soon)
             try:
                 sock = self.sock or self._connect(deadline)
+                poller = self._poller
+                if poller is None or self._polled is not sock:
+                    poller = self._poller = select.poll()
+                    poller.register(sock, select.POLLIN)
+                    poller.register(self.wake_r, select.POLLIN)
+                    self._polled = sock
                 while True:
-                    watch = [sock] if self.closed else [sock, self.wake_r]
-                    ready = select.select(watch, [], [], None if deadline is None
-                                          else max(0.0, deadline - time.monotonic()))[0]
-                    if sock in ready:
+                    ms = -1 if deadline is None else \
+                        max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                    fds = [fd for fd, _ in poller.poll(ms)]
+                    if self.sock_fd in fds or sock.fileno() in fds:
                         break
-                    if self.closed and (self.wake_r in ready or not ready):
+                    if self.closed and (self.wake_r in fds or not fds):
+                        if self.wake_r in fds:
+                            poller.unregister(self.wake_r)      # draining: data only now
+                            if select.select([sock], [], [], 0.0 if deadline is None else
+                                             max(0.0, deadline - time.monotonic()))[0]:
+                                break
                         raise closed_error(ep, self.reason)
-                    if not ready:
+                    if not fds:
                         raise timeout_error(ep, "read", timeout_s)
                     self.waits += 1
                 return self._take(ep)
