@@ -262,3 +262,26 @@ def _write_latest(suite: str, records: Sequence[Record], host: dict[str, object]
             md += ["#" + line if line.startswith("#") else line
                    for line in part.read_text(encoding="utf-8").splitlines()] + [""]
     (RESULTS_DIR / "latest.md").write_text("\n".join(md), encoding="utf-8")
+
+
+def stop_all(suite: str, stops: Sequence[Callable[[], object]]) -> None:
+    """Call ``stops`` last first; one that raises is reported and the others still run."""
+    for stop in reversed(stops):
+        try:
+            stop()
+        except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            print(f"[{suite}] stop failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def case_records(suite: str, case: str, names: Sequence[str], samples: dict[str, list[float]],
+                 notes: dict[str, str], *, nbytes: int | None = None) -> list[Record]:
+    """One record per implementation of ``case`` (a missing one where ``notes`` says why or
+    nothing was measured), each printed as it is made."""
+    out = []
+    for name in names:
+        note = notes.get(name)
+        rec = missing(case, name, note or "not measured") if note or not samples.get(name) \
+            else summarize(case, name, samples[name], nbytes=nbytes)
+        progress(suite, rec)
+        out.append(rec)
+    return out

@@ -147,11 +147,7 @@ class Impls:
         print(f"[{SUITE}] started {name}: {self.notes.get(name, 'ok')}", flush=True)
 
     def stop(self) -> None:
-        for stop in reversed(self.stops):
-            try:
-                stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"[{SUITE}] stop failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        common.stop_all(SUITE, self.stops)
 
     def mp_pipe(self) -> None:
         ctx = mp.get_context("spawn")
@@ -432,12 +428,9 @@ def run(quick: bool = False) -> list[Record]:
                 per_round=counts.big_per_round if big else counts.per_round,
                 warmup=2 if big else counts.warmup,
                 round_budget_s=counts.budget_s * (4 if big else 1), hooks=hooks)
-            for name in names:
-                note = impls.notes.get(name) or errors.get(name)
-                rec = (missing(case, name, note) if note or not samples.get(name) else
-                       summarize(case, name, samples[name], nbytes=BIG_BYTES if big else None))
-                records.append(rec)
-                progress(SUITE, rec)
+            records += common.case_records(SUITE, case, names, samples,
+                                           {**errors, **impls.notes},
+                                           nbytes=BIG_BYTES if big else None)
     finally:
         impls.stop()
     records.append(measure_import(counts.imports))

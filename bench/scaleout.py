@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import common
-from .common import Record, Target, alternate, missing, progress, summarize
+from .common import Record, Target, alternate
 
 SUITE = "scaleout"
 BIG_BYTES = 100_000_000
@@ -113,11 +113,7 @@ class Impls:
               f"{self.notes.get(names[0], 'ok')}", flush=True)
 
     def stop(self) -> None:
-        for stop in reversed(self.stops):
-            try:
-                stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"[{SUITE}] stop failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        common.stop_all(SUITE, self.stops)
 
     def tcp_floor(self) -> None:
         port = random.randint(20000, 60000)
@@ -282,12 +278,9 @@ def run(quick: bool = False) -> list[Record]:
                                         per_round=per_round if not big else 3,
                                         warmup=20 if not big else 1,
                                         round_budget_s=budget * (4 if big else 1))
-            for name in names:
-                note = impls.notes.get(name) or errors.get(name)
-                rec = (missing(case, name, note) if note or not samples.get(name) else
-                       summarize(case, name, samples[name], nbytes=BIG_BYTES if big else None))
-                records.append(rec)
-                progress(SUITE, rec)
+            records += common.case_records(SUITE, case, names, samples,
+                                           {**errors, **impls.notes},
+                                           nbytes=BIG_BYTES if big else None)
     finally:
         impls.stop()
         cluster.close()

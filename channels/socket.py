@@ -36,7 +36,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import zmq
@@ -46,6 +45,7 @@ from .codec import encode
 from .socket_auth import CurveAuth, HMACAuth, is_loopback
 from .socket_reader import _Leftover, _ReaderIO
 from .socket_wire import MAX_MESSAGE_BYTES, _Config, _local, _tell_writer
+from .tcp import check_args, free_port
 from .socket_writer import _WriterIO
 
 __all__ = ["MAX_MESSAGE_BYTES", "CurveAuth", "HMACAuth", "SocketChannel", "is_loopback"]
@@ -62,17 +62,6 @@ def _notify_close(cfg: _Config, reason: str | None) -> None:
         _tell_writer(cfg, reason)
         return
     standin.close(reason)           # readers trying to connect hear CLOSE from the stand-in
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            return probe.getsockname()[1]
-    except OSError as exc:
-        raise ValueError(f"cannot pick a free port on host {host!r}: {exc}.\n\n"
-                         "Pass port= explicitly when the writer runs on another host.") from exc
 
 
 def _checked_auth(auth: Any, host: str) -> HMACAuth | CurveAuth:
@@ -125,17 +114,9 @@ class SocketChannel(Channel):
     def __init__(self, n_readers: int = 1, capacity: int = 8, *, host: str = "127.0.0.1",
                  port: int = 0, auth: HMACAuth | CurveAuth | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, ring: Any = None) -> None:
-        if not isinstance(n_readers, int) or n_readers < 1:
-            raise ValueError(f"n_readers must be >= 1, not {n_readers}")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be >= 1, not {capacity}")
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be 0 (pick a free one) to 65535, not {port!r}")
-        if not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2 ** 63:
-            raise ValueError(f"max_message_bytes must be a positive number of bytes, "
-                             f"not {max_message_bytes!r}")
+        check_args(n_readers, capacity, port, max_message_bytes)
         auth = _checked_auth(auth, host)
-        cfg = _Config(host, port or _free_port(host), n_readers, capacity, auth, os.urandom(16),
+        cfg = _Config(host, port or free_port(host), n_readers, capacity, auth, os.urandom(16),
                       max_message_bytes)
         self._attach(cfg, None, ring)
 

@@ -75,6 +75,23 @@ def free_port(host: str) -> int:
                          "Pass port= explicitly when the writer runs on another host.") from exc
 
 
+def check_args(n_readers: int, capacity: int, port: int, max_message_bytes: int) -> None:
+    """The arguments a network channel's owner takes (this one's, the zmq socket channel's).
+
+    Raises:
+        ValueError: one is out of range; the message names it.
+    """
+    if not isinstance(n_readers, int) or n_readers < 1:
+        raise ValueError(f"n_readers must be >= 1, not {n_readers}")
+    if not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be >= 1, not {capacity}")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0 (pick a free one) to 65535, not {port!r}")
+    if not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2 ** 62:
+        raise ValueError(f"max_message_bytes must be a positive number of bytes, "
+                         f"not {max_message_bytes!r}")
+
+
 class _Config:
     __slots__ = ("host", "port", "n_readers", "capacity", "key", "cid", "max_message_bytes")
 
@@ -686,15 +703,7 @@ class TcpChannel(Channel):
     def __init__(self, n_readers: int = 1, capacity: int = 8, *, host: str = "127.0.0.1",
                  port: int = 0, secret: bytes | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        if not isinstance(n_readers, int) or n_readers < 1:
-            raise ValueError(f"n_readers must be >= 1, not {n_readers}")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be >= 1, not {capacity}")
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be 0 (pick a free one) to 65535, not {port!r}")
-        if not isinstance(max_message_bytes, int) or not 0 < max_message_bytes < 2 ** 62:
-            raise ValueError(f"max_message_bytes must be a positive number of bytes, "
-                             f"not {max_message_bytes!r}")
+        check_args(n_readers, capacity, port, max_message_bytes)
         if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
             raise ValueError("secret must be bytes, at least 16 of them (os.urandom(32))")
         cid = os.urandom(16)
