@@ -229,3 +229,27 @@ def test_a_stage_killed_on_its_host_breaks_the_dag_naming_the_host(session) -> N
         assert time.monotonic() - start < 2.0
     finally:
         compiled.teardown()
+
+
+def test_zz_a_host_that_vanishes_fails_its_calls_within_2_s(session) -> None:
+    """The host's link goes down (no RST, no exit report): the heartbeat notices. Runs last:
+    the host's Dask worker loses the scheduler too."""
+    host = session.hosts[1]
+    victim = Where.options(host=host.address).remote("v")
+    assert hr.get(victim.echo.remote(1), timeout=60) == 1
+    running = victim.sleep.remote(30)
+    time.sleep(0.3)
+    dev = f"he{session.tag}2"
+    subprocess.run(["ip", "netns", "exec", host.name, "ip", "link", "set", dev, "down"],
+                   check=True, timeout=10)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ActorDiedError, match=host.address) as info:
+            hr.get(running, timeout=10)
+        assert time.monotonic() - start < 2.0
+        assert "heartbeat" in str(info.value) or "left the cluster" in str(info.value)
+        other = Where.options(host=session.hosts[0].address).remote("o")   # the rest works
+        assert hr.get(other.echo.remote(2), timeout=60) == 2
+    finally:
+        subprocess.run(["ip", "netns", "exec", host.name, "ip", "link", "set", dev, "up"],
+                       timeout=10)
