@@ -451,10 +451,14 @@ class _Writer:
         return [self.listener, *self.pending, *self.parsers]
 
     def _watch(self) -> None:
-        """While no write runs: accept readers, take credits and closes."""
+        """While no write runs: accept readers and closes. Not the readers' own connections:
+        their credits wait for a write that needs them (a wake per credit would cost the
+        writer's process a thread switch per value)."""
         while not self.closed:
+            conns = set(self.conns)
+            closers = [s for s in self.parsers if s not in conns]
             try:
-                select.select([*self._fds(), self.wake_r], [], [])
+                select.select([self.listener, *self.pending, *closers, self.wake_r], [], [])
             except (OSError, ValueError):      # a socket closed under us: look again
                 pass
             with self.lock:

@@ -61,7 +61,10 @@ class Inbox:
         while True:
             for sock in self.socks:
                 while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    header, frames = protocol.recv(sock, zmq.NOBLOCK)
+                    try:
+                        header, frames = protocol.recv(sock, zmq.NOBLOCK)
+                    except zmq.Again:       # EVENTS said POLLIN early (CURVE): poll again
+                        break
                     self._handle(header, frames)
             left_ms = (deadline - time.monotonic()) * 1000
             if left_ms <= 0 or not self._poll(math.ceil(left_ms)):

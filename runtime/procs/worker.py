@@ -131,7 +131,7 @@ class Worker:
         set_ref_source(self.client.borrow)
         if spec.kind == "task":
             set_block_hook(self.client.blocked)
-        self.control = threading.Thread(target=self._control_loop, name="headrace-control",
+        self.control = threading.Thread(target=self._control_main, name="headrace-control",
                                         daemon=True)
         self.control.start()
         self.lane: WorkerLane | None = None         # replies go here once attached
@@ -499,6 +499,16 @@ class Worker:
                     protocol.send(self.outbox, (Msg.HEARTBEAT, self.spec.wid))
         return now - self.last_ping > _DRIVER_SILENCE_S or os.getppid() != self.remote.parent_pid
 
+    def _control_main(self) -> None:
+        """The control thread: a failure in it leaves this process deaf (no cancel, no replies,
+        no heartbeat), so it ends the process, which the driver then reports as a death."""
+        try:
+            self._control_loop()
+        except BaseException:               # noqa: BLE001
+            logging.getLogger(__name__).exception("the control thread failed; exiting")
+            sys.stderr.flush()
+            os._exit(70)
+
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
@@ -525,7 +535,10 @@ class Worker:
                 os._exit(1)                   # the driver or our Dask worker is gone
             if self.client_sock in events:
                 while self.client_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
+                    try:
+                        header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
+                    except zmq.Again:   # EVENTS said POLLIN early (a CURVE message in flight)
+                        break
                     if header[0] == Msg.DOORBELL:
                         self.client.doorbell(header[1])
                     else:

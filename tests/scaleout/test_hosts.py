@@ -48,6 +48,12 @@ class Where:
     def call(self, other, x):
         return hr.get(other.echo.remote(x), timeout=30)
 
+    def put_big(self, n):
+        return [hr.put(np.arange(n))]           # a ref made on this host, nested: stays a ref
+
+    def total_of(self, refs):
+        return int(sum(hr.get(refs, timeout=30)[0]))
+
 
 @pytest.fixture
 def session(cluster):
@@ -92,6 +98,21 @@ def test_calls_values_and_errors_cross_hosts(session) -> None:
     assert isinstance(info.value, hr.TaskError)
     assert hr.get(a.call.remote(b, {"k": [1, 2]}), timeout=60) == {"k": [1, 2]}   # A calls B
     assert hr.get(b.echo.remote("still works"), timeout=30) == "still works"
+
+
+@hr.remote
+def total_here(arr):
+    return int(arr.sum())
+
+
+def test_refs_made_on_one_host_are_read_on_the_driver_and_on_another_host(session) -> None:
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    b = Where.options(host=session.hosts[1].address).remote("b")
+    n = 2_000_000                                          # 16 MB
+    [ref] = hr.get(a.put_big.remote(n), timeout=60)
+    assert int(hr.get(ref, timeout=60).sum()) == n * (n - 1) // 2
+    assert hr.get(total_here.remote(ref), timeout=60) == n * (n - 1) // 2   # a local task
+    assert hr.get(b.total_of.remote([ref]), timeout=60) == n * (n - 1) // 2  # the other host
 
 
 def test_a_killed_remote_process_fails_its_calls_naming_the_host(session) -> None:
