@@ -10,10 +10,11 @@ Invariants:
   driver's TCP inbox admits only the session's key; the runtime's Inbox reads it next to its
   own.
 - A remote process is dead when its worker says so (EXITED, with its exit code), when the
-  scheduler no longer lists its worker, or when it sent no heartbeat for ``LOST_AFTER_S``:
-  whichever comes first, within 2 s of the death.
+  scheduler no longer lists its worker, or when the connection to its control socket drops
+  (ZMTP heartbeats, answered by zmq's I/O thread, not by Python, unanswered for
+  ``LOST_AFTER_S``): whichever comes first, within 2 s of the death.
 
-  driver ◀─ipc─ local children         driver ◀─tcp+CURVE─ remote children (RESULT, HEARTBEAT, ...)
+  driver ◀─ipc─ local children         driver ◀─tcp+CURVE─ remote children (RESULT, REQUEST, ...)
   (the runtime's Inbox reads both sockets: no thread in between)
   driver ─tcp+CURVE─▶ remote child's inbox/ctl/client     plugin ─tcp+CURVE─▶ driver (EXITED)
 """
@@ -37,9 +38,11 @@ from .keys import SessionKeys, admit_only
 
 logger = logging.getLogger(__name__)
 
-#: A remote child sends a heartbeat this often; the driver pings its control socket as often.
+#: The driver pings each remote child's control socket this often (the child exits when the
+#: pings stop), and checks the scheduler's list of workers as often.
 HEARTBEAT_S = 0.25
-#: ...and counts it lost after this long without one.
+#: A remote child whose zmq I/O thread answered no ZMTP heartbeat for this long is lost (its
+#: Python may hold the GIL for minutes in one C call: the heartbeat does not need it).
 LOST_AFTER_S = 1.5
 #: How long a remote child may take from launch to READY.
 START_TIMEOUT_S = 60.0
@@ -203,6 +206,7 @@ class DaskCluster:
         self.lock = threading.Lock()
         self.closed = False
         self._workers: dict[str, dict] = self._fetch_workers()
+        self._monitors: list[tuple[str, zmq.Socket]] = []    # made, not yet watched
         self._watch = threading.Thread(target=self._watch_loop, daemon=True,
                                        name="headrace-hosts-watch")
         self._watch.start()
@@ -286,6 +290,16 @@ class DaskCluster:
         threading.Thread(target=run, daemon=True, name=f"headrace-launch-{wid}").start()
         return proc
 
+    def watch_connection(self, wid: str, sock: zmq.Socket) -> None:
+        """Before ``sock`` (the driver's PUSH to a remote child's control socket) connects:
+        heartbeat it, and have the watcher hear when it drops."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LOST_AFTER_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(LOST_AFTER_S * 1000))
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
+        with self.lock:
+            self._monitors.append((wid, monitor))
+
     def seen(self, wid: str, ready: bool = False) -> None:
         proc = self.procs.get(wid)
         if proc is not None:
@@ -316,32 +330,59 @@ class DaskCluster:
                 p.ended(codes.get(p.wid), None if p.wid in codes else "was not running")
 
     def _watch_loop(self) -> None:
-        """Ping our children, notice silent ones and workers that left the cluster."""
-        while not self.closed:
-            time.sleep(HEARTBEAT_S)
-            if self.closed:
-                return
-            try:
-                workers = self._fetch_workers()
-            except Exception:  # noqa: BLE001 - the scheduler is unreachable: keep the old list
-                workers = self._workers
-            self._workers = workers
-            now = time.monotonic()
-            with self.lock:
-                live = [p for p in self.procs.values() if p.poll() is None]
-            for proc in live:
-                why = None
-                if proc.worker not in workers:
-                    why = "was lost: its Dask worker left the cluster"
-                elif proc.ready and now - proc.last_seen > LOST_AFTER_S:
-                    why = f"was lost: no heartbeat for {now - proc.last_seen:.1f} s"
-                elif not proc.ready and now - proc.started > START_TIMEOUT_S:
-                    why = f"did not start within {START_TIMEOUT_S:.0f} s"
-                if why is not None:
-                    if proc.ended(None, why):
-                        self._lost(proc.wid, proc)
-                elif proc.ready:
-                    self._ping(proc.wid)
+        """Ping our children, hear their connections drop, notice workers that left."""
+        from zmq.utils.monitor import recv_monitor_message
+        poller = zmq.Poller()
+        watched: dict[zmq.Socket, str] = {}
+        next_tick = time.monotonic()
+        try:
+            while not self.closed:
+                with self.lock:
+                    new, self._monitors = self._monitors, []
+                for wid, monitor in new:
+                    watched[monitor] = wid
+                    poller.register(monitor, zmq.POLLIN)
+                wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                for monitor, _ in poller.poll(wait_ms):
+                    event = recv_monitor_message(monitor)["event"]
+                    wid = watched[monitor]
+                    if event == zmq.EVENT_MONITOR_STOPPED:
+                        poller.unregister(monitor)
+                        monitor.close(linger=0)
+                        del watched[monitor]
+                        continue
+                    proc = self.procs.get(wid)
+                    if proc is not None and proc.ready and proc.ended(
+                            None, f"was lost: its connection dropped (no heartbeat answered "
+                                  f"for {LOST_AFTER_S:g} s, or the process ended)"):
+                        self._lost(wid, proc)
+                if time.monotonic() >= next_tick and not self.closed:
+                    next_tick = time.monotonic() + HEARTBEAT_S
+                    self._tick()
+        finally:
+            for monitor in watched:
+                monitor.close(linger=0)
+
+    def _tick(self) -> None:
+        try:
+            workers = self._fetch_workers()
+        except Exception:  # noqa: BLE001 - the scheduler is unreachable: keep the old list
+            workers = self._workers
+        self._workers = workers
+        now = time.monotonic()
+        with self.lock:
+            live = [p for p in self.procs.values() if p.poll() is None]
+        for proc in live:
+            why = None
+            if proc.worker not in workers:
+                why = "was lost: its Dask worker left the cluster"
+            elif not proc.ready and now - proc.started > START_TIMEOUT_S:
+                why = f"did not start within {START_TIMEOUT_S:.0f} s"
+            if why is not None:
+                if proc.ended(None, why):
+                    self._lost(proc.wid, proc)
+            elif proc.ready:
+                self._ping(proc.wid)
 
     def forget(self, wid: str) -> None:
         with self.lock:

@@ -167,6 +167,8 @@ class Runtime(WorkerRequests):
             sock.connect(protocol.endpoint(self.dir, name))
         else:
             self.cluster.keys.client(sock)
+            if name.endswith(".ctl"):       # its liveness: ZMTP heartbeats (runtime/hosts)
+                self.cluster.watch_connection(proc.wid, sock)
             sock.connect(proc.endpoints[name])
         return sock
 
@@ -263,10 +265,6 @@ class Runtime(WorkerRequests):
                 poller.register(fd, zmq.POLLIN)
 
     def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
-        if header[0] == Msg.HEARTBEAT:
-            if self.cluster is not None:
-                self.cluster.seen(header[1])
-            return
         if header[0] == Msg.EXITED:
             popen = self.cluster.exited(header[1], header[2]) if self.cluster else None
             if popen is not None:

@@ -52,9 +52,9 @@ from . import client as client_mod
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
 #: An async actor's max_concurrency unless set (Ray's default).
 _ASYNC_CONCURRENCY = 1000
-#: On another host: a heartbeat to the driver this often (runtime/hosts/cluster.HEARTBEAT_S)...
+#: On another host: the control thread looks at the driver's pings this often...
 _HEARTBEAT_S = 0.25
-#: ...and the driver counts as gone after this long without its ping.
+#: ...and the driver counts as gone after this long without one.
 _DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
@@ -93,7 +93,6 @@ class Worker:
             self.auth = admit_only(self.ctx, self.keys)
             self.driver_fd = None
             self.last_ping = time.monotonic()
-            self.last_beat = 0.0
         self.inbox = self._socket(zmq.PULL, spec.wid, True)
         self.ctl = self._socket(zmq.PULL, spec.wid + ".ctl", True)
         self.outbox = self._socket(zmq.PUSH, "driver", False)
@@ -489,15 +488,11 @@ class Worker:
         return bool(select.select([fd], [], [], 0)[0])
 
     def _remote_tick(self) -> bool:
-        """On another host: send a heartbeat when due; True when the driver stopped pinging or
-        the Dask worker that started us died (nobody wants our results then)."""
-        now = time.monotonic()
-        if now - self.last_beat >= _HEARTBEAT_S:
-            self.last_beat = now
-            with self.send_lock:
-                if not self.outbox.closed:
-                    protocol.send(self.outbox, (Msg.HEARTBEAT, self.spec.wid))
-        return now - self.last_ping > _DRIVER_SILENCE_S or os.getppid() != self.remote.parent_pid
+        """On another host: True when the driver stopped pinging or the Dask worker that
+        started us died (nobody wants our results then). Our liveness needs nothing from us:
+        zmq's I/O thread answers the driver's heartbeats (runtime/hosts/cluster.py)."""
+        return time.monotonic() - self.last_ping > _DRIVER_SILENCE_S or \
+            os.getppid() != self.remote.parent_pid
 
     def _control_main(self) -> None:
         """The control thread: a failure in it leaves this process deaf (no cancel, no replies,

@@ -43,7 +43,6 @@ class Msg(IntEnum):
     REQUEST = 18        # (kind, wid, op, body)  the API used inside the child (procs/client.py)
     # scale-out (runtime/hosts): processes on other hosts, over CURVE-authenticated TCP
     EXITED = 19         # (kind, wid, returncode)  from the Dask worker that started the child
-    HEARTBEAT = 20      # (kind, wid)              a remote child is alive (every HEARTBEAT_S)
     PING = 21           # (kind,)                  on the control socket: the driver is alive
 
 

@@ -45,6 +45,9 @@ class Where:
         time.sleep(s)
         return s
 
+    def busy(self, n):
+        return sum(range(n))                    # one C call holding the GIL for seconds
+
     def call(self, other, x):
         return hr.get(other.echo.remote(x), timeout=30)
 
@@ -132,6 +135,14 @@ def test_a_killed_remote_process_fails_its_calls_naming_the_host(session) -> Non
         hr.get(victim.echo.remote(2), timeout=10)
     other = Where.options(host=host.address).remote("o")          # the host still works
     assert hr.get(other.echo.remote(3), timeout=60) == 3
+
+
+def test_an_actor_holding_the_gil_for_seconds_is_not_taken_for_dead(session) -> None:
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    start = time.monotonic()
+    n = 250_000_000
+    assert hr.get(a.busy.remote(n), timeout=60) == n * (n - 1) // 2
+    assert time.monotonic() - start > 2.0             # longer than the heartbeat timeout
 
 
 def test_a_rogue_process_without_the_keys_is_refused(session, caplog) -> None:
