@@ -65,10 +65,16 @@ class HeadracePlugin(WorkerPlugin):
         spec = dataclasses.replace(spec, remote=remote)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HEADRACE_DIRECT_CALLS="0")
         env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
+        forward = spec.log_to_driver       # its output goes to the driver's stderr
         popen = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], env=env,
-                                 stdin=subprocess.DEVNULL, close_fds=True)
+                                 stdin=subprocess.DEVNULL, close_fds=True,
+                                 stdout=subprocess.PIPE if forward else None,
+                                 stderr=subprocess.STDOUT if forward else None)
         with self.lock:
             self.children[spec.wid] = popen
+        if forward:
+            threading.Thread(target=self._forward, args=(spec.wid, popen.stdout), daemon=True,
+                             name=f"headrace-output-{spec.wid}").start()
         threading.Thread(target=self._watch, args=(spec.wid, popen), daemon=True,
                          name=f"headrace-watch-{spec.wid}").start()
         return popen.pid
@@ -83,6 +89,23 @@ class HeadracePlugin(WorkerPlugin):
                 self._tell((19, wid, code))     # Msg.EXITED
             except Exception:  # noqa: BLE001,S110 - the driver is gone: nobody to tell
                 pass
+
+    def _forward(self, wid: str, pipe: Any) -> None:
+        """Send the child's output to the driver, a chunk of whole lines at a time."""
+        with pipe:
+            while chunk := pipe.read1(65536):
+                while not chunk.endswith(b"\n"):
+                    more = pipe.read1(65536)
+                    if not more:
+                        break
+                    chunk += more
+                with self.lock:
+                    if self.closed:
+                        return
+                    try:
+                        self._tell((22, wid, chunk))        # Msg.OUTPUT
+                    except Exception:  # noqa: BLE001,S110 - the driver is gone
+                        pass
 
     def _tell(self, header: tuple) -> None:
         """Under ``lock``: send ``header`` to the driver's inbox (CURVE client)."""

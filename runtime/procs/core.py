@@ -265,6 +265,11 @@ class Runtime(WorkerRequests):
                 poller.register(fd, zmq.POLLIN)
 
     def _handle(self, header: tuple[Any, ...], frames: list[Any]) -> None:
+        if header[0] == Msg.OUTPUT:          # already prefixed "(label pid=...)" by the child
+            if self.logs is not None:
+                sys.stderr.write(header[2].decode(errors="replace"))
+                sys.stderr.flush()
+            return
         if header[0] == Msg.EXITED:
             popen = self.cluster.exited(header[1], header[2]) if self.cluster else None
             if popen is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 class _PrefixedStream(io.TextIOBase):
     """A text stream writing complete lines, prefixed, to a file descriptor."""
 
-    def __init__(self, fd: int, label: Callable[[], str], pid: int) -> None:
+    def __init__(self, fd: int, label: Callable[[], str], pid: int | str) -> None:
         self._fd = fd
         self._label = label
         self._pid = pid
@@ -66,7 +66,7 @@ class _PrefixedStream(io.TextIOBase):
         return False
 
 
-def install_prefixed_output(label: Callable[[], str], pid: int) -> None:
+def install_prefixed_output(label: Callable[[], str], pid: int | str) -> None:
     """In a child: route sys.stdout and sys.stderr through line-prefixing streams."""
     sys.stdout = _PrefixedStream(1, label, pid)
     sys.stderr = _PrefixedStream(2, label, pid)

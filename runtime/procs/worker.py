@@ -118,7 +118,9 @@ class Worker:
         self.call_lock: Any = threading.Lock()
         self.internal: dict[str, Callable[..., Any]] = {DAG_START: self._start_dag,
                                                         LINK: self._link}
-        install_prefixed_output(lambda: self.label, self.pid)
+        # on another host, lines say which, as Ray's do: "(Stage pid=7, ip=10.0.0.2) ..."
+        install_prefixed_output(lambda: self.label, self.pid if self.remote is None
+                                else f"{self.pid}, ip={self.remote.bind_ip}")
         _setup_logging(spec.logging_level)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         signal.signal(signal.SIGUSR2, self._on_interrupt)

@@ -44,6 +44,7 @@ class Msg(IntEnum):
     # scale-out (runtime/hosts): processes on other hosts, over CURVE-authenticated TCP
     EXITED = 19         # (kind, wid, returncode)  from the Dask worker that started the child
     PING = 21           # (kind,)                  on the control socket: the driver is alive
+    OUTPUT = 22         # (kind, wid, bytes)       a remote child's output lines, from its worker
 
 
 @dataclass(frozen=True, slots=True)

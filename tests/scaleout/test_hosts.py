@@ -45,6 +45,9 @@ class Where:
         time.sleep(s)
         return s
 
+    def say(self, text):
+        print(text)
+
     def busy(self, n):
         return sum(range(n))                    # one C call holding the GIL for seconds
 
@@ -174,6 +177,23 @@ def test_a_rogue_process_without_the_keys_is_refused(session, caplog) -> None:
     assert any("refused a CURVE client" in r.message for r in caplog.records)
     refs = [a.echo.remote(i) for i in range(50)]          # the session goes on, unharmed
     assert hr.get(refs, timeout=60) == list(range(50))
+
+
+def test_print_in_a_remote_actor_reaches_the_driver_naming_its_host(cluster, capfd) -> None:
+    hr.shutdown()
+    hr.init(num_cpus=1, address=cluster.address, log_to_driver=True)
+    try:
+        a = Where.options(host=cluster.hosts[1].address).remote("loud")
+        pid, _, _ = hr.get(a.where.remote(), timeout=60)
+        hr.get(a.say.remote("hello from afar"), timeout=30)
+        want = f"(Where pid={pid}, ip={cluster.hosts[1].address}) hello from afar"
+        deadline, seen = time.monotonic() + 5, ""
+        while want not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capfd.readouterr().err
+        assert want in seen, seen
+    finally:
+        hr.shutdown()
 
 
 def test_shutdown_leaves_no_process_on_any_host(cluster) -> None:
