@@ -97,6 +97,7 @@ class RemoteProcess:
         self.started = time.monotonic()
         self.last_seen = time.monotonic()
         self.ready = False
+        self.resources: dict[str, float] = {}
         self._done = threading.Event()
 
     def poll(self) -> int | None:
@@ -186,6 +187,16 @@ class DaskCluster:
     def __init__(self, address: Any, lost: Callable[[str, RemoteProcess], None],
                  ping: Callable[[str], None]) -> None:
         self.client, self._own_client = _dask_client(address)
+        try:
+            self._setup(lost, ping)
+        except BaseException:
+            self.release()
+            if self._own_client:
+                self.client.close(timeout=5)
+            raise
+
+    def _setup(self, lost: Callable[[str, RemoteProcess], None],
+               ping: Callable[[str], None]) -> None:
         self.keys = SessionKeys.new()
         self.ctx = zmq.Context()
         self._auth = admit_only(self.ctx, self.keys)
@@ -202,7 +213,6 @@ class DaskCluster:
         self.client.register_plugin(HeadracePlugin(self.name, self.driver,
                                                    self.keys.as_tuple()), name=self.name)
         self.procs: dict[str, RemoteProcess] = {}
-        self._next = 0                                  # round-robin over workers
         self.lock = threading.Lock()
         self.closed = False
         self._workers: dict[str, dict] = self._fetch_workers()
@@ -230,14 +240,14 @@ class DaskCluster:
             if not chosen:
                 raise ValueError(f"{label}: no Dask worker matches host={host!r}; the workers "
                                  f"are {', '.join(sorted(workers))}")
-        if resources:
-            chosen = [a for a in chosen if all(workers[a].get("resources", {}).get(k, 0) >= v
+        if resources:                   # held for the process's life, as Ray's actors do
+            free = self._free_resources()
+            chosen = [a for a in chosen if all(free[a].get(k, 0) >= v
                                                for k, v in resources.items())]
             if not chosen:
-                have = {a: workers[a].get("resources", {}) for a in workers}
-                raise ValueError(f"{label}: no Dask worker has resources={resources!r} (they "
-                                 f"have {have}).\n\nStart a worker with `dask worker ... "
-                                 "--resources ...`, or ask for less.")
+                raise ValueError(f"{label}: no Dask worker has resources={resources!r} free "
+                                 f"(free now: {free}).\n\nStart a worker with `dask worker ... "
+                                 "--resources ...`, end actors that hold them, or ask for less.")
         with self.lock:
             load = {a: 0 for a in chosen}
             for proc in self.procs.values():
@@ -245,6 +255,16 @@ class DaskCluster:
                     load[proc.worker] += 1
             least = min(load.values())
             return next(a for a in sorted(chosen) if load[a] == least)
+
+    def _free_resources(self) -> dict[str, dict[str, float]]:
+        """Each worker's resources less what our live processes there hold."""
+        free = {a: dict(w.get("resources", {})) for a, w in self._workers.items()}
+        with self.lock:
+            for proc in self.procs.values():
+                if proc.poll() is None and proc.worker in free:
+                    for k, v in proc.resources.items():
+                        free[proc.worker][k] = free[proc.worker].get(k, 0) - v
+        return free
 
     def free_port(self, host: str) -> int:
         """A TCP port free now on ``host`` (this one's address, or a worker's host)."""
@@ -272,9 +292,12 @@ class DaskCluster:
         return RemoteChannel(self, worker, key, writer, readers)
 
     # -- processes --------------------------------------------------------------------------
-    def launch(self, wid: str, spec: Any, worker: str) -> RemoteProcess:
-        """Start the child of ``spec`` on ``worker`` (in the background); returns its stand-in."""
+    def launch(self, wid: str, spec: Any, worker: str,
+               resources: dict[str, float] | None = None) -> RemoteProcess:
+        """Start the child of ``spec`` on ``worker`` (in the background); returns its stand-in,
+        which holds ``resources`` there until it ends."""
         proc = RemoteProcess(self, wid, worker)
+        proc.resources = dict(resources or {})
         with self.lock:
             self.procs[wid] = proc
         blob = pickle.dumps(spec)
@@ -406,5 +429,7 @@ class DaskCluster:
 
     def release(self) -> None:
         """After ``close`` and once nobody reads ``inbox``: free the sockets and keys' thread."""
-        self._auth.stop()
-        self.ctx.destroy(linger=0)
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.destroy(linger=0)

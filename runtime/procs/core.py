@@ -123,8 +123,10 @@ class Runtime(WorkerRequests):
                 self._spawn("task", "worker")
 
     # -- processes --------------------------------------------------------------------------
-    def _spawn(self, kind: str, label: str, worker: str | None = None) -> Proc:
-        """Start a child: here, or on the Dask worker ``worker`` (runtime/hosts)."""
+    def _spawn(self, kind: str, label: str, worker: str | None = None,
+               resources: dict[str, float] | None = None) -> Proc:
+        """Start a child: here, or on the Dask worker ``worker`` (runtime/hosts), holding
+        ``resources`` of it."""
         wid = f"w{next(self._ids)}"
         remote = None if worker is None else RemoteSpec(
             "", self.cluster.driver, self.cluster.keys.as_tuple(), 0, worker)
@@ -133,7 +135,7 @@ class Runtime(WorkerRequests):
                           logging_level=self.logging_level, log_to_driver=self.log_to_driver,
                           num_cpus=self.num_cpus, remote=remote)
         if worker is not None:
-            proc = Proc(wid, kind, label, self.cluster.launch(wid, spec, worker))
+            proc = Proc(wid, kind, label, self.cluster.launch(wid, spec, worker, resources))
             self.procs[wid] = proc
             return proc
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -381,7 +383,7 @@ class Runtime(WorkerRequests):
             self._forget_child(proc)
             self.procs.pop(proc.wid, None)
             reason = _death_reason(proc.popen)
-            self.start_failures += unstarted
+            self.start_failures += unstarted and proc.remote is None   # local starts only
             if proc.kind == "task":
                 self._on_worker_death(proc, reason, finishes)
             elif proc.actor is not None:
@@ -459,7 +461,8 @@ class Runtime(WorkerRequests):
         if restart:
             actor.restarts_left -= 1
             advance(actor, ActorState.STARTING)
-            actor.proc = self._spawn("actor", actor.label, proc.remote)
+            actor.proc = self._spawn("actor", actor.label, proc.remote,
+                                     actor.placement[1] if actor.placement else None)
             actor.proc.actor = actor
             return
         self._end_actor(actor, err, out)
@@ -719,7 +722,7 @@ class Runtime(WorkerRequests):
             if name is not None:
                 self.named[name] = actor
             actor.num_cpus = 0                  # the cluster's CPUs, not this host's slots
-            proc = self._spawn("actor", label, worker)
+            proc = self._spawn("actor", label, worker, resources)
             actor.proc, proc.actor = proc, actor
             return
         if actor.num_cpus > self.free_cpus:

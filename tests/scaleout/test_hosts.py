@@ -81,13 +81,25 @@ def test_actors_spread_over_hosts_and_pin_by_host_and_resources(session) -> None
     for pin in (second.address, second.name):          # an IP, a worker name
         _, _, ips = hr.get(Where.options(host=pin).remote("p").where.remote(), timeout=60)
         assert ips == [second.address]
-    _, _, ips = hr.get(Where.options(resources={"SLOT": 1}).remote("r").where.remote(),
-                       timeout=60)
+    holder = Where.options(resources={"SLOT": 1}).remote("r")
+    _, _, ips = hr.get(holder.where.remote(), timeout=60)
     assert ips == [session.hosts[0].address]           # only the first host has SLOT
+    with pytest.raises(ValueError, match="no Dask worker has resources=.* free"):
+        Where.options(resources={"SLOT": 1}).remote("r2")   # the one SLOT is held
     with pytest.raises(ValueError, match="no Dask worker has resources"):
         Where.options(resources={"GPU": 1}).remote("g")
     with pytest.raises(ValueError, match="no Dask worker matches host='nowhere'"):
         Where.options(host="nowhere").remote("n")
+    hr.kill(holder)                                     # its SLOT is free again
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = Where.options(resources={"SLOT": 1}).remote("r3")
+            break
+        except ValueError:
+            assert time.monotonic() < deadline, "the SLOT of a killed actor was never freed"
+            time.sleep(0.05)
+    assert hr.get(again.echo.remote(1), timeout=60) == 1
 
 
 def test_calls_values_and_errors_cross_hosts(session) -> None:
