@@ -52,6 +52,35 @@ _SESSIONS = itertools.count(1)
 _CHANNELS = itertools.count(1)
 
 
+#: Bound on one request to a Dask worker through the scheduler (start, stop, a port, a channel).
+CALL_TIMEOUT_S = 15.0
+
+
+def _bounded(what: str, fn: Callable[..., Any], *args: Any, timeout_s: float = CALL_TIMEOUT_S,
+             **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (a blocking Dask client call, which takes no timeout of its own)
+    on a thread, for at most ``timeout_s``.
+
+    Raises:
+        TimeoutError: it did not return in time (``what`` says what was asked).
+    """
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = exc
+    thread = threading.Thread(target=run, daemon=True, name="headrace-dask-call")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"the Dask cluster did not answer within {timeout_s:g} s: {what}")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def _dask_client(address: Any) -> tuple[Any, bool]:
     """A ``distributed.Client`` for ``address`` (or ``address`` itself), and whether it is ours."""
     try:
@@ -163,8 +192,9 @@ class RemoteChannel:
     def _tell(self, reason: str | None) -> None:
         from .plugin import close_channel
         try:
-            self.cluster.client.run(close_channel, self.key, reason, self.cluster.name,
-                                    workers=[self.worker])
+            _bounded(f"close a channel on {self.worker}", self.cluster.client.run,
+                     close_channel, self.key, reason, self.cluster.name,
+                     workers=[self.worker])
         except Exception:  # noqa: BLE001,S110 - the worker is gone, and the channel with it
             pass
 
@@ -223,7 +253,8 @@ class DaskCluster:
 
     # -- placement --------------------------------------------------------------------------
     def _fetch_workers(self) -> dict[str, dict]:
-        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        return dict(_bounded("the scheduler's list of workers", self.client.scheduler_info,
+                             n_workers=-1)["workers"])
 
     def place(self, label: str, host: str | None, resources: dict[str, float] | None) -> str:
         """The worker address for a new process: pinned by ``host`` (a worker address, name,
@@ -274,7 +305,8 @@ class DaskCluster:
                 return probe.getsockname()[1]
         worker = self._worker_on(host)
         from .plugin import free_port
-        return self.client.run(free_port, workers=[worker])[worker]
+        return _bounded(f"a free port on {worker}", self.client.run, free_port,
+                        workers=[worker])[worker]
 
     def _worker_on(self, host: str) -> str:
         worker = next((a for a in self._workers if urlparse(a).hostname == host), None)
@@ -287,8 +319,9 @@ class DaskCluster:
         from .plugin import make_channel
         worker = self._worker_on(host)
         key = f"ch{next(_CHANNELS)}"
-        writer, readers = self.client.run(make_channel, key, args, kwargs, self.name,
-                                          workers=[worker])[worker]
+        writer, readers = _bounded(f"a shm channel on {worker}", self.client.run,
+                                   make_channel, key, args, kwargs, self.name,
+                                   workers=[worker])[worker]
         return RemoteChannel(self, worker, key, writer, readers)
 
     # -- processes --------------------------------------------------------------------------
@@ -305,7 +338,8 @@ class DaskCluster:
         def run() -> None:
             from .plugin import launch
             try:
-                out = self.client.run(launch, blob, self.name, workers=[worker])
+                out = _bounded(f"start {wid} on {worker}", self.client.run, launch, blob,
+                               self.name, workers=[worker], timeout_s=START_TIMEOUT_S)
                 proc.pid = out[worker]
             except Exception as exc:  # noqa: BLE001 - the start failed: it is a death
                 if proc.ended(None, f"could not start ({type(exc).__name__}: {exc})"):
@@ -343,8 +377,9 @@ class DaskCluster:
         from .plugin import stop
         for worker, group in by_worker.items():
             try:
-                codes = self.client.run(stop, [p.wid for p in group], grace_s, self.name,
-                                        workers=[worker])[worker]
+                codes = _bounded(f"stop processes on {worker}", self.client.run, stop,
+                                 [p.wid for p in group], grace_s, self.name,
+                                 workers=[worker])[worker]
             except Exception as exc:  # noqa: BLE001 - the worker is gone: so are they
                 for p in group if record else ():
                     p.ended(None, f"was lost with its worker ({type(exc).__name__})")
@@ -420,7 +455,8 @@ class DaskCluster:
             live = [p for p in self.procs.values() if p.poll() is None]
         try:
             self.stop(live, grace_s=1.0)
-            self.client.unregister_worker_plugin(self.name)
+            _bounded("unregister the session's plugin", self.client.unregister_worker_plugin,
+                     self.name)
         except Exception:  # noqa: BLE001 - a broken cluster must not stop the shutdown
             logger.exception("could not end the session's processes on the Dask cluster")
         self._watch.join(2 * HEARTBEAT_S)
