@@ -38,9 +38,12 @@ from .keys import SessionKeys, admit_only
 
 logger = logging.getLogger(__name__)
 
-#: The driver pings each remote child's control socket this often (the child exits when the
-#: pings stop), and checks the scheduler's list of workers as often.
+#: zmq heartbeats on the driver's connection to each remote child's control socket this often.
 HEARTBEAT_S = 0.25
+#: The driver pings each remote child this often (the child exits when the pings stop), and
+#: checks the scheduler's list of workers as often (a host that dies is also caught sooner by
+#: the heartbeats).
+TICK_S = 1.0
 #: A remote child whose zmq I/O thread answered no ZMTP heartbeat for this long is lost (its
 #: Python may hold the GIL for minutes in one C call: the heartbeat does not need it).
 LOST_AFTER_S = 1.5
@@ -415,7 +418,7 @@ class DaskCluster:
                                   f"for {LOST_AFTER_S:g} s, or the process ended)"):
                         self._lost(wid, proc)
                 if time.monotonic() >= next_tick and not self.closed:
-                    next_tick = time.monotonic() + HEARTBEAT_S
+                    next_tick = time.monotonic() + TICK_S
                     self._tick()
         finally:
             for monitor in watched:
@@ -459,7 +462,7 @@ class DaskCluster:
                      self.name)
         except Exception:  # noqa: BLE001 - a broken cluster must not stop the shutdown
             logger.exception("could not end the session's processes on the Dask cluster")
-        self._watch.join(2 * HEARTBEAT_S)
+        self._watch.join(2 * TICK_S)
         if self._own_client:
             self.client.close(timeout=5)
 

@@ -53,7 +53,7 @@ SPEC_ENV = "HEADRACE_WORKER_SPEC"
 #: An async actor's max_concurrency unless set (Ray's default).
 _ASYNC_CONCURRENCY = 1000
 #: On another host: the control thread looks at the driver's pings this often...
-_HEARTBEAT_S = 0.25
+_HEARTBEAT_S = 1.0
 #: ...and the driver counts as gone after this long without one.
 _DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
