@@ -235,12 +235,13 @@ class Runtime(WorkerRequests):
                         proc.pidfd = None
                         os.close(what)
                         # What it sent before dying is handled first, so its last results
-                        # are not failed by its death.
+                        # are not failed by its death: all of it, after a clean exit (its BYE
+                        # comes last), else what is here within a moment.
                         if holding:
-                            inbox.drain(settle_s=0.005)
+                            self._drain_until_bye(proc)
                         elif inbox.take_for_io():
                             try:
-                                inbox.drain(settle_s=0.005)
+                                self._drain_until_bye(proc)
                             finally:
                                 inbox.role.give()
                         if proc.lane is not None:
@@ -251,6 +252,17 @@ class Runtime(WorkerRequests):
             finally:
                 if holding:
                     inbox.role.give()
+
+    def _drain_until_bye(self, proc: Proc) -> None:
+        """Holding the inbox: handle what a child that just ended sent. A clean exit (code 0)
+        sent BYE last, so wait for it (bounded: a loaded machine may take a while to move the
+        bytes); a crash sends none, so only settle briefly."""
+        clean = proc.popen.poll() == 0
+        deadline = time.monotonic() + (_BYE_WAIT_S if clean else 0.0)
+        while True:
+            self.inbox.drain(settle_s=0.005)
+            if proc.bye or time.monotonic() >= deadline:
+                return
 
     def _watch_new(self, pollers: tuple[zmq.Poller, ...], by_fd: dict[int, Proc]) -> None:
         with self.lock:
@@ -319,6 +331,9 @@ class Runtime(WorkerRequests):
                           actor.label), frames_out, lane_timeout_s=_LANE_SEND_S)
         advance(actor, ActorState.ALIVE)
         self._pump(actor, out)
+
+    def _on_bye(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
+        proc.bye = True
 
     def _on_actor_ready(self, proc: Proc, header: tuple, frames: list, out: list) -> None:
         pass                                    # calls were already pipelined behind INIT
@@ -953,6 +968,8 @@ class Runtime(WorkerRequests):
 
 
 _BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
+#: After a clean exit, how long the driver waits for the child's BYE (its last message).
+_BYE_WAIT_S = 2.0
 _LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor drains it fast
 _MAX_START_FAILURES = 3
 #: A spare actor process starts this long after an actor took the last one (see _refill_spares).
@@ -967,7 +984,7 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     Msg.READY: Runtime._on_ready, Msg.ACTOR_READY: Runtime._on_actor_ready,
     Msg.REQUEST: Runtime._on_request, Msg.RESULT: Runtime._on_result, Msg.ERROR: Runtime._on_error,
     Msg.CANCELLED: Runtime._on_cancelled, Msg.INIT_FAILED: Runtime._on_init_failed,
-    Msg.LANE_READY: Runtime._on_lane_ready,
+    Msg.LANE_READY: Runtime._on_lane_ready, Msg.BYE: Runtime._on_bye,
 }
 
 

@@ -71,7 +71,7 @@ class Proc:
     __slots__ = ("wid", "kind", "label", "popen", "pid", "pidfd", "push", "ctl", "send_lock",
                  "state", "fn_ids", "task", "actor", "forced_cancel", "lane", "pending_lane",
                  "lane_asked", "client_sock", "client_lock", "borrowed", "held", "lent", "adopted",
-                 "remote", "endpoints")
+                 "remote", "endpoints", "bye")
 
     def __init__(self, wid: str, kind: str, label: str, popen: subprocess.Popen) -> None:
         self.wid = wid
@@ -99,6 +99,7 @@ class Proc:
         self.lent = 0.0                       # CPU slots lent while it blocks in get
         self.remote = getattr(popen, "worker", None)   # the Dask worker it runs on, if remote
         self.endpoints: dict[str, str] = {}   # a remote child's sockets (from its READY)
+        self.bye = False                      # its last message (BYE) arrived: all before it did
         self.adopted: set[str] = set()        # its direct refs we hold, value to come
 
 

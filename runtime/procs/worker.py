@@ -176,6 +176,11 @@ class Worker:
             handlers[header[0]](header, frames)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=False)
+        # an async actor's calls still running finish and reply first (EXIT comes after them
+        # in the queue; the driver fails none of them: they were answered)
+        with self.state_lock:
+            running = list(self.async_calls.values())
+        concurrent.futures.wait(running)
         self._exit(0)
 
     def _exit(self, code: int) -> None:
@@ -193,6 +198,10 @@ class Worker:
         # NOTE: under send_lock, so a thread still sending (a lane attaching) finds it closed
         # instead of writing to a closed socket; bounded, a stuck sender cannot keep us alive.
         locked = self.send_lock.acquire(timeout=2.0)
+        try:        # the last message on zmq: every reply sent before it arrives before it
+            protocol.send(self.outbox, (Msg.BYE, self.spec.wid))
+        except zmq.ZMQError:
+            pass
         self.outbox.close(linger=2000)
         if locked:
             self.send_lock.release()

@@ -45,6 +45,7 @@ class Msg(IntEnum):
     EXITED = 19         # (kind, wid, returncode)  from the Dask worker that started the child
     PING = 21           # (kind,)                  on the control socket: the driver is alive
     OUTPUT = 22         # (kind, wid, bytes)       a remote child's output lines, from its worker
+    BYE = 23            # (kind, wid)              a child's last message before a clean exit
 
 
 @dataclass(frozen=True, slots=True)
