@@ -281,3 +281,24 @@ def test_teardown_frees_the_inputs_no_loop_read_at_once() -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
         t.close()
+
+
+def test_an_async_actor_finishes_its_running_calls_before_its_last_handle_ends_it() -> None:
+    import gc
+
+    @hr.remote
+    class Mixed:
+        async def ping(self):
+            return "pong"
+
+        def slow(self, s):                  # a plain method: runs on the executor thread
+            time.sleep(s)
+            return s
+
+    m = Mixed.remote()
+    assert hr.get(m.ping.remote(), timeout=30) == "pong"
+    running = [m.slow.remote(0.3), m.slow.remote(0.2)]
+    del m
+    gc.collect()                            # EXIT is queued behind them, and arrives at once
+    assert hr.get(running, timeout=10) == [0.3, 0.2]
+    assert runtime_works()

@@ -174,22 +174,3 @@ def test_unnamed_actor_exits_when_its_last_handle_goes() -> None:
     else:
         pytest.fail("the actor process outlived its last handle")
 
-
-def test_an_async_actor_finishes_its_running_calls_before_its_last_handle_ends_it() -> None:
-    import gc
-
-    @hr.remote
-    class Mixed:
-        async def ping(self):
-            return "pong"
-
-        def slow(self, s):                  # a plain method: runs on the executor thread
-            time.sleep(s)
-            return s
-
-    m = Mixed.remote()
-    assert hr.get(m.ping.remote(), timeout=30) == "pong"
-    running = [m.slow.remote(0.3), m.slow.remote(0.2)]
-    del m
-    gc.collect()                            # EXIT is queued behind them, and arrives at once
-    assert hr.get(running, timeout=10) == [0.3, 0.2]
