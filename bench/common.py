@@ -200,7 +200,7 @@ def case_table(records: Sequence[Record], base: str = "headrace") -> list[str]:
     return lines
 
 
-_LEGEND = ("Ratios below 1.0 in the `headrace / impl` column mean headrace is faster. "
+LEGEND = ("Ratios below 1.0 in the `headrace / impl` column mean headrace is faster. "
            "Compare ratios, not microseconds, across hosts.")
 
 
@@ -228,7 +228,7 @@ def write_results(suite: str, records: Sequence[Record], host: dict[str, object]
           (f"- host: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), "
            f"{host['platform']}"),
           f"- python {host['python']}; {versions}",
-          f"- run: {host['date_utc']}. {legend or _LEGEND}", "",
+          f"- run: {host['date_utc']}. {legend or LEGEND}", "",
           "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in targets:
         verdict = "n/a" if t.passed is None else ("PASS" if t.passed else "FAIL")

@@ -9,15 +9,25 @@ driver and the Dask scheduler share the root namespace, the peers run on host 1.
   input channel, actor, output channel, relay), ``actor-call`` (``hr.get(a.ping.remote())``,
   the actor on host 1), ``dask-actor`` (a Dask actor on host 1), ``dask-submit``
   (``client.submit(f, workers=[host 1]).result()``) and ``tcp-floor`` (blocking stdlib sockets,
-  TCP_NODELAY, ``recv_into``: the floor).
+  TCP_NODELAY, ``recv_into``: the floor). ``tcp-signed-floor``: the least a signed channel does
+  in Python (one recv, an HMAC-SHA256 checked, one signed back, one ``sendmsg``): how much of the
+  gap to the floor is the signing the issue asks for rather than the channel.
 - ``oneway_100mb``: a 100 MB array to host 1, acknowledged with an int: ``tcp-channel``,
   ``socket-channel`` and ``tcp-floor`` (``sendall`` of the buffer, ``recv_into`` preallocated memory).
+
+Placement: each host gets a CPU of its own (the driver, the scheduler and the root namespace
+on the first, host 1's worker and every peer on the second), as on separate machines. Left to
+the kernel, a round trip's cost depends on where it put the two ends: on this kind of VM two
+identical floor peers measured 29 and 104 us in the same run (one shared the driver's CPU, the
+other was woken across CPUs).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -34,7 +44,7 @@ BIG_BYTES = 100_000_000
 TIMEOUT_S = 60.0
 CASES: dict[str, tuple[str, ...]] = {
     "roundtrip_small": ("tcp-channel", "socket-channel", "compiled-hop", "actor-call",
-                        "dask-actor", "dask-submit", "tcp-floor"),
+                        "dask-actor", "dask-submit", "tcp-floor", "tcp-signed-floor"),
     "oneway_100mb": ("tcp-channel", "socket-channel", "tcp-floor"),
 }
 
@@ -63,6 +73,29 @@ while True:
         conn.sendall(buf)
 """
 
+#: The echo peer of ``tcp-signed-floor`` on host 1: a frame is a body and its HMAC-SHA256 (the
+#: key on argv); checks it, signs the body back.
+_TCP_SIGNED_ECHO = r"""
+import hmac, select, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1)
+key = bytes.fromhex(sys.argv[3])
+print("up", flush=True)
+conn, _ = srv.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+conn.setblocking(False)
+poller = select.poll(); poller.register(conn, select.POLLIN)
+buf = bytearray(65536); view = memoryview(buf)
+while True:
+    poller.poll(-1)
+    n = conn.recv_into(buf)
+    if not n:
+        sys.exit(0)
+    body = view[:n - 32]
+    if not hmac.compare_digest(hmac.digest(key, body, "sha256"), view[n - 32:n]):
+        sys.exit("bad signature")
+    conn.sendmsg([body, hmac.digest(key, body, "sha256")])
+"""
+
 #: The echo peer of ``socket-channel`` on host 1: reads pickled endpoints on stdin, echoes
 #: ints and acknowledges arrays with their size.
 _CHANNEL_ECHO = r"""
@@ -78,9 +111,12 @@ out.close()
 """
 
 
-def _netns(host: Any, code: str, *args: str, stdin: bytes | None = None) -> subprocess.Popen:
+def _netns(host: Any, cpu: int | None, code: str, *args: str,
+           stdin: bytes | None = None) -> subprocess.Popen:
+    from tests.scaleout.netns import pin
     proc = subprocess.Popen(["ip", "netns", "exec", host.name, sys.executable, "-c", code, *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=None if cpu is None else pin(cpu))
     if stdin is not None:
         proc.stdin.write(stdin)
     proc.stdin.close()
@@ -95,6 +131,7 @@ class Impls:
 
     def __init__(self, cluster: Any, big: np.ndarray) -> None:
         self.cluster, self.big = cluster, big
+        self.cpu = cluster.cpus.get(0)            # host 1's CPU
         self.host = cluster.hosts[0]
         self.ops: dict[tuple[str, str], Callable[[], object]] = {}
         self.notes: dict[str, str] = {}
@@ -117,7 +154,8 @@ class Impls:
 
     def tcp_floor(self) -> None:
         port = random.randint(20000, 60000)
-        peer = _netns(self.host, _TCP_ECHO, self.host.address, str(port), str(BIG_BYTES))
+        peer = _netns(self.host, self.cpu, _TCP_ECHO, self.host.address, str(port),
+                      str(BIG_BYTES))
         self.stops.append(peer.kill)
         sock = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,6 +180,30 @@ class Impls:
         self.ops["roundtrip_small", "tcp-floor"] = roundtrip
         self.ops["oneway_100mb", "tcp-floor"] = oneway
 
+    def tcp_signed_floor(self) -> None:
+        import hmac
+        port, key = random.randint(20000, 60000), os.urandom(32)
+        peer = _netns(self.host, self.cpu, _TCP_SIGNED_ECHO, self.host.address, str(port),
+                      key.hex())
+        self.stops.append(peer.kill)
+        sock = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.stops.append(sock.close)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        body = bytes(96)             # our frame of an int: 32-byte frame header, 64-byte codec one
+        buf = bytearray(65536)
+        view = memoryview(buf)
+
+        def roundtrip() -> None:
+            sock.sendmsg([body, hmac.digest(key, body, "sha256")])
+            poller.poll(int(TIMEOUT_S * 1000))
+            n = sock.recv_into(buf)
+            assert hmac.compare_digest(hmac.digest(key, view[:n - 32], "sha256"), view[n - 32:n])
+        roundtrip()
+        self.ops["roundtrip_small", "tcp-signed-floor"] = roundtrip
+
     def socket_channel(self, kind: str = "socket-channel") -> None:
         import os
         here, there = self.cluster.bridge_ip, self.host.address
@@ -154,8 +216,8 @@ class Impls:
             to = SocketChannel(1, 8, host=here, auth=HMACAuth(os.urandom(32)))
             back = SocketChannel(1, 8, host=there, port=random.randint(20000, 60000),
                                  auth=HMACAuth(os.urandom(32)))
-        peer = _netns(self.host, _CHANNEL_ECHO, stdin=pickle.dumps((to.reader(0),
-                                                                    back.writer())))
+        peer = _netns(self.host, self.cpu, _CHANNEL_ECHO,
+                      stdin=pickle.dumps((to.reader(0), back.writer())))
         w, r = to.writer(), back.reader(0)
 
         def stop() -> None:
@@ -238,6 +300,10 @@ def judge(records: list[Record]) -> list[Target]:
         target("tcp channel 100 MB GB/s >= 0.7x the raw TCP floor's",
                ratio("oneway_100mb", "tcp-channel", "tcp-floor", gbps=True),
                lambda r: r >= 0.7),
+        target("tcp channel round trip vs the signed floor (reference)",
+               ratio("roundtrip_small", "tcp-channel", "tcp-signed-floor"), None),
+        target("signed floor round trip vs the raw TCP floor (reference)",
+               ratio("roundtrip_small", "tcp-signed-floor", "tcp-floor"), None),
         target("zmq socket channel round trip vs the raw TCP floor (reference)",
                ratio("roundtrip_small", "socket-channel", "tcp-floor"), None),
         target("headrace cross-host actor call <= 0.2x Dask's actor call",
@@ -259,14 +325,20 @@ def run(quick: bool = False) -> list[Record]:
     print(f"[{SUITE}] {host['cpu']}, {host['cores']} cores{', quick' if quick else ''}",
           flush=True)
     records: list[Record] = []
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = len(cpus) >= 2
+    if pinned:              # the driver's host: the first CPU (threads started later inherit it)
+        os.sched_setaffinity(0, cpus[:1])
     try:
-        cluster = NetnsCluster(1).start()
+        cluster = NetnsCluster(1, cpus={0: cpus[1]} if pinned else {}).start()
     except NetnsUnavailable as exc:
         print(f"[{SUITE}] skipped: {exc}", flush=True)
+        os.sched_setaffinity(0, cpus)
         return records
     impls = Impls(cluster, np.full(BIG_BYTES // 8, 1.0))
     try:
         impls.start(("tcp-floor",), impls.tcp_floor)
+        impls.start(("tcp-signed-floor",), impls.tcp_signed_floor)
         impls.start(("socket-channel",), impls.socket_channel)
         impls.start(("tcp-channel",), lambda: impls.socket_channel("tcp-channel"))
         impls.start(("actor-call", "compiled-hop"), impls.headrace)
@@ -284,6 +356,11 @@ def run(quick: bool = False) -> list[Record]:
     finally:
         impls.stop()
         cluster.close()
-    path = common.write_results(SUITE, records, host, judge(records), quick=quick)
+        os.sched_setaffinity(0, cpus)
+    where = (f"Each host on a CPU of its own: driver and scheduler on CPU {cpus[0]}, host 1 "
+             f"(its Dask worker, every peer) on CPU {cpus[1]}." if pinned else
+             "One CPU: placement left to the kernel.")
+    path = common.write_results(SUITE, records, host, judge(records), quick=quick,
+                                legend=f"{common.LEGEND} {where}")
     print(f"[{SUITE}] wrote {path}", flush=True)
     return records

@@ -53,7 +53,8 @@ _CLOSER = 0xFFFFFFFF                         # HELLO index of an owner that only
 _CONTROL_MAX = 4096
 MAX_MESSAGE_BYTES = 1 << 30
 _CONNECT_RETRY_S = 0.005
-_SMALL = 16 * 1024          # frames this small are signed in one call, read in one recv
+_SMALL = 16 * 1024          # frames this small are read whole before they are checked
+_RECV_BYTES = 64 * 1024     # a reader's buffer of bytes received ahead
 _CHUNK = 1 << 20            # bigger ones are signed and checked a chunk at a time
 _STALL_S = 10.0             # a frame begun must be complete within this long
 _LATE_S = 0.15              # a closing writer waits this long for readers not yet connected
@@ -93,61 +94,88 @@ def check_args(n_readers: int, capacity: int, port: int, max_message_bytes: int)
 
 
 class _Config:
-    __slots__ = ("host", "port", "n_readers", "capacity", "key", "cid", "max_message_bytes")
+    __slots__ = ("host", "port", "n_readers", "capacity", "key", "cid", "max_message_bytes",
+                 "_hmac")
 
     def __init__(self, host: str, port: int, n_readers: int, capacity: int, key: bytes,
                  cid: bytes, max_message_bytes: int) -> None:
         self.host, self.port, self.n_readers, self.capacity = host, port, n_readers, capacity
         self.key, self.cid, self.max_message_bytes = key, cid, max_message_bytes
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)     # keyed once, copied per frame
+
+    def hasher(self) -> Any:
+        """A fresh HMAC-SHA256 under this channel's key (a copy of the keyed state: cheaper
+        than keying again)."""
+        return self._hmac.copy()
 
     def __reduce__(self) -> tuple:
         return _Config, (self.host, self.port, self.n_readers, self.capacity, self.key,
                          self.cid, self.max_message_bytes)
 
 
-def _mac(key: bytes, *parts: Any) -> bytes:
-    if sum(memoryview(p).nbytes for p in parts) <= _SMALL:     # one C call
-        return hmac.digest(key, b"".join(parts), "sha256")
-    h = hmac.new(key, digestmod=hashlib.sha256)
-    for p in parts:
-        h.update(p)
-    return h.digest()
+def _mac(key: bytes, data: Any) -> bytes:
+    """HMAC-SHA256 of ``data`` (one C call: the hot path of a small frame)."""
+    return hmac.digest(key, data, "sha256")
 
 
 def _frame(cfg: _Config, kind: int, seq: int, body: list[Any]) -> list[Any]:
     """The buffers of one frame: header, body parts, MAC."""
     size = sum(memoryview(b).nbytes for b in body)
     head = _HEAD.pack(_MAGIC, kind, seq, size)
-    return [head, *body, _mac(cfg.key, head, *body)]
+    return [head, *body, _mac(cfg.key, b"".join([head, *body]))]
 
 
-def _send(sock: socket.socket, parts: list[Any], deadline: float | None) -> None:
-    """Send every byte of ``parts`` (scatter/gather; the socket is blocking, with a stall
-    timeout of its own)."""
-    if deadline is None and len(parts) <= 64:
+def _send(sock: socket.socket, parts: list[Any], deadline: float | None,
+          total: int = -1) -> None:
+    """Send every byte of ``parts`` on a non-blocking socket: one ``sendmsg`` when the peer has
+    room (the usual case, one syscall); otherwise wait for room until ``deadline`` (None: at most
+    ``_STALL_S`` without progress).
+
+    Raises:
+        TimeoutError: no room came in time.
+        OSError: the connection broke.
+    """
+    if total < 0:
         total = sum(memoryview(p).nbytes for p in parts)
-        sent = sock.sendmsg(parts)
-        if sent == total:
-            return
-        parts = [memoryview(b"".join(memoryview(p).cast("B") for p in parts))[sent:]]
+    try:
+        sent = sock.sendmsg(parts) if len(parts) <= 64 else 0
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == total:
+        return
     views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    _skip(views, sent)
+    until = deadline if deadline is not None else time.monotonic() + _STALL_S
     while views:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
+        if not _ready(sock, select.POLLOUT, until):
+            raise TimeoutError
+        try:
+            sent = sock.sendmsg(views[:64])
+        except (BlockingIOError, InterruptedError):
+            continue
+        _skip(views, sent)
+        if deadline is None:
+            until = time.monotonic() + _STALL_S
+
+
+def _skip(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``views`` (in place)."""
+    while sent and views:
+        n = views[0].nbytes
+        if sent >= n:
+            sent -= n
+            views.pop(0)
         else:
-            sock.settimeout(_STALL_S)
-        sent = sock.sendmsg(views[:64])
-        while sent and views:
-            n = views[0].nbytes
-            if sent >= n:
-                sent -= n
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+            views[0] = views[0][sent:]
+            sent = 0
+
+
+def _ready(sock: socket.socket, event: int, until: float) -> bool:
+    """Wait until ``sock`` is ready for ``event`` (POLLIN/POLLOUT) or ``until`` passes."""
+    poller = select.poll()
+    poller.register(sock, event | select.POLLERR | select.POLLHUP)
+    left = until - time.monotonic()
+    return left > 0 and bool(poller.poll(int(left * 1000 + 0.999)))
 
 
 def _tune(sock: socket.socket) -> None:
@@ -190,7 +218,7 @@ class _Parser:
                 break
             head, body = bytes(self.buf[:_HEAD.size]), bytes(self.buf[_HEAD.size:end - _MAC])
             if not hmac.compare_digest(bytes(self.buf[end - _MAC:end]),
-                                       _mac(self.cfg.key, head, body)):
+                                       _mac(self.cfg.key, head + body)):
                 return self._bad("a frame with a bad signature")
             del self.buf[:end]
             out.append((kind, seq, body))
@@ -220,6 +248,9 @@ class _Reader:
         self.wake_r, self.wake_w = os.pipe()
         self.waits = 0
         self.nbytes = 0
+        # bytes received ahead of the frame being read: a small frame comes in one recv
+        self._buf = memoryview(bytearray(_RECV_BYTES))
+        self._lo = self._hi = 0
         if index != _CLOSER:
             _READERS.setdefault(cfg.cid, weakref.WeakSet()).add(self)
 
@@ -234,7 +265,7 @@ class _Reader:
                 raise
             return None
         _tune(sock)
-        sock.settimeout(_STALL_S)           # a frame begun must be complete within this long
+        sock.setblocking(False)             # waits are polls with deadlines of our own
         _send(sock, _frame(self.cfg, _HELLO, self.index, [self.cfg.cid]), None)
         self.sock, self.sock_fd = sock, sock.fileno()
         return sock
@@ -278,16 +309,35 @@ class _Reader:
         return bool(select.select([self.wake_r], [], [], wait_s)[0])
 
     def _recv_exact(self, view: memoryview, stall: float) -> None:
-        sock = self.sock
-        got = 0
-        while got < view.nbytes:
+        """Fill ``view``: from the bytes received ahead first, then from the socket (a big
+        rest straight into ``view``; a small one through the buffer, taking what follows it
+        too). A frame begun must be complete by ``stall``."""
+        need, got = view.nbytes, 0
+        if self._hi > self._lo:
+            got = min(need, self._hi - self._lo)
+            view[:got] = self._buf[self._lo:self._lo + got]
+            self._lo += got
+        sock, buf = self.sock, self._buf
+        while got < need:
+            direct = need - got >= _RECV_BYTES // 2
             try:
-                n = sock.recv_into(view[got:] if got else view)
-            except TimeoutError as exc:
-                raise ConnectionError("the writer stalled mid-frame") from exc
+                n = sock.recv_into(view[got:] if direct else buf)
+            except (BlockingIOError, InterruptedError):
+                if not _ready(sock, select.POLLIN, stall):
+                    raise ConnectionError("the writer stalled mid-frame") from None
+                continue
             if not n:
                 raise ConnectionError("the writer's connection closed")
-            got += n
+            if direct:
+                got += n
+                continue
+            take = min(n, need - got)
+            view[got:got + take] = buf[:take]
+            got += take
+            self._lo, self._hi = take, n
+
+    def _buffered(self) -> bool:
+        return self._hi > self._lo
 
     def has_value(self) -> bool:
         if self.closed:
@@ -303,7 +353,7 @@ class _Reader:
                 except (TimeoutError, ConnectionAbortedError):
                     self.attach_later()
                     return False
-        return bool(select.select([self.sock], [], [], 0.5 if sent else 0)[0])
+        return self._buffered() or bool(select.select([self.sock], [], [], 0.5 if sent else 0)[0])
 
     def read(self, ep: Channel, limit: int, timeout_s: float | None) -> Any:
         """The next value; after a close, what the writer sent before it, then the close."""
@@ -322,7 +372,7 @@ class _Reader:
                     poller.register(sock, select.POLLIN)
                     poller.register(self.wake_r, select.POLLIN)
                     self._polled = sock
-                while True:
+                while not self._buffered():
                     ms = -1 if deadline is None else \
                         max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
                     fds = [fd for fd, _ in poller.poll(ms)]
@@ -331,7 +381,8 @@ class _Reader:
                     if self.closed and (self.wake_r in fds or not fds):
                         if self.wake_r in fds:
                             poller.unregister(self.wake_r)      # draining: data only now
-                            if select.select([sock], [], [], 0.0 if deadline is None else
+                            if self._buffered() or select.select(
+                                    [sock], [], [], 0.0 if deadline is None else
                                              max(0.0, deadline - time.monotonic()))[0]:
                                 break
                         raise closed_error(ep, self.reason)
@@ -350,37 +401,71 @@ class _Reader:
                 self._shut(f"the writer of {ep!r} is gone ({exc})")
                 raise closed_error(ep, self.reason) from None
 
+    def _fill(self, n: int, stall: float) -> None:
+        """At least ``n`` bytes received ahead (``n`` fits the buffer); a frame begun must be
+        complete by ``stall``."""
+        buf = self._buf
+        if self._lo + n > buf.nbytes:       # make room at the end: move what is left to 0
+            left = self._hi - self._lo
+            buf[:left] = buf[self._lo:self._hi]
+            self._lo, self._hi = 0, left
+        while self._hi - self._lo < n:
+            try:
+                got = self.sock.recv_into(buf[self._hi:])
+            except (BlockingIOError, InterruptedError):
+                if not _ready(self.sock, select.POLLIN, stall):
+                    raise ConnectionError("the writer stalled mid-frame") from None
+                continue
+            if not got:
+                raise ConnectionError("the writer's connection closed")
+            self._hi += got
+
     def _take(self, ep: Channel) -> Any:
-        head = bytearray(_HEAD.size)
+        """The next frame: a small one whole from the buffer (one recv, one MAC call), a big
+        one straight into memory of its own, checked chunk by chunk."""
         stall = time.monotonic() + _STALL_S
-        self._recv_exact(memoryview(head), stall)
-        magic, kind, seq, size = _HEAD.unpack_from(head)
+        if self._hi - self._lo < _HEAD.size:
+            self._fill(_HEAD.size, stall)
+        buf, lo = self._buf, self._lo
+        magic, kind, seq, size = _HEAD.unpack_from(buf, lo)
         limit = self.cfg.max_message_bytes + HEADER_BYTES if kind == _DATA else _CONTROL_MAX
         if magic != _MAGIC or size > limit or kind not in (_DATA, _CLOSE) or \
                 (kind == _DATA and size < HEADER_BYTES):
             _log.error("tcp channel %s:%d: reader %d got a malformed frame (%d bytes announced)",
                        self.cfg.host, self.cfg.port, self.index, size)
             raise ConnectionError("a malformed frame")
-        body = bytearray(size + _MAC)
-        view = memoryview(body)
+        signed = _HEAD.size + size
         if size <= _SMALL:
-            self._recv_exact(view, stall)
-            mac = _mac(self.cfg.key, head, view[:size])
+            if self._hi - lo < signed + _MAC:
+                self._fill(signed + _MAC, stall)
+                buf, lo = self._buf, self._lo
+            good = hmac.compare_digest(buf[lo + signed:lo + signed + _MAC],
+                                       _mac(self.cfg.key, buf[lo:lo + signed]))
+            # a header-only value (None, a number) decodes from the buffer; others get memory
+            # of their own (the value may keep it)
+            view = buf[lo + _HEAD.size:lo + signed] if size == HEADER_BYTES else \
+                memoryview(bytearray(buf[lo + _HEAD.size:lo + signed]))
+            self._lo = lo + signed + _MAC
         else:                               # hashed chunk by chunk, while in the cache
-            h = hmac.new(self.cfg.key, head, hashlib.sha256)
+            head = bytes(buf[lo:lo + _HEAD.size])
+            self._lo = lo + _HEAD.size
+            view = memoryview(bytearray(size + _MAC))
+            h = self.cfg.hasher()
+            h.update(head)
             for at in range(0, size, _CHUNK):
                 chunk = view[at:min(size, at + _CHUNK)]
                 self._recv_exact(chunk, stall)
                 h.update(chunk)
             self._recv_exact(view[size:], stall)
-            mac = h.digest()
-        if not hmac.compare_digest(bytes(view[size:]), mac):
+            good = hmac.compare_digest(view[size:], h.digest())
+            view = view[:size]
+        if not good:
             _log.error("tcp channel %s:%d: reader %d got a badly signed frame",
                        self.cfg.host, self.cfg.port, self.index)
             raise ConnectionError("a badly signed frame")
         if kind == _CLOSE:
             self.gone = True
-            self._shut(bytes(view[:size]).decode(errors="replace") or None)
+            self._shut(bytes(view).decode(errors="replace") or None)
             raise closed_error(ep, self.reason)
         self.consumed += 1
         self.nbytes += size
@@ -388,7 +473,7 @@ class _Reader:
             self.credited = self.consumed
             _send(self.sock, _frame(self.cfg, _CREDIT, self.consumed, []), None)
         tag, aux, _, scalar = read_header(view, 0)
-        return decode(tag, aux, scalar, view[HEADER_BYTES:size])
+        return decode(tag, aux, scalar, view[HEADER_BYTES:])
 
     def _shut(self, reason: str | None) -> None:
         self.closed, self.reason = True, self.reason or reason
@@ -507,7 +592,6 @@ class _Writer:
                 _tune(sock)
                 self.conns[seq] = sock
                 self.parsers[sock] = parser
-                sock.settimeout(_STALL_S)
                 for parts in self.queued[seq]:
                     _send(sock, parts, None)
                 self.queued[seq].clear()
@@ -553,39 +637,34 @@ class _Writer:
             pass
 
     def _room(self) -> bool:
-        return all(self.sent - c < self.cfg.capacity for c in self.credit)
+        return self.sent - min(self.credit) < self.cfg.capacity
 
     def write(self, ep: Channel, enc: Any, limit: int, timeout_s: float | None) -> None:
-        deadline = None if limit < 0 else time.monotonic() + limit / 1e9
         with self.lock:
-            if not self._room():            # else the watcher keeps credits and readers up
-                self._service()
-            while not self._room() and not self.closed:
-                self.waits += 1
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise timeout_error(ep, "write", timeout_s)
-                select.select(self._fds(), [], [], left)
-                self._service()
-            if self.closed:
-                raise closed_error(ep, self.reason)
-            head = bytearray(HEADER_BYTES)
-            enc.pack_header(head)
-            # the deadline bounds the wait for room; a value let in gets time to go out whole
-            if deadline is not None:
-                deadline = max(deadline, time.monotonic() + _STALL_S)
+            if self.closed or self.sent - min(self.credit) >= self.cfg.capacity:
+                self._wait_room(ep, limit, timeout_s)
+            size = HEADER_BYTES + enc.size
+            # frame header and codec header in one buffer; the payload from its own buffers
+            head = bytearray(_HEAD.size + HEADER_BYTES)
+            _HEAD.pack_into(head, 0, _MAGIC, _DATA, self.sent, size)
+            enc.pack_header(head, _HEAD.size)
             if enc.size > _SMALL and self.cfg.n_readers == 1 and self.conns[0] is not None:
-                self._stream(ep, [head, *enc.views()], deadline, timeout_s)
+                self._stream(ep, head, enc.views(), timeout_s)
                 return
-            parts = _frame(self.cfg, _DATA, self.sent, [head, *enc.views()])
+            if enc.size:
+                views = enc.views()
+                parts = [head, *views, _mac(self.cfg.key, b"".join([head, *views]))]
+            else:
+                parts = [head, _mac(self.cfg.key, head)]
+            total = len(head) + enc.size + _MAC
             self.sent += 1
-            self.nbytes += HEADER_BYTES + enc.size
+            self.nbytes += size
             for i, sock in enumerate(self.conns):
                 if sock is None:
                     self.queued[i].append([bytes(memoryview(p).cast("B")) for p in parts])
                     continue
-                try:
-                    _send(sock, parts, deadline)
+                try:                        # a value let in gets _STALL_S to go out whole
+                    _send(sock, parts, None, total)
                 except TimeoutError:
                     self._shut(f"reader {i} stopped reading mid-value")
                     raise timeout_error(ep, "write", timeout_s) from None
@@ -593,25 +672,40 @@ class _Writer:
                     self._shut(f"reader {i} is gone ({exc})")
                     raise closed_error(ep, self.reason) from None
 
-    def _stream(self, ep: Channel, body: list[Any], deadline: float | None,
+    def _wait_room(self, ep: Channel, limit: int, timeout_s: float | None) -> None:
+        """Under ``lock``: wait until every reader is less than ``capacity`` values behind
+        (their credits are read here; the watcher reads them only while no write runs)."""
+        deadline = None if limit < 0 else time.monotonic() + limit / 1e9
+        self._service()
+        while not self._room() and not self.closed:
+            self.waits += 1
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise timeout_error(ep, "write", timeout_s)
+            select.select(self._fds(), [], [], left)
+            self._service()
+        if self.closed:
+            raise closed_error(ep, self.reason)
+
+    def _stream(self, ep: Channel, head: bytearray, body: list[Any],
                 timeout_s: float | None) -> None:
         """A big value to the one reader: signed chunk by chunk as it goes out (each chunk is
-        hashed while it is still in the cache), the MAC last."""
+        hashed while it is still in the cache), the MAC last. ``head``: frame and codec
+        headers."""
         sock = self.conns[0]
-        size = sum(memoryview(b).nbytes for b in body)
-        head = _HEAD.pack(_MAGIC, _DATA, self.sent, size)
-        mac = hmac.new(self.cfg.key, head, hashlib.sha256)
+        mac = self.cfg.hasher()
+        mac.update(head)
         self.sent += 1
-        self.nbytes += size
+        self.nbytes += len(head) - _HEAD.size + sum(memoryview(b).nbytes for b in body)
         try:
-            _send(sock, [head], deadline)
+            _send(sock, [head], None)
             for part in body:
                 view = memoryview(part).cast("B")
                 for at in range(0, view.nbytes, _CHUNK):
                     chunk = view[at:at + _CHUNK]
                     mac.update(chunk)
-                    _send(sock, [chunk], deadline)
-            _send(sock, [mac.digest()], deadline)
+                    _send(sock, [chunk], None)
+            _send(sock, [mac.digest()], None)
         except TimeoutError:
             self._shut("reader 0 stopped reading mid-value")
             raise timeout_error(ep, "write", timeout_s) from None
@@ -711,7 +805,7 @@ class TcpChannel(Channel):
         if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
             raise ValueError("secret must be bytes, at least 16 of them (os.urandom(32))")
         cid = os.urandom(16)
-        key = _mac(secret or os.urandom(32), b"headrace-tcp", cid)
+        key = _mac(secret or os.urandom(32), b"headrace-tcp" + cid)
         self._cfg = _Config(host, port or free_port(host), n_readers, capacity, key, cid,
                             max_message_bytes)
         self.role: int | None = None

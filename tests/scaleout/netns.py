@@ -4,6 +4,8 @@ In: how many worker hosts. Out: a running Dask cluster, scheduler (and the test'
 root namespace on the bridge's address, one ``dask worker`` per namespace on its own address.
 Invariants: every name carries a random tag, so concurrent runs never collide; ``close()``
 kills every process left in a namespace, then deletes the namespaces, the veths and the bridge.
+A host may be given a CPU of its own (``cpus``): its worker and everything started from it run
+there (the benchmarks' model of separate machines; the tests leave placement to the kernel).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -35,6 +38,11 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
 def _ns_pids(ns: str) -> list[int]:
     done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10)
     return [int(p) for p in done.stdout.split()]
+
+
+def pin(cpu: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that runs the child (and all it starts) on ``cpu`` alone."""
+    return lambda: os.sched_setaffinity(0, {cpu})
 
 
 @dataclass
@@ -61,6 +69,7 @@ class NetnsCluster:
 
     n: int
     resources: dict[int, str] = field(default_factory=dict)   # host index -> "GPU=1 ..."
+    cpus: dict[int, int] = field(default_factory=dict)        # host index -> its one CPU
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: list[Host] = field(default_factory=list)
     scheduler: subprocess.Popen | None = None
@@ -119,7 +128,8 @@ class NetnsCluster:
                  "distributed.cli.dask_worker", self.address, "--host", host.address,
                  "--nthreads", "2", "--no-nanny", "--no-dashboard", "--name", host.name,
                  *(["--resources", self.resources[i]] if i in self.resources else [])],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=pin(self.cpus[i]) if i in self.cpus else None)
         from distributed import Client
         with Client(self.address, timeout=timeout_s) as client:
             client.wait_for_workers(self.n, timeout=timeout_s)
