@@ -202,9 +202,16 @@ def _encode_arrow(value: Any, tag: int) -> Encoded:
     return Encoded(tag, size=sink.size(), arrow=value)
 
 
+_IPC_OPTIONS: list[Any] = []
+
+
 def _write_ipc(sink: Any, value: Any) -> None:
     import pyarrow as pa
-    with pa.ipc.new_stream(sink, value.schema) as writer:
+    if not _IPC_OPTIONS:
+        # NOTE: without Arrow's thread pool: handing a 1-2 MB table to it costs more than it
+        # saves (100,000-row table: size pass 17 -> 8 us, write 65 -> 55 us on 2 cores)
+        _IPC_OPTIONS.append(pa.ipc.IpcWriteOptions(use_threads=False))
+    with pa.ipc.new_stream(sink, value.schema, options=_IPC_OPTIONS[0]) as writer:
         writer.write(value)
 
 

@@ -427,7 +427,7 @@ class ShmChannel(Channel):
         names = bytes(desc[_FORWARD.size:]).decode()
         ring, h = self._upstream(names[:n_ring])
         if names[n_ring:]:              # in a spill segment of that ring
-            seg, pins = self._map_spill(names[n_ring:])
+            seg, pins = self._spill(names[n_ring:])
             pin: _Pin = _SpillPin(h, pins, word, seg)
         else:
             seg, pins = ring, h
@@ -461,12 +461,7 @@ class ShmChannel(Channel):
         return seg, h
 
     def _read_spill(self, name: str) -> Any:
-        cached = self._spill_cache.get(name)
-        if cached is not None:
-            seg, sh = cached
-            self._spill_cache.move_to_end(name)
-        else:
-            seg, sh = self._map_spill(name)
+        seg, sh = self._spill(name)
         tag, aux, size, scalar = read_header(seg.buf, _SPILL_HEAD)
         start = _SPILL_HEAD + HEADER_BYTES
         self._stats["bytes"] += size
@@ -480,6 +475,14 @@ class ShmChannel(Channel):
         value = self._decode_pinned(tag, aux, scalar, sh.ctypes.data + start, size, pin)
         _remember(value, self._seg, seg, pin, start, size, tag, aux, scalar)
         return value
+
+    def _spill(self, name: str) -> tuple[Segment, np.ndarray]:
+        """Spill segment ``name``, mapped (kept from an earlier value when it can be)."""
+        cached = self._spill_cache.get(name)
+        if cached is None:
+            return self._map_spill(name)
+        self._spill_cache.move_to_end(name)
+        return cached
 
     def _map_spill(self, name: str) -> tuple[Segment, np.ndarray]:
         """Map spill segment ``name`` and remember it: the writer reuses its spill segments,
