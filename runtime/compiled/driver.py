@@ -225,13 +225,18 @@ class CompiledDAG:
             if not self._splits:
                 self._input.write(arguments, self.plan.options.submit_timeout_s)
                 return
-            from ...channels.codec import encode    # NOTE: loads pyarrow: not at import time
+            from ...channels.codec import T_FLOAT, encode   # NOTE: loads pyarrow: not at import
             # every part encoded before any is written: a TypeError leaves every reader as it
             # was. NOTE: the writes never wait: with fewer executions in flight than the rings'
             # capacity (_make_room), each reader took its value of the execution a ring ago
-            encoded = [encode(part) for part in self._split(arguments)]
-            for (writer, _), enc in zip(self._splits, encoded, strict=True):
-                writer.write_encoded(enc, self.plan.options.submit_timeout_s)
+            parts = self._split(arguments)
+            encoded = [encode(part) for part in parts]
+            timeout_s = self.plan.options.submit_timeout_s
+            for (writer, _), part, enc in zip(self._splits, parts, encoded, strict=True):
+                if enc.tag <= T_FLOAT:              # a scalar: header only, nothing encoded
+                    writer.write(part, timeout_s)
+                else:
+                    writer.write_encoded(enc, timeout_s)
         except ChannelTimeoutError:
             raise self._stall_error(self._submitted, "the input ring stayed full") from None
         except TypeError as exc:
@@ -240,13 +245,15 @@ class CompiledDAG:
         except ChannelClosedError:
             raise self._closed_error() from None
 
-    def _split(self, arguments: Any) -> list[InputParts]:
+    def _split(self, arguments: Any) -> list[Any]:
         """Each split reader's parts of the input, evaluated once each (in op order: a part's
-        parent comes first)."""
+        parent comes first): ``InputParts``, or the part itself where a ring carries one (an
+        array then travels as an array, not inside a pickle)."""
         tasks, values = self.plan.tasks, {}
         for i in sorted({i for _, ops in self._splits for i in ops}):
             values[i] = eval_part(tasks[i], tasks, values, arguments)
-        return [InputParts((i, values[i]) for i in ops) for _, ops in self._splits]
+        return [values[ops[0]] if len(ops) == 1 else InputParts((i, values[i]) for i in ops)
+                for _, ops in self._splits]
 
     def _finish_driver_output(self, ref: CompiledDAGRef, task: Any, args: tuple,
                               kwargs: dict) -> None:

@@ -55,13 +55,17 @@ def _compile_steps(worker: Any, plan: Plan, key: str, ends: dict[int, Any],
     """The process's steps as tuples the loop dispatches on without lookups."""
     out: list[tuple] = []
     input_site = next((t.site for t in plan.tasks if t.kind is OpKind.INPUT), "?")
+    splits = dict(plan.input_splits)
     for step in plan.process_of(key).steps:
         if step.kind is StepKind.READ:
             source = plan.tasks[step.op] if step.op >= 0 else None
+            parts = splits.get(step.channel, ())
             out.append((_READ, _timed(recorder, ends[step.channel].read, f"read ch{step.channel}",
                                       "read"), step.op,
                         ("input", input_site) if source is None else
-                        (source.name, source.site)))
+                        (source.name, source.site),
+                        # a split ring of one part carries that part as itself
+                        parts[0] if source is None and len(parts) == 1 else -1))
         elif step.kind is StepKind.WRITE:
             task = plan.tasks[step.op]
             out.append((_WRITE, _timed(recorder, ends[step.channel].write,
@@ -153,7 +157,7 @@ def _run(steps: list[tuple], ends: dict[int, Any], done: Callable[[], None] | No
                     except ValueDecodeError as exc:     # taken, but not rebuilt
                         value = _read_failure(step[3], exc.__cause__ or exc)
                     if step[2] < 0:
-                        arguments = value
+                        arguments = value if step[4] < 0 else InputParts(((step[4], value),))
                     else:
                         values[step[2]] = value
                 elif code == _COMPUTE:

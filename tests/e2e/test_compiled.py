@@ -482,3 +482,23 @@ def test_each_reader_gets_only_the_parts_of_the_input_it_uses(stages) -> None:
         with pytest.raises(TaskError, match="KeyError"):
             hr.get(refs[2], timeout=30)
         assert hr.get(compiled.execute(4, 5, {"v": 6}, scale=1), timeout=30) == [4, 5, 6, 7]
+
+
+def test_a_ring_of_one_part_carries_the_part_itself(stages) -> None:
+    """A reader that uses one part of the input gets that part as itself (an array travels as an
+    array, a number in the slot header), next to a reader of two parts (inp[0] and inp[0]["k"]);
+    a part that fails is that reader's error alone."""
+    with InputNode() as inp:
+        dag = MultiOutputNode([stages[0].echo.bind(inp[0]["k"]), stages[1].echo.bind(inp[1])])
+    with dag.experimental_compile() as compiled:
+        assert sorted(len(ops) for _, ops in compiled.plan.input_splits) == [1, 2]
+        big = np.arange(1 << 17)
+        for k in range(5):
+            out = hr.get(compiled.execute({"k": big + k}, k), timeout=30)
+            assert np.array_equal(out[0], big + k) and out[1] == k
+        assert hr.get(compiled.execute({"k": None}, "s"), timeout=30) == [None, "s"]
+        refs = compiled.execute({}, 2.5)
+        with pytest.raises(TaskError, match="KeyError"):
+            hr.get(refs[0], timeout=30)
+        assert hr.get(refs[1], timeout=30) == 2.5
+        assert hr.get(compiled.execute({"k": 1}, [3]), timeout=30) == [1, [3]]
