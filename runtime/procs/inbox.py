@@ -27,6 +27,8 @@ from ..refs.waiting import ReadRole
 
 #: Backstop: a receiving waiter re-checks the I/O thread's needs and the closed flag this often.
 _SLICE_MS = 50
+# NOTE: plain ints: pyzmq's enum flags cost microseconds per operation (IntFlag arithmetic)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 #: How long a waiter waits for the I/O thread to let go of the socket before it looks again.
 _HANDOVER_S = 0.05
 
@@ -39,6 +41,7 @@ class Inbox:
                  wake_io: Callable[[], None]) -> None:
         self.sock = sock
         self.socks = [sock]             # and the TCP one of children on other hosts (hosts/)
+        self._pollset = [(sock, _POLLIN)]
         self.role = ReadRole(wake_io)   # a waiter found it taken: the I/O thread takes over
         self.closed = False
         self._handle = handle
@@ -54,15 +57,16 @@ class Inbox:
     def add(self, sock: zmq.Socket) -> None:
         """Read ``sock`` too (before the I/O thread starts)."""
         self.socks.append(sock)
+        self._pollset.append((sock, _POLLIN))
 
     def drain(self, settle_s: float = 0.0) -> None:
         """Handle every message already here (caller holds the role); wait ``settle_s`` more."""
         deadline = time.monotonic() + settle_s
         while True:
             for sock in self.socks:
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while sock.getsockopt(_EVENTS) & _POLLIN:
                     try:
-                        header, frames = protocol.recv(sock, zmq.NOBLOCK)
+                        header, frames = protocol.recv(sock, _NOBLOCK)
                     except zmq.Again:       # EVENTS said POLLIN early (CURVE): poll again
                         break
                     self._handle(header, frames)
@@ -72,9 +76,7 @@ class Inbox:
 
     def _poll(self, ms: int) -> bool:
         """Whether a message came within ``ms`` on any of our sockets."""
-        if len(self.socks) == 1:
-            return bool(self.sock.poll(ms))
-        return bool(zmq.zmq_poll([(s, zmq.POLLIN) for s in self.socks], ms))
+        return bool(zmq.zmq_poll(self._pollset, ms))
 
     def take_for_io(self, timeout_s: float = 1.0) -> bool:
         """For the I/O thread: get the socket back from a receiving user thread."""

@@ -58,6 +58,7 @@ _HEARTBEAT_S = 1.0
 _DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # not enums: µs each
 
 
 def main() -> None:
@@ -540,9 +541,9 @@ class Worker:
             if self.remote is not None and self._remote_tick():
                 os._exit(1)                   # the driver or our Dask worker is gone
             if self.client_sock in events:
-                while self.client_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while self.client_sock.getsockopt(_EVENTS) & _POLLIN:
                     try:
-                        header, frames = protocol.recv(self.client_sock, zmq.NOBLOCK)
+                        header, frames = protocol.recv(self.client_sock, _NOBLOCK)
                     except zmq.Again:   # EVENTS said POLLIN early (a CURVE message in flight)
                         break
                     if header[0] == Msg.DOORBELL:
