@@ -308,10 +308,10 @@ class _Reader:
             return True
         return bool(select.select([self.wake_r], [], [], wait_s)[0])
 
-    def _recv_exact(self, view: memoryview, stall: float) -> None:
+    def _recv_exact(self, view: memoryview) -> None:
         """Fill ``view``: from the bytes received ahead first, then from the socket (a big
         rest straight into ``view``; a small one through the buffer, taking what follows it
-        too). A frame begun must be complete by ``stall``."""
+        too). A frame begun may pause at most ``_STALL_S`` between bytes."""
         need, got = view.nbytes, 0
         if self._hi > self._lo:
             got = min(need, self._hi - self._lo)
@@ -323,7 +323,7 @@ class _Reader:
             try:
                 n = sock.recv_into(view[got:] if direct else buf)
             except (BlockingIOError, InterruptedError):
-                if not _ready(sock, select.POLLIN, stall):
+                if not _ready(sock, select.POLLIN, time.monotonic() + _STALL_S):
                     raise ConnectionError("the writer stalled mid-frame") from None
                 continue
             if not n:
@@ -401,9 +401,9 @@ class _Reader:
                 self._shut(f"the writer of {ep!r} is gone ({exc})")
                 raise closed_error(ep, self.reason) from None
 
-    def _fill(self, n: int, stall: float) -> None:
-        """At least ``n`` bytes received ahead (``n`` fits the buffer); a frame begun must be
-        complete by ``stall``."""
+    def _fill(self, n: int) -> None:
+        """At least ``n`` bytes received ahead (``n`` fits the buffer); a frame begun may
+        pause at most ``_STALL_S`` between bytes."""
         buf = self._buf
         if self._lo + n > buf.nbytes:       # make room at the end: move what is left to 0
             left = self._hi - self._lo
@@ -413,7 +413,7 @@ class _Reader:
             try:
                 got = self.sock.recv_into(buf[self._hi:])
             except (BlockingIOError, InterruptedError):
-                if not _ready(self.sock, select.POLLIN, stall):
+                if not _ready(self.sock, select.POLLIN, time.monotonic() + _STALL_S):
                     raise ConnectionError("the writer stalled mid-frame") from None
                 continue
             if not got:
@@ -423,9 +423,8 @@ class _Reader:
     def _take(self, ep: Channel) -> Any:
         """The next frame: a small one whole from the buffer (one recv, one MAC call), a big
         one straight into memory of its own, checked chunk by chunk."""
-        stall = time.monotonic() + _STALL_S
         if self._hi - self._lo < _HEAD.size:
-            self._fill(_HEAD.size, stall)
+            self._fill(_HEAD.size)
         buf, lo = self._buf, self._lo
         magic, kind, seq, size = _HEAD.unpack_from(buf, lo)
         limit = self.cfg.max_message_bytes + HEADER_BYTES if kind == _DATA else _CONTROL_MAX
@@ -437,7 +436,7 @@ class _Reader:
         signed = _HEAD.size + size
         if size <= _SMALL:
             if self._hi - lo < signed + _MAC:
-                self._fill(signed + _MAC, stall)
+                self._fill(signed + _MAC)
                 buf, lo = self._buf, self._lo
             good = hmac.compare_digest(buf[lo + signed:lo + signed + _MAC],
                                        _mac(self.cfg.key, buf[lo:lo + signed]))
@@ -454,9 +453,9 @@ class _Reader:
             h.update(head)
             for at in range(0, size, _CHUNK):
                 chunk = view[at:min(size, at + _CHUNK)]
-                self._recv_exact(chunk, stall)
+                self._recv_exact(chunk)
                 h.update(chunk)
-            self._recv_exact(view[size:], stall)
+            self._recv_exact(view[size:])
             good = hmac.compare_digest(view[size:], h.digest())
             view = view[:size]
         if not good:
@@ -651,7 +650,13 @@ class _Writer:
             if enc.size > _SMALL and self.cfg.n_readers == 1 and self.conns[0] is not None:
                 self._stream(ep, head, enc.views(), timeout_s)
                 return
-            if enc.size:
+            if enc.size > _SMALL:           # for several readers: signed piece by piece
+                views = enc.views()
+                h = self.cfg.hasher()
+                for part in (head, *views):
+                    h.update(part)
+                parts = [head, *views, h.digest()]
+            elif enc.size:
                 views = enc.views()
                 parts = [head, *views, _mac(self.cfg.key, b"".join([head, *views]))]
             else:
