@@ -9,6 +9,9 @@ same graph also runs uncompiled, as ordinary actor calls passing refs along (``h
 - ``pipelined_1actor`` / ``pipelined_3actor``: keep 10 executions in flight; µs per execution.
 - ``echo_1mb`` / ``echo_100mb``: a numpy array through one actor and back.
 - ``echo_arrow``: a 100,000-row pyarrow Table (two columns) through one actor and back.
+- ``multi_args_8actor``: Ray's microbenchmark "multi-args": 8 actors, actor i reads argument i
+  of ``execute(*[1 MiB array] * 8)``, 10 executions in flight; ``floor-memcpy`` copies the 8
+  arguments once per execution, as any framework must.
 - ``teardown``: ``teardown()`` of a compiled 1-actor DAG.
 - ``idle_cpu``: CPU (cores) burnt by the DAG's processes over 1 s, 10 ms after the last
   execution (reported in the ``gbps`` column as cores; lower is better).
@@ -241,6 +244,11 @@ def judge(records: list[Record]) -> list[Target]:
     targets.append(Target("idle CPU 10 ms after the last execution: 0.0 cores",
                           None if idle is None else idle.gbps < 0.005,
                           "not measured" if idle is None else f"{idle.gbps:.4f} cores"))
+    floor, multi = by.get(("multi_args_8actor", "floor-memcpy")), by.get(("multi_args_8actor",
+                                                                           "headrace"))
+    if floor and multi and floor.median_us and multi.median_us:
+        targets.append(Target("multi_args_8actor vs copying its arguments once (reference)", None,
+                              f"{multi.median_us / floor.median_us:.2f}x the copy's time"))
     comp = by.get(("compile_1000", "headrace"))
     targets.append(Target("compile 1,000 nodes < 0.5 s", None if comp is None
                           else comp.median_us < 5e5,
@@ -308,6 +316,7 @@ def run(quick: bool = False) -> list[Record]:
         "multi_args_8actor": ("args8", lambda g: g.multi_args(args8), None, INFLIGHT, None),
     }
     floors = _floors(mb, big)               # what one process to another costs at the least
+    copy_args = _copy_floor(args8)
     try:
         for case, (n_actors, make_op, nbytes, per_op, plain) in cases.items():
             if case == "echo_arrow" and table is None:
@@ -324,12 +333,14 @@ def run(quick: bool = False) -> list[Record]:
                 if _FLOOR_OPS.get(case) in peer.ops:
                     fns[label] = peer.ops[_FLOOR_OPS[case]]
                     hooks[label] = (peer.resume, peer.park)
+            if case == "multi_args_8actor":
+                fns["floor-memcpy"] = copy_args
             samples, errors = alternate(
                 fns, rounds=counts.rounds, per_round=20 if heavy else counts.per_round // per_op,
                 warmup=2 if heavy else counts.warmup // per_op,
                 round_budget_s=counts.budget_s * (3 if heavy else 1), hooks=hooks)
             for name in ("headrace", "ray-cg", *(_ACTORS.values() if plain is not None else ()),
-                         *(f for f in floors if f in fns)):
+                         *(f for f in (*floors, "floor-memcpy") if f in fns)):
                 if name in _ACTORS.values() and name not in fns:
                     continue                # its framework is missing: its -cg row says so
                 note = notes.get(name) or errors.get(name)
@@ -363,6 +374,19 @@ def run(quick: bool = False) -> list[Record]:
 
 #: The floor rows: a round trip over two shm channels (no runtime, no DAG), and over mp.Pipe.
 _FLOOR_OPS = {"rt_1actor": "roundtrip_int", "echo_1mb": "roundtrip_1mb"}
+
+
+def _copy_floor(args: list[np.ndarray]) -> Callable[[], object]:
+    """``floor-memcpy`` of multi-args: its arguments copied once per execution (as any
+    framework must, into memory its readers share), ``INFLIGHT`` executions to slots of their
+    own, as the rings hold them."""
+    dst = np.empty((INFLIGHT, len(args), *args[0].shape), args[0].dtype)
+
+    def op() -> None:
+        for k in range(INFLIGHT):
+            for i, a in enumerate(args):
+                np.copyto(dst[k, i], a)
+    return op
 
 
 def _floors(mb: np.ndarray, big: np.ndarray) -> dict[str, Any]:
