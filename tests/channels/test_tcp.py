@@ -125,3 +125,108 @@ def test_values_of_every_size_back_to_back_arrive_whole_and_in_order() -> None:
                 assert got == v and type(got) is type(v)
     finally:
         ch.close()
+
+
+class _RawWriter:
+    """A writer of our own on the channel's port (the channel's writer is never opened): sends
+    frames the reader must take, in whatever pieces the test asks for."""
+
+    def __init__(self, ch: TcpChannel) -> None:
+        self.cfg = ch._cfg
+        self.srv = socket.create_server(("127.0.0.1", ch._cfg.port))
+        self.srv.settimeout(5)
+        self.conn: socket.socket | None = None
+
+    def accept(self) -> None:
+        self.conn, _ = self.srv.accept()
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def frame(self, value, seq: int) -> bytes:
+        import hmac
+
+        from headrace.channels.codec import HEADER_BYTES, encode
+        enc = encode(value)
+        body = bytearray(HEADER_BYTES)
+        enc.pack_header(body)
+        body += b"".join(bytes(memoryview(v).cast("B")) for v in enc.views())
+        head = HEAD.pack(b"HRT1", 1, seq, len(body))
+        return head + body + hmac.digest(self.cfg.key, head + body, "sha256")
+
+    def close(self) -> None:
+        for s in (self.conn, self.srv):
+            if s is not None:
+                s.close()
+
+
+def _read_in_thread(r):
+    import threading
+    out: dict = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            out["values"] = [r.read(timeout_s=10) for _ in range(out.setdefault("n", 1))]
+        except Exception as exc:            # noqa: BLE001 - the test looks at it
+            out["error"] = exc
+        out["took"] = time.monotonic() - start
+    return out, run
+
+
+def test_frames_arriving_in_small_pieces_are_read_whole() -> None:
+    """Signed frames cut into 7-byte pieces (a big one, then a small one): the reader puts each
+    together, through its buffer and straight into a big value's memory, and checks it."""
+    import threading
+    ch = TcpChannel(1, 4)
+    raw = _RawWriter(ch)
+    try:
+        r = ch.reader(0)
+        big = np.arange(5000)                               # 40 KB: the big-frame path
+        out, run = _read_in_thread(r)
+        out["n"] = 2
+        reader = threading.Thread(target=run)
+        reader.start()
+        raw.accept()
+        data = raw.frame(big, 0) + raw.frame("hi", 1)
+        for at in range(0, len(data), 7):
+            raw.conn.sendall(data[at:at + 7])
+            if at % 700 == 0:
+                time.sleep(0.001)
+        reader.join(10)
+        assert "error" not in out, out.get("error")
+        assert np.array_equal(out["values"][0], big) and out["values"][1] == "hi"
+    finally:
+        raw.close()
+        ch.close()
+
+
+@pytest.mark.parametrize("then", ["stall", "close"])
+def test_a_writer_that_stops_mid_frame_fails_the_read_in_bounded_time(then, monkeypatch) -> None:
+    """Half a frame, then silence (no byte for the stall bound) or a closed connection: the
+    read fails as a closed channel (no value, no hang), in time."""
+    import threading
+
+    import headrace.channels.tcp as tcp
+    from headrace.exceptions import ChannelClosedError
+    monkeypatch.setattr(tcp, "_STALL_S", 0.5)
+    ch = TcpChannel(1, 4)
+    raw = _RawWriter(ch)
+    try:
+        r = ch.reader(0)
+        out, run = _read_in_thread(r)
+        reader = threading.Thread(target=run)
+        reader.start()
+        raw.accept()
+        data = raw.frame(np.arange(5000), 0)
+        raw.conn.sendall(data[:len(data) // 2])
+        if then == "close":
+            raw.conn.close()
+            raw.conn = None
+        reader.join(5)
+        assert not reader.is_alive()
+        assert isinstance(out.get("error"), ChannelClosedError), out
+        assert out["took"] < (3.0 if then == "stall" else 1.0), out["took"]
+        if then == "stall":
+            assert "stalled" in str(out["error"])
+    finally:
+        raw.close()
+        ch.close()
