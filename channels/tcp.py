@@ -640,7 +640,7 @@ class _Writer:
 
     def write(self, ep: Channel, enc: Any, limit: int, timeout_s: float | None) -> None:
         with self.lock:
-            if self.closed or self.sent - min(self.credit) >= self.cfg.capacity:
+            if self.closed or not self._room():
                 self._wait_room(ep, limit, timeout_s)
             size = HEADER_BYTES + enc.size
             # frame header and codec header in one buffer; the payload from its own buffers
