@@ -27,6 +27,9 @@ DIRECT_CALLS = os.environ.get("HEADRACE_DIRECT_CALLS", "1") != "0"
 #: Spare actor processes kept started, their lane attached, from the first actor on: a new actor
 #: takes one, so it skips the process start and uses the rings from its first call. 0: none.
 SPARE_ACTORS = int(os.environ.get("HEADRACE_SPARE_ACTORS", "1"))
+#: Local workers are forked from a zygote that has made their imports (runtime/procs/zygote.py):
+#: a worker is up in milliseconds, not ~0.3 s. "0": each starts a fresh interpreter.
+ZYGOTE = os.environ.get("HEADRACE_ZYGOTE", "1") != "0"
 
 #: How long shutdown() waits for children to exit on their own before SIGKILL.
 SHUTDOWN_GRACE_S = 0.3

@@ -24,13 +24,25 @@ _BEFORE_SESSION = frozenset(n for n in os.listdir("/dev/shm") if n.startswith(f"
 
 
 def child_pids(pid: int | None = None) -> list[int]:
-    """Direct children of ``pid`` (default: this process), from /proc."""
-    pid = pid or os.getpid()
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
+    """Every descendant of ``pid`` (default: this process): children of any of its threads,
+    and theirs (workers forked by the zygote are its children, not ours), from /proc."""
+    out: list[int] = []
+    todo = [pid or os.getpid()]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def signal_children(sig: int, *, then: int | None = None, grace_s: float = 0.5) -> None:

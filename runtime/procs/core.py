@@ -41,6 +41,7 @@ from .inbox import Inbox
 from .output import LogForwarder
 from ..wire.errors import task_error
 from .lane import DriverLane
+from .zygote import Zygote
 from ..wire.payload import Payload, SegmentPool, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, RemoteSpec, WorkerSpec
 from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
@@ -116,6 +117,12 @@ class Runtime(WorkerRequests):
                 shutil.rmtree(self.dir, ignore_errors=True)
                 raise
             self.inbox.add(self.cluster.inbox)
+        self.zygote: Zygote | None = None           # forks local workers once it is up
+        if _config.ZYGOTE:
+            try:
+                self.zygote = Zygote(dict(os.environ, PYTHONUNBUFFERED="1"))
+            except OSError:                         # workers start as processes of their own
+                logger.exception("could not start the zygote")
         self.io = threading.Thread(target=self._io_loop, name="headrace-io", daemon=True)
         self.io.start()
         with self.lock:
@@ -138,13 +145,18 @@ class Runtime(WorkerRequests):
             proc = Proc(wid, kind, label, self.cluster.launch(wid, spec, worker, resources))
             self.procs[wid] = proc
             return proc
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env[SPEC_ENV] = base64.b64encode(pickle.dumps(spec)).decode()
+        blob = base64.b64encode(pickle.dumps(spec)).decode()
         out_r, out_w = os.pipe() if self.logs else (None, subprocess.DEVNULL)
         try:
-            popen = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=out_w,
-                                     stderr=subprocess.STDOUT, close_fds=True)
+            popen: Any = None
+            if self.zygote is not None:     # forked from the zygote once it is up
+                popen = self.zygote.spawn(wid, blob, out_w if out_r is not None else None)
+            if popen is None:
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                env[SPEC_ENV] = blob
+                popen = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out_w,
+                                         stderr=subprocess.STDOUT, close_fds=True)
         finally:
             if out_r is not None:
                 os.close(out_w)
@@ -932,6 +944,8 @@ class Runtime(WorkerRequests):
         if self.warmup is not None and self.warmup.poll() is None:
             _kill(self.warmup)          # not done yet: the next process compiles instead
             self.warmup.wait(2.0)
+        if self.zygote is not None:     # after its children: it reported their exits
+            self.zygote.close()
         finishes: list[Finish] = []
         with self.lock:
             err = ObjectLostError("the headrace runtime was shut down before this value was "

@@ -82,6 +82,7 @@ class Worker:
         self.pid = os.getpid()
         self.label = spec.label
         self.driver_fd = _pidfd(spec.driver_pid)     # readable once the driver has exited
+        self.parent_pid = os.getppid()          # the driver, or the zygote that forked us
         self.ctx = zmq.Context()
         self.remote = spec.remote               # set on another host than the driver's
         self.endpoints: dict[str, str] = {}     # where this process listens (remote only)
@@ -563,8 +564,9 @@ class Worker:
                 fd, link = self.client.watches.popleft()
                 watched[fd] = weakref.ref(link)
                 poller.register(fd, zmq.POLLIN)
-            if (driver_fd is not None and driver_fd in events) or \
-                    (self.remote is None and os.getppid() != self.spec.driver_pid):
+            if (driver_fd is not None and driver_fd in events) or (
+                    driver_fd is None and self.remote is None and
+                    os.getppid() != self.parent_pid):
                 _clean_up_after(self.spec)
                 os._exit(1)                   # the driver is gone: nobody wants our results
 

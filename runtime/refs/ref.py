@@ -52,6 +52,16 @@ _SESSION = os.urandom(4).hex()
 _COUNTER = itertools.count(1)
 
 
+def _new_session() -> None:
+    """A forked child (a worker from the zygote, a user's fork) makes ids of its own: the
+    parent's prefix and counter would give the same ids in every child."""
+    global _SESSION, _COUNTER
+    _SESSION, _COUNTER = os.urandom(4).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_session)
+
+
 def new_ref_id() -> str:
     """A process-unique ref id (hex), cheap to make."""
     return f"{_SESSION}{next(_COUNTER):016x}"

@@ -159,7 +159,6 @@ class _RawWriter:
 
 
 def _read_in_thread(r):
-    import threading
     out: dict = {}
 
     def run() -> None:

@@ -49,10 +49,10 @@ def test_next_init_removes_segments_left_by_a_killed_session(tmp_path) -> None:
         hr.init(num_cpus=1, log_to_driver=False)
         ref = hr.put(np.zeros(1_000_000))
         print(os.getpid(), flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)    # the whole session at once: nobody is left to clean up
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, start_new_session=True)
     dead_pid = int(out.stdout.split()[0])
     assert owned_segments(dead_pid)                       # it leaked, being SIGKILLed
     hr.init(num_cpus=1)
