@@ -10,7 +10,8 @@ Invariants:
 - A child is a worker as a started one would be: its own output pipe, its spec in the
   environment, Python's default signal handlers, fresh random state (``random`` reseeds itself
   at a fork; numpy's global generator is reseeded here).
-- The zygote ends with the driver (PR_SET_PDEATHSIG, and EOF on its socket); workers watch the
+- The zygote ends with the driver: its socket reads EOF once the driver's process is gone (not
+  PR_SET_PDEATHSIG, which fires when the *thread* that started it ends); workers watch the
   driver themselves. If it dies while the driver lives, the driver kills its children (their
   exit codes are lost with it) and starts workers as plain processes from then on.
 
@@ -30,7 +31,6 @@ import sys
 import threading
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
 #: How long a spawn waits for the zygote to answer with the child's pid.
 _SPAWN_S = 5.0
 #: After a child's pidfd says it exited, how long its exit code may take to come.
@@ -40,7 +40,6 @@ _CODE_S = 2.0
 # -- the zygote process -------------------------------------------------------------------
 def serve(fd: int) -> None:
     """The zygote's main loop (``python -c "...; serve(fd)"``, ``fd``: its end of the socket)."""
-    _die_with_parent()
     sock = socket.socket(fileno=fd)
     from . import worker  # noqa: F401 - the imports every child starts from
     wake_r, wake_w = os.pipe()
@@ -122,14 +121,6 @@ def _child(sock: socket.socket, pipe: tuple[int, int], spec: str, out: int | Non
             sys.stderr.flush()
         finally:
             os._exit(code)
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):       # not Linux: EOF on the socket still ends us
-        pass
 
 
 # -- the driver's side --------------------------------------------------------------------
@@ -264,8 +255,12 @@ class ForkedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self._exited(timeout) or not self._code.wait(_CODE_S if timeout is None
-                                                            else max(timeout, 0.05)):
+        if not self._exited(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if timeout is None:             # as Popen: until it ends (its code comes, or the
+            while not self._code.wait(0.5) and not self._zygote.gone:   # zygote's end gives one)
+                pass
+        elif not self._code.wait(max(timeout, 0.05)):
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode          # type: ignore[return-value]
 

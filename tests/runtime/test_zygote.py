@@ -91,3 +91,33 @@ def test_a_killed_zygote_takes_only_its_workers_down() -> None:
     def one():
         return 1
     assert hr.get([one.remote() for _ in range(4)], timeout=60) == [1, 1, 1, 1]
+
+
+def test_a_runtime_started_on_a_thread_that_ends_keeps_its_zygote_workers(tmp_path) -> None:
+    """hr.init() on a thread that then ends: the zygote (and the workers it forks) must not end
+    with that thread (PR_SET_PDEATHSIG would: it follows the thread that started the child)."""
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "thread_init.py"
+    script.write_text(textwrap.dedent("""
+        import threading, headrace as hr
+        from headrace.runtime import session
+        def start():
+            hr.init(num_cpus=1, log_to_driver=False)
+            assert session.running().zygote.ready.wait(60)     # up, then this thread ends
+        t = threading.Thread(target=start)
+        t.start(); t.join()
+        import time; time.sleep(0.3)
+        @hr.remote
+        class A:
+            def f(self): return 7
+        actors = [A.remote() for _ in range(3)]
+        print(hr.get([a.f.remote() for a in actors], timeout=60), flush=True)
+        print("zygote gone:", session.running().zygote.gone, flush=True)
+        hr.shutdown()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[7, 7, 7]", "zygote gone: False"], out.stdout
