@@ -64,35 +64,6 @@ def test_workers_forked_from_the_zygote_are_workers_of_their_own(capfd) -> None:
         hr.kill(a)
 
 
-def test_a_killed_zygote_takes_only_its_workers_down() -> None:
-    zygote = _zygote()
-    actor = Probe.remote()
-    pid, ppid = hr.get(actor.facts.remote(), timeout=60)[:2]
-    if ppid != zygote.popen.pid:                         # it took the spare: make one more
-        actor = Probe.remote()
-        pid, ppid = hr.get(actor.facts.remote(), timeout=60)[:2]
-    assert ppid == zygote.popen.pid
-    running = actor.sleep.remote(30)
-    time.sleep(0.2)
-    start = time.monotonic()
-    os.kill(zygote.popen.pid, signal.SIGKILL)
-    with pytest.raises(ActorDiedError):
-        hr.get(running, timeout=10)
-    assert time.monotonic() - start < 5
-    deadline = time.monotonic() + 5
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{pid}") or \
-        open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
-    fresh = Probe.remote()                               # a process of its own now
-    assert hr.get(fresh.sleep.remote(0), timeout=60) == 0
-
-    @hr.remote
-    def one():
-        return 1
-    assert hr.get([one.remote() for _ in range(4)], timeout=60) == [1, 1, 1, 1]
-
-
 def test_a_runtime_started_on_a_thread_that_ends_keeps_its_zygote_workers(tmp_path) -> None:
     """hr.init() on a thread that then ends: the zygote (and the workers it forks) must not end
     with that thread (PR_SET_PDEATHSIG would: it follows the thread that started the child)."""
@@ -121,3 +92,53 @@ def test_a_runtime_started_on_a_thread_that_ends_keeps_its_zygote_workers(tmp_pa
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == ["[7, 7, 7]", "zygote gone: False"], out.stdout
+
+
+def test_a_forked_worker_sees_the_environment_and_directory_of_its_spawn(tmp_path,
+                                                                        monkeypatch) -> None:
+    """As a started process would: what the driver set after hr.init() reaches a new worker."""
+    zygote = _zygote()
+
+    @hr.remote
+    class Env:
+        def facts(self):
+            return os.getppid(), os.environ.get("HR_ZYGOTE_PROBE"), os.getcwd()
+    monkeypatch.setenv("HR_ZYGOTE_PROBE", "set after init")
+    monkeypatch.chdir(tmp_path)
+    actors = [Env.remote() for _ in range(3)]   # a spare started before has the old ones
+    facts = hr.get([a.facts.remote() for a in actors], timeout=60)
+    now = [f for f in facts if f[0] == zygote.popen.pid and f[1] == "set after init"]
+    assert len(now) >= 2, facts                             # forked after the change
+    assert all(f[2] == str(tmp_path) for f in now), facts
+    for a in actors:
+        hr.kill(a)
+
+
+def test_a_killed_zygote_takes_only_its_workers_down() -> None:
+    """(Last in this module: the zygote stays dead for the rest of the runtime.)"""
+    zygote = _zygote()
+    actor = Probe.remote()
+    pid, ppid = hr.get(actor.facts.remote(), timeout=60)[:2]
+    if ppid != zygote.popen.pid:                         # it took the spare: make one more
+        actor = Probe.remote()
+        pid, ppid = hr.get(actor.facts.remote(), timeout=60)[:2]
+    assert ppid == zygote.popen.pid
+    running = actor.sleep.remote(30)
+    time.sleep(0.2)
+    start = time.monotonic()
+    os.kill(zygote.popen.pid, signal.SIGKILL)
+    with pytest.raises(ActorDiedError):
+        hr.get(running, timeout=10)
+    assert time.monotonic() - start < 5
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") or \
+        open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    fresh = Probe.remote()                               # a process of its own now
+    assert hr.get(fresh.sleep.remote(0), timeout=60) == 0
+
+    @hr.remote
+    def one():
+        return 1
+    assert hr.get([one.remote() for _ in range(4)], timeout=60) == [1, 1, 1, 1]
