@@ -50,6 +50,8 @@ from ..refs.waiting import set_block_hook
 from . import client as client_mod
 
 SPEC_ENV = "HEADRACE_WORKER_SPEC"
+#: Set by the zygote in a child it forks: its pid (the child's parent instead of the driver).
+PARENT_ENV = "HEADRACE_WORKER_PARENT"
 #: An async actor's max_concurrency unless set (Ray's default).
 _ASYNC_CONCURRENCY = 1000
 #: On another host: the control thread looks at the driver's pings this often...
@@ -82,7 +84,9 @@ class Worker:
         self.pid = os.getpid()
         self.label = spec.label
         self.driver_fd = _pidfd(spec.driver_pid)     # readable once the driver has exited
-        self.parent_pid = os.getppid()          # the driver, or the zygote that forked us
+        # the driver, or the zygote that forked us (not os.getppid() now: if the driver died
+        # before we got here, that is already init, and a later check would never fire)
+        self.parent_pid = int(os.environ.pop(PARENT_ENV, spec.driver_pid))
         self.ctx = zmq.Context()
         self.remote = spec.remote               # set on another host than the driver's
         self.endpoints: dict[str, str] = {}     # where this process listens (remote only)
@@ -566,7 +570,7 @@ class Worker:
                 poller.register(fd, zmq.POLLIN)
             if (driver_fd is not None and driver_fd in events) or (
                     driver_fd is None and self.remote is None and
-                    os.getppid() != self.parent_pid):
+                    (os.getppid() != self.parent_pid or self._driver_gone())):
                 _clean_up_after(self.spec)
                 os._exit(1)                   # the driver is gone: nobody wants our results
 

@@ -59,7 +59,10 @@ def serve(fd: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)      # wakes the poll through wake_w
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the driver's to handle
-    sock.sendall(pickle.dumps(("ready", os.getpid())))
+    try:
+        sock.sendall(pickle.dumps(("ready", os.getpid())))
+    except OSError:                         # the driver is gone already
+        return
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -131,10 +134,11 @@ def _child(sock: socket.socket, own: tuple[int, ...], spec: str, env: dict[str, 
         numpy = sys.modules.get("numpy")
         if numpy is not None:
             numpy.random.seed()             # as a started process would: its own random state
-        from .worker import SPEC_ENV, main
+        from .worker import PARENT_ENV, SPEC_ENV, main
         os.environ.clear()
         os.environ.update(env)
         os.environ[SPEC_ENV] = spec
+        os.environ[PARENT_ENV] = str(os.getppid())
         try:
             os.chdir(cwd)
         except OSError:                     # gone meanwhile: the worker runs where it is

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -76,3 +78,40 @@ def test_atexit_cleans_up_a_script_that_forgot_shutdown(tmp_path) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert owned_segments(int(out.stdout.split()[0])) == []
+
+
+def _in_group(pgid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                pids.append(int(name))
+    return pids
+
+
+def test_workers_of_a_driver_that_exits_at_once_end_too(tmp_path) -> None:
+    """The driver exits right after hr.init(): its workers, some not even started yet (their
+    driver is gone before they can watch it), end within seconds; none is left running."""
+    script = tmp_path / "gone.py"
+    script.write_text(textwrap.dedent("""
+        import os, headrace as hr
+        hr.init(num_cpus=2, log_to_driver=False)
+        print(os.getpid(), flush=True)
+        os._exit(0)
+    """))
+    out = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, timeout=60,
+                         start_new_session=True)
+    group = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _in_group(group)
+    for pid in left:                                 # do not leak them into later tests
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"processes of a dead driver still running: {left}"
