@@ -131,6 +131,7 @@ class RemoteProcess:
         self.ready = False
         self.resources: dict[str, float] = {}
         self._done = threading.Event()
+        self._end_lock = threading.Lock()
 
     def poll(self) -> int | None:
         return self.returncode if self._done.is_set() else None
@@ -147,11 +148,12 @@ class RemoteProcess:
 
     def ended(self, code: int | None, lost: str | None = None) -> bool:
         """Record the end (first report wins); True if this was news."""
-        if self._done.is_set():
-            return False
-        self.returncode, self.lost = code, lost
-        self._done.set()
-        return True
+        with self._end_lock:                # reported by several threads
+            if self._done.is_set():
+                return False
+            self.returncode, self.lost = code, lost
+            self._done.set()
+            return True
 
     def death_reason(self) -> tuple[str, int | None, int | None]:
         where = f"on host {self.host} (Dask worker {self.worker})"
@@ -249,6 +251,7 @@ class DaskCluster:
         self.lock = threading.Lock()
         self.closed = False
         self._workers: dict[str, dict] = self._fetch_workers()
+        self._fetching = threading.Event()      # a thread is asking for a new list
         self._monitors: list[tuple[str, zmq.Socket]] = []    # made, not yet watched
         self._watch = threading.Thread(target=self._watch_loop, daemon=True,
                                        name="headrace-hosts-watch")
@@ -425,11 +428,28 @@ class DaskCluster:
                 monitor.close(linger=0)
 
     def _tick(self) -> None:
+        """Ping our ready children and check them against the last list of workers; ask the
+        scheduler for a new list on a thread of its own. The pings must not wait for the
+        scheduler: a child exits after ``_DRIVER_SILENCE_S`` without one (procs/worker.py),
+        and a busy scheduler may take seconds to answer."""
+        if not self._fetching.is_set():
+            self._fetching.set()
+            threading.Thread(target=self._refresh_workers, daemon=True,
+                             name="headrace-dask-workers").start()
+        self._check(self._workers)
+
+    def _refresh_workers(self) -> None:
         try:
             workers = self._fetch_workers()
         except Exception:  # noqa: BLE001 - the scheduler is unreachable: keep the old list
-            workers = self._workers
+            return
+        finally:
+            self._fetching.clear()
         self._workers = workers
+        if not self.closed:
+            self._check(workers, ping=False)        # a worker that left: say so at once
+
+    def _check(self, workers: dict[str, dict], ping: bool = True) -> None:
         now = time.monotonic()
         with self.lock:
             live = [p for p in self.procs.values() if p.poll() is None]
@@ -442,7 +462,7 @@ class DaskCluster:
             if why is not None:
                 if proc.ended(None, why):
                     self._lost(proc.wid, proc)
-            elif proc.ready:
+            elif proc.ready and ping:
                 self._ping(proc.wid)
 
     def forget(self, wid: str) -> None:

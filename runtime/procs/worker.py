@@ -534,8 +534,14 @@ class Worker:
             else int(_HEARTBEAT_S * 1000)
         while True:     # NOTE: with a pidfd, no timeout: an idle actor wakes for nothing
             events = dict(poller.poll(slice_ms))
-            if self.ctl in events:
-                header, _ = protocol.recv(self.ctl)
+            # Every queued control message, whether or not this wake was for one: after a C
+            # call held the GIL for seconds, the poll may have timed out before the driver's
+            # pings queued up, and the silence check below must see them.
+            while self.ctl.getsockopt(_EVENTS) & _POLLIN:
+                try:
+                    header, _ = protocol.recv(self.ctl, _NOBLOCK)
+                except zmq.Again:
+                    break
                 if header[0] == Msg.EXIT:
                     self.ctl.close(linger=0)
                     return

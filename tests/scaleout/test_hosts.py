@@ -51,6 +51,11 @@ class Where:
     def busy(self, n):
         return sum(range(n))                    # one C call holding the GIL for seconds
 
+    def hold_gil(self, seconds):
+        import ctypes                           # a C call that keeps the GIL, idle
+        open("/tmp/dbg.txt","a").write(f"HOLD {time.monotonic():.2f}\n"); ctypes.PyDLL(None).usleep(int(seconds * 1e6))
+        return seconds
+
     def call(self, other, x):
         return hr.get(other.echo.remote(x), timeout=30)
 
@@ -159,6 +164,44 @@ def test_an_actor_holding_the_gil_for_seconds_is_not_taken_for_dead(session) -> 
     assert hr.get(a.busy.remote(n), timeout=60) == n * (n - 1) // 2
     assert time.monotonic() - start > 2.0             # longer than the heartbeat timeout
 
+
+def test_an_actor_holding_the_gil_longer_than_the_driver_silence_bound_lives_on(
+        session, monkeypatch) -> None:
+    """Its control thread cannot run while the GIL is held: when it can again, it must count
+    the driver's pings that queued up meanwhile, not take them for stopped (the driver also
+    holds its pings for the hold's first 1.5 s, so that thread's poll slice passes empty)."""
+    from headrace.runtime.procs.worker import _DRIVER_SILENCE_S
+    from headrace.runtime.session import current
+    cluster = current().cluster
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    assert hr.get(a.echo.remote(1), timeout=60) == 1
+    ping, quiet_until = cluster._ping, [0.0]
+    monkeypatch.setattr(cluster, "_ping",
+                        lambda wid: None if time.monotonic() < quiet_until[0] else ping(wid))
+    hold = _DRIVER_SILENCE_S + 1.5
+    quiet_until[0] = time.monotonic() + 1.5
+    assert hr.get(a.hold_gil.remote(hold), timeout=60) == hold
+    assert hr.get(a.echo.remote(2), timeout=60) == 2
+
+
+def test_a_scheduler_slow_to_answer_does_not_silence_the_drivers_pings(
+        session, monkeypatch) -> None:
+    """The driver asks the scheduler for its workers every tick; an answer that takes longer
+    than a remote child's silence bound must not stop the pings (the child would exit, and be
+    reported lost)."""
+    from headrace.runtime.procs.worker import _DRIVER_SILENCE_S
+    from headrace.runtime.session import current
+    cluster = current().cluster
+    a = Where.options(host=session.hosts[0].address).remote("a")
+    assert hr.get(a.echo.remote(1), timeout=60) == 1
+    fetch = cluster._fetch_workers
+
+    def slow_fetch():
+        time.sleep(_DRIVER_SILENCE_S + 1.5)
+        return fetch()
+    monkeypatch.setattr(cluster, "_fetch_workers", slow_fetch)
+    time.sleep(_DRIVER_SILENCE_S + 2.5)
+    assert hr.get(a.echo.remote(2), timeout=60) == 2
 
 def test_a_rogue_process_without_the_keys_is_refused(session, caplog) -> None:
     from headrace.runtime.session import current
