@@ -546,7 +546,12 @@ class Runtime(WorkerRequests):
     def submit_call(self, actor: ActorRecord, method: str, nret: int, args: tuple,
                     kwargs: dict, fn: Any = None) -> list[ObjectRef]:
         name = f"{actor.label}.{method}"
-        payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        if not kwargs and all(type(a) in _PLAIN for a in args):
+            # the usual call: no ref or handle can hide in these, no buffer leaves the pickle
+            # stream (what encode() makes of them, without its walk and capture)
+            payload, deps, keep = Payload(pickle.dumps((args, kwargs), 5), [], [], []), {}, None
+        else:
+            payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(nret)]
         task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor)
         task.keep = keep or None
@@ -566,6 +571,17 @@ class Runtime(WorkerRequests):
             ref._task = task
         self.tasks[task.tid] = task
         actor = task.actor
+        if actor is not None and not task.deps and not actor.queue and \
+                actor.state is ActorState.ALIVE and actor.proc.lane is not None and \
+                not task.args.buffers:
+            # the usual call: straight into the actor's call ring (what _pump does)
+            if actor.proc.lane.send((Msg.CALL, task.tid, task.method, (task.args.meta, ()), {},
+                                     len(task.refs))):
+                advance(task, TaskState.QUEUED)
+                advance(task, TaskState.SENT)
+                task.proc = actor.proc
+                actor.inflight[task.tid] = task
+                return
         if actor is not None:
             if actor.state is ActorState.DEAD:
                 self.tasks.pop(task.tid)
@@ -982,6 +998,8 @@ class Runtime(WorkerRequests):
 
 
 _BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
+#: Argument types that pickle as themselves: no ref, handle or out-of-band buffer inside.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 #: After a clean exit, how long the driver waits for the child's BYE (its last message).
 _BYE_WAIT_S = 2.0
 _LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor drains it fast

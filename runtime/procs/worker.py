@@ -60,6 +60,8 @@ _HEARTBEAT_S = 1.0
 _DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
+#: Value types that pickle as themselves: no ref, handle or out-of-band buffer inside.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # not enums: µs each
 
 
@@ -313,6 +315,9 @@ class Worker:
     def _reply_value(self, tid: str, name: str, value: Any, nret: int,
                      to: _LinkReplies | None = None, ids: list[str] | None = None) -> None:
         send = self._send if to is None else to.send
+        if nret == 1 and type(value) in _PLAIN:    # the usual reply: no ref, handle or buffer
+            send((Msg.RESULT, self.spec.wid, tid, [(pickle.dumps(value, 5), ())]), [None])
+            return
         owner = self.spec.driver_pid if to is None else to.caller_pid
         handles: list[Any] = []         # handles and refs in the value: alive until sent
         exported: list[Any] = []
@@ -350,6 +355,9 @@ class Worker:
 
     def _decode_args(self, args_desc: Any, deps: dict[str, Any],
                      frames: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any], list[Payload]]:
+        if not deps and not args_desc[1]:     # the usual call: all in the pickle stream
+            args, kwargs = pickle.loads(args_desc[0])
+            return args, kwargs, []
         payloads = [from_wire(d, frames, self.table, owner=False) for d in deps.values()]
         values = {rid: p.decode() for rid, p in zip(deps, payloads, strict=True)}
         args_payload = from_wire(args_desc, frames, self.table, owner=False)
