@@ -341,16 +341,16 @@ def judge(records: list[Record]) -> list[Target]:
         return a.gbps / b.gbps if gbps and a.gbps and b.gbps else a.median_us / b.median_us
 
     targets = []
-    for case in ("actor_call", "task"):
+    for case, bound in (("actor_call", 0.2), ("task", 0.05)):     # issue 14: tasks 0.05x
         r = ratio(case, "headrace", "ray")
-        targets.append(Target(f"headrace {case} median <= 0.2x ray's", None if r is None
-                              else r <= 0.2, "ray not measured" if r is None else f"{r:.2f}x"))
+        targets.append(Target(f"headrace {case} median <= {bound:g}x ray's", None if r is None
+                              else r <= bound, "ray not measured" if r is None else f"{r:.3f}x"))
     r = ratio("fresh_actor_calls", "headrace", "ray")
     fresh = by.get(("fresh_actor_calls", "headrace"))
     ok = r is not None and fresh is not None and fresh.p99_us is not None
     targets.append(Target("fresh actor, calls 2+: median <= 0.05x ray's, p99 <= 0.5 ms",
                           r <= 0.05 and fresh.p99_us <= 500 if ok else None,
-                          f"{r:.2f}x, p99 {fresh.p99_us / 1e3:.2f} ms" if ok else "not measured"))
+                          f"{r:.3f}x, p99 {fresh.p99_us / 1e3:.2f} ms" if ok else "not measured"))
     for impl in ("headrace", "ray"):
         inner, call = by.get(("nested_in_actor", impl)), by.get(("actor_call", impl))
         ok = inner is not None and call is not None and inner.median_us and call.median_us

@@ -354,7 +354,8 @@ class Runtime(WorkerRequests):
         task = self._answered(proc, header[2], out)
         if task is None:
             return
-        payloads = [from_wire(d, frames, self.table, owner=True) for d in header[3]]
+        payloads = [Payload(d[0], [], [], []) if not d[1] else      # all in the pickle stream
+                    from_wire(d, frames, self.table, owner=True) for d in header[3]]
         if len(header) > 4:             # handles and refs in it live as long as its refs
             holds = self._holds(proc, *header[4])
             for ref in task.refs:

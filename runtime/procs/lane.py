@@ -28,7 +28,7 @@ from typing import Any
 
 from ... import _config
 from ...channels.shm import ShmChannel
-from ...exceptions import ChannelClosedError, ChannelTimeoutError, WouldBlock
+from ...exceptions import ChannelClosedError, ChannelTimeoutError
 from ..refs.deadline import Deadline
 from ..refs.waiting import ReadRole
 
@@ -144,10 +144,13 @@ class DriverLane:
             self._drain()                   # what came in as we left: the actor saw us reading
 
     def _drain(self) -> None:
+        reader = self._result_r
         while True:
             try:
-                message = self._result_r.read_nowait()
-            except (WouldBlock, ChannelClosedError):
+                message = reader.read_if_any()
+            except ChannelClosedError:
+                return
+            if message is None:
                 return
             self._handle(*_unpack(message))
 

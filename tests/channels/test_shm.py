@@ -44,6 +44,20 @@ def test_large_payloads_are_zero_copy_and_read_only(ring: ShmChannel) -> None:
     np.testing.assert_array_equal(copied, small)
 
 
+def test_read_if_any_returns_the_default_when_empty_and_raises_once_closed_and_drained(
+        ring: ShmChannel) -> None:
+    w, r = ring.writer(), ring.reader(0)
+    missing = object()
+    assert r.read_if_any(missing) is missing
+    w.write(b"a", timeout_s=1)
+    w.write(7, timeout_s=1)
+    assert r.read_if_any(missing) == b"a"
+    w.close()
+    assert r.read_if_any(missing) == 7            # written before the close: still read
+    with pytest.raises(ChannelClosedError):
+        r.read_if_any(missing)
+
+
 def test_held_views_are_never_overwritten_while_the_writer_laps_the_ring(ring: ShmChannel) -> None:
     w, r = ring.writer(), ring.reader(0)
     held = []
