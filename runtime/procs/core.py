@@ -532,11 +532,20 @@ class Runtime(WorkerRequests):
             self.known[ref._id] = ref
         return payload, deps, keep + exported
 
+    @staticmethod
+    def _plain_args(args: tuple, kwargs: dict) -> tuple[Payload, dict, None] | None:
+        """``encode_args`` of the usual call, or None: positional arguments of plain types,
+        where no ref or handle can hide and no buffer leaves the pickle stream (what encode()
+        makes of them, without its walk and capture)."""
+        if kwargs or not all(type(a) in _PLAIN for a in args):
+            return None
+        return Payload(pickle.dumps((args, kwargs), 5), [], [], []), {}, None
+
     def submit_task(self, body: Any, options: dict[str, Any], args: tuple,
                     kwargs: dict) -> list[ObjectRef]:
         name = options.get("name") or body.name
-        payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()",
-                                               body.fn)
+        payload, deps, keep = self._plain_args(args, kwargs) or \
+            self.encode_args(args, kwargs, lambda: f"{name}.remote()", body.fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(options["num_returns"])]
         task = TaskRecord(refs[0]._id, name, refs, payload, deps, fn=body,
                           num_cpus=options["num_cpus"], retries_left=options["max_retries"])
@@ -547,12 +556,8 @@ class Runtime(WorkerRequests):
     def submit_call(self, actor: ActorRecord, method: str, nret: int, args: tuple,
                     kwargs: dict, fn: Any = None) -> list[ObjectRef]:
         name = f"{actor.label}.{method}"
-        if not kwargs and all(type(a) in _PLAIN for a in args):
-            # the usual call: no ref or handle can hide in these, no buffer leaves the pickle
-            # stream (what encode() makes of them, without its walk and capture)
-            payload, deps, keep = Payload(pickle.dumps((args, kwargs), 5), [], [], []), {}, None
-        else:
-            payload, deps, keep = self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
+        payload, deps, keep = self._plain_args(args, kwargs) or \
+            self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(nret)]
         task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor)
         task.keep = keep or None
@@ -646,7 +651,7 @@ class Runtime(WorkerRequests):
         """Send ready function tasks to idle workers, in submission order."""
         while self.ready and self.idle and self.ready[0].num_cpus <= self.free_cpus:
             task = self.ready.popleft()
-            proc = self.idle.popleft()
+            proc = self.idle.pop()          # the one that finished last: still spinning, warm
             self.free_cpus -= task.num_cpus
             advance(task, TaskState.SENT)
             task.proc, proc.task = proc, task
