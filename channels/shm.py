@@ -58,6 +58,7 @@ _VERSION = 2                 # 2: a slot's payload may sit in any payload area
 _MASK = 0xFFFFFFFF
 _REASON_BYTES = 256
 _SLICE_NS = 100_000_000      # how often a blocked endpoint checks its peers
+_NOTHING = object()            # read_if_any's default for read_nowait
 _IDLE_FACTOR = 4             # "auto": a wait longer than this many spin windows means idle
 COPY_MAX = INLINE_MAX_BYTES  # payloads below this are copied out of the slot
 SPIN_US = 50.0               # default spin window of "auto"
@@ -378,14 +379,10 @@ class ShmChannel(Channel):
                                     budget, timeout_s, "read"))
 
     def read_nowait(self) -> Any:
-        if self.role is None or self.role < 0:
-            self._check_role("reader")
-        res = self._ops["read_wait_try"](self._h, self._m64, self._st, self.role, 0)
-        if res[0] != 1:
-            if res[0] == -1:
-                raise closed_error(self, self._reason())
+        value = self.read_if_any(_NOTHING)
+        if value is _NOTHING:
             raise WouldBlock("no value is waiting")
-        return self._take(res)
+        return value
 
     def read_if_any(self, default: Any = None) -> Any:
         """``read_nowait`` that returns ``default`` instead of raising ``WouldBlock`` (a raise

@@ -42,7 +42,7 @@ from .output import LogForwarder
 from ..wire.errors import task_error
 from .lane import DriverLane
 from .zygote import Zygote
-from ..wire.payload import Payload, SegmentPool, SegmentTable, encode, from_wire
+from ..wire.payload import PLAIN_TYPES, Payload, SegmentPool, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, RemoteSpec, WorkerSpec
 from .records import (ActorRecord, ActorState, Proc, ProcState, TaskRecord, TaskState,
                       advance)
@@ -537,7 +537,7 @@ class Runtime(WorkerRequests):
         """``encode_args`` of the usual call, or None: positional arguments of plain types,
         where no ref or handle can hide and no buffer leaves the pickle stream (what encode()
         makes of them, without its walk and capture)."""
-        if kwargs or not all(type(a) in _PLAIN for a in args):
+        if kwargs or not all(type(a) in PLAIN_TYPES for a in args):
             return None
         return Payload(pickle.dumps((args, kwargs), 5), [], [], []), {}, None
 
@@ -1004,8 +1004,6 @@ class Runtime(WorkerRequests):
 
 
 _BAD = frozenset({RefState.FAILED, RefState.CANCELLED})
-#: Argument types that pickle as themselves: no ref, handle or out-of-band buffer inside.
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 #: After a clean exit, how long the driver waits for the child's BYE (its last message).
 _BYE_WAIT_S = 2.0
 _LANE_SEND_S = 0.5      # INIT/EXIT into a call ring: it has room, or the actor drains it fast

@@ -43,7 +43,7 @@ from ...exceptions import ChannelClosedError
 from .lane import WorkerLane
 from .links import LINK
 from ..wire.errors import error_info
-from ..wire.payload import Payload, SegmentTable, encode, from_wire
+from ..wire.payload import PLAIN_TYPES, Payload, SegmentTable, encode, from_wire
 from ..wire.protocol import Msg, WorkerSpec
 from ..refs.ref import capturing_refs, resolving_refs, set_ref_source
 from ..refs.waiting import set_block_hook
@@ -60,8 +60,6 @@ _HEARTBEAT_S = 1.0
 _DRIVER_SILENCE_S = 5.0
 #: The internal actor method that starts a compiled DAG's loop (not a user method name).
 DAG_START = "__headrace_dag_start__"
-#: Value types that pickle as themselves: no ref, handle or out-of-band buffer inside.
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # not enums: µs each
 
 
@@ -315,7 +313,7 @@ class Worker:
     def _reply_value(self, tid: str, name: str, value: Any, nret: int,
                      to: _LinkReplies | None = None, ids: list[str] | None = None) -> None:
         send = self._send if to is None else to.send
-        if nret == 1 and type(value) in _PLAIN:    # the usual reply: no ref, handle or buffer
+        if nret == 1 and type(value) in PLAIN_TYPES:    # the usual reply: no ref, handle or buffer
             send((Msg.RESULT, self.spec.wid, tid, [(pickle.dumps(value, 5), ())]), [None])
             return
         owner = self.spec.driver_pid if to is None else to.caller_pid

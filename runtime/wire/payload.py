@@ -37,6 +37,10 @@ BufSpec = int | tuple[str, int, int]
 WireDesc = tuple[bytes, tuple[BufSpec, ...]]
 
 
+#: Value types that pickle as themselves: no ref, handle or out-of-band buffer can be inside, so
+#: a call's arguments or result of these types skip the walk and capture (runtime/procs).
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
+
 #: True in a process on another host than the driver: nothing goes to shm, values travel inline.
 _INLINE_ONLY = False
 
