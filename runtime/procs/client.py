@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import pickle
 import threading
 import weakref
 from collections.abc import Callable
@@ -171,7 +172,10 @@ class WorkerClient:
                      ) -> tuple[Any, list[Any], list[str], Any, bool]:
         """Wire form, frames, ids of top-level refs, payload, and whether refs or handles
         travel inside (the call then needs the driver)."""
-        from ..wire.payload import encode
+        from ..wire.payload import PLAIN_TYPES, Payload, encode
+        if not kwargs and all(type(a) in PLAIN_TYPES for a in args):    # the usual call
+            payload = Payload(pickle.dumps((args, kwargs), 5), [], [], [])
+            return ((payload.to_wire([]), [], []), [None], [], payload, False)
         from .arguments import bad_argument
         deps: dict[str, Ref] = {}
         handles: list[Any] = []
