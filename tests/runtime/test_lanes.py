@@ -59,6 +59,29 @@ def test_calls_keep_their_order_and_values_across_the_switch() -> None:
     assert hr.get(refs, timeout=30) == list(range(51, 51 + 3 * lane_mod.CAPACITY))
 
 
+def test_plain_and_other_arguments_keep_their_order_while_the_ring_is_full() -> None:
+    """Plain arguments go straight into the call ring, others through the queue (encoded, or
+    waiting for a ref): a full ring or a queued call ahead must send them all in order."""
+    s = Stage.remote()
+    on_lane(s)
+    one = hr.put(1)
+    kinds = [1, np.int64(1), one]                   # plain, encoded, a ref's value
+    blocker = s.sleep.remote(0.3)                   # the ring fills behind it
+    refs = [s.inc.remote(kinds[i % 3]) for i in range(4 * lane_mod.CAPACITY)]
+    hr.get(blocker, timeout=30)
+    assert hr.get(refs, timeout=30) == list(range(1, 4 * lane_mod.CAPACITY + 1))
+    n = 4 * lane_mod.CAPACITY
+    waiting = s.inc.remote(_later.remote(1, 0.3))   # queued until its argument is there...
+    after = s.inc.remote(1)                         # ...and the ring has room: still behind it
+    assert hr.get([waiting, after], timeout=30) == [n + 1, n + 2]
+
+
+@hr.remote
+def _later(x, s):
+    time.sleep(s)
+    return x
+
+
 def test_errors_large_values_and_callbacks_on_a_lane() -> None:
     s = Stage.remote()
     on_lane(s)
