@@ -128,6 +128,16 @@ def _channel_child(a: Any, b: Any, control: Any) -> None:
             b.write(v)
 
 
+def _relay_child(a: Any, b: Any, control: Any) -> None:
+    """One link of a chain of channels: relay A onto B; the park value (None) goes on down the
+    chain before this link parks, so that every link parks."""
+    while True:
+        v = a.read()
+        b.write(v)
+        if v is None and not _parked(control, None):
+            return
+
+
 def _pipe_child(conn: Any) -> None:
     """mp-pipe's child: echo, ack a big array with one of its bytes, stop on None or EOF."""
     try:
@@ -252,6 +262,49 @@ def _channel_peer(cpu: int | None, make: Callable[[], Any], mb: np.ndarray,
            "oneway_100mb": lambda: roundtrip(big)}
     return Peer(proc, control, ops, lambda: w.write(None, TIMEOUT_S),
                 [w.close, r.close, ch_a.close, ch_b.close])
+
+
+@dataclass
+class ChainPeer(Peer):
+    """``links`` relay children in a row (channel i to channel i + 1): a chained DAG's shape
+    with nothing but its rings. Parks and resumes every link."""
+
+    links: list[Peer] = field(default_factory=list)
+
+    def park(self) -> None:
+        self.park_value()                   # None goes down the chain and comes back
+        for link in self.links:
+            link._answer("parked")
+
+    def resume(self) -> None:
+        for link in self.links:
+            link.control.send("go")
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.stop()
+        for close in self.closers:
+            close()
+
+
+def _chain_peer(make: Callable[[], Any], n: int) -> Peer:
+    """``chain_int``: an int through ``n`` relay children chained by channels, and back."""
+    chans = [make() for _ in range(n + 1)]
+    links = []
+    for i in range(n):
+        proc, control = _spawn(None, _relay_child, chans[i].reader(0), chans[i + 1].writer())
+        links.append(Peer(proc, control, {}, None))
+    w, r = chans[0].writer(), chans[n].reader(0)
+
+    def roundtrip() -> Any:
+        w.write(INT_VALUE)
+        return r.read()
+
+    def park_value() -> None:
+        w.write(None, TIMEOUT_S)
+        r.read(TIMEOUT_S)                   # the park value, back from the last link
+    return ChainPeer(links[0].proc, links[0].control, {"chain_int": roundtrip}, park_value,
+                     [w.close, r.close, *(c.close for c in chans)], links=links)
 
 
 def _pipe_peer(cpu: int | None, mb: np.ndarray, big: np.ndarray) -> Peer:

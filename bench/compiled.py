@@ -249,6 +249,14 @@ def judge(records: list[Record]) -> list[Target]:
     if floor and multi and floor.median_us and multi.median_us:
         targets.append(Target("multi_args_8actor vs copying its arguments once (reference)", None,
                               f"{multi.median_us / floor.median_us:.2f}x the copy's time"))
+    for case, bare in (("rt_1actor", "floor-shm-channels"), ("chain_3actor", "floor-shm-chain"),
+                       ("echo_1mb", "floor-shm-channels")):
+        floor, ours, ray = (by.get((case, n)) for n in (bare, "headrace", "ray-cg"))
+        if floor and ours and ray and floor.median_us and ours.median_us and ray.median_us:
+            vs_ray, vs_floor = floor.median_us / ray.median_us, ours.median_us / floor.median_us
+            targets.append(Target(
+                f"{case}: bare shm rings of the same shape vs Ray CG (reference)", None,
+                f"{vs_ray:.2f}x (headrace {vs_floor:.2f}x the bare rings)"))
     comp = by.get(("compile_1000", "headrace"))
     targets.append(Target("compile 1,000 nodes < 0.5 s", None if comp is None
                           else comp.median_us < 5e5,
@@ -373,7 +381,8 @@ def run(quick: bool = False) -> list[Record]:
 
 
 #: The floor rows: a round trip over two shm channels (no runtime, no DAG), and over mp.Pipe.
-_FLOOR_OPS = {"rt_1actor": "roundtrip_int", "echo_1mb": "roundtrip_1mb"}
+_FLOOR_OPS = {"rt_1actor": "roundtrip_int", "echo_1mb": "roundtrip_1mb",
+              "chain_3actor": "chain_int"}
 
 
 def _copy_floor(args: list[np.ndarray]) -> Callable[[], object]:
@@ -391,13 +400,14 @@ def _copy_floor(args: list[np.ndarray]) -> Callable[[], object]:
 
 def _floors(mb: np.ndarray, big: np.ndarray) -> dict[str, Any]:
     """Echo children of ``bench.channels`` (parked between their rounds), by row name."""
-    from .channels import _channel_peer, _make_shm, _pipe_peer
+    from .channels import _chain_peer, _channel_peer, _make_shm, _pipe_peer
     floors: dict[str, Any] = {}
     from headrace import _config
     # the rings of a compiled DAG, as the DAG opens them (its spin window), with nothing else
     shm = _make_shm("auto", _config.DAG_SPIN_US)
     for label, start in (("floor-shm-channels", lambda: _channel_peer(None, shm, mb, big)),
-                         ("floor-mp-pipe", lambda: _pipe_peer(None, mb, big))):
+                         ("floor-mp-pipe", lambda: _pipe_peer(None, mb, big)),
+                         ("floor-shm-chain", lambda: _chain_peer(shm, 3))):
         try:
             floors[label] = start()
             floors[label].park()
