@@ -56,6 +56,7 @@ _CONNECT_RETRY_S = 0.005
 _SMALL = 16 * 1024          # frames this small are read whole before they are checked
 _RECV_BYTES = 64 * 1024     # a reader's buffer of bytes received ahead
 _CHUNK = 1 << 20            # bigger ones are signed and checked a chunk at a time
+_CONTROL_RECV = 4096        # a writer reads its readers' control frames this much at a time
 _STALL_S = 10.0             # a frame begun must be complete within this long
 _LATE_S = 0.15              # a closing writer waits this long for readers not yet connected
 #: This process's writers, by channel id (a reader here may wait for what they sent).
@@ -203,12 +204,12 @@ class _Parser:
     def frames(self) -> list[tuple[int, int, bytes]] | None:
         """Frames complete so far; None: the peer left or broke the protocol (dropped)."""
         try:
-            while True:
-                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            while True:     # (a small recv: control frames are tiny, and recv allocates it)
+                chunk = self.sock.recv(_CONTROL_RECV, socket.MSG_DONTWAIT)
                 if not chunk:
                     return None if not self.buf else self._bad("closed mid-frame")
                 self.buf += chunk
-                if len(chunk) < 65536:
+                if len(chunk) < _CONTROL_RECV:
                     break
         except BlockingIOError:
             pass
@@ -378,12 +379,14 @@ class _Reader:
                     poller.register(sock, select.POLLIN)
                     poller.register(self.wake_r, select.POLLIN)
                     self._polled = sock
-                while not self._buffered():
+                sfd = sock.fileno()
+                while self._hi == self._lo:     # nothing received ahead: wait for bytes
                     ms = -1 if deadline is None else \
                         max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-                    fds = [fd for fd, _ in poller.poll(ms)]
-                    if self.sock_fd in fds or sock.fileno() in fds:
+                    events = poller.poll(ms)
+                    if events and events[0][0] == sfd or any(fd == sfd for fd, _ in events):
                         break
+                    fds = [fd for fd, _ in events]
                     if self.closed and (self.wake_r in fds or not fds):
                         if self.wake_r in fds:
                             poller.unregister(self.wake_r)      # draining: data only now
@@ -688,7 +691,7 @@ class _Writer:
         """Under ``lock``: wait until every reader is less than ``capacity`` values behind
         (their credits are read here; the watcher reads them only while no write runs)."""
         deadline = None if limit < 0 else time.monotonic() + limit / 1e9
-        self._service()
+        self._control()         # the usual wait: credits already sent (new readers: below)
         while not self._room() and not self.closed:
             self.waits += 1
             left = None if deadline is None else deadline - time.monotonic()
@@ -859,18 +862,21 @@ class TcpChannel(Channel):
         self.write_encoded(encode(value), timeout_s)
 
     def write_encoded(self, enc: Any, timeout_s: float | None = None) -> None:
-        self._check_role("writer")
-        limit = timeout_ns(timeout_s)
+        if self.role != WRITER:
+            self._check_role("writer")
+        limit = -1 if timeout_s is None else timeout_ns(timeout_s)
         if enc.size > self._cfg.max_message_bytes:
             raise ValueError(f"cannot write a value of {enc.size} bytes to {self!r}: its "
                              f"readers accept at most {self._cfg.max_message_bytes} bytes "
                              "(max_message_bytes).\n\nPass a larger max_message_bytes= to "
                              "TcpChannel, or send the value in parts.")
-        self._open().write(self, enc, limit, timeout_s)
+        (self._io or self._open()).write(self, enc, limit, timeout_s)
 
     def read(self, timeout_s: float | None = None) -> Any:
-        self._check_role("reader")
-        return self._open().read(self, timeout_ns(timeout_s), timeout_s)
+        if self.role is None or self.role < 0:
+            self._check_role("reader")
+        return (self._io or self._open()).read(
+            self, -1 if timeout_s is None else timeout_ns(timeout_s), timeout_s)
 
     def has_value(self) -> bool:
         self._check_role("reader")
