@@ -196,7 +196,7 @@ class _FutexWaiter:
     """A thread's futex word (private memory), rung by callbacks, and the sleep on it and the
     producers' words at once. Spins first while answers keep coming quickly ("auto")."""
 
-    __slots__ = ("_addr", "_addrs", "_ops", "_seen", "_spin", "_w", "_waitv", "ring")
+    __slots__ = ("_addr", "_addrs", "_kept", "_ops", "_seen", "_spin", "_w", "_waitv", "ring")
     _local = threading.local()
 
     @classmethod
@@ -208,8 +208,12 @@ class _FutexWaiter:
             waiter = cls._local.waiter = cls()
         elif waiter._addrs is not None:     # a wait inside a wait (a callback that waits)
             waiter = cls()
-        waiter._addrs = np.array([waiter._addr, *words], np.int64)
-        waiter._seen = np.zeros(len(waiter._addrs), np.uint32)
+        key = tuple(words)
+        kept = waiter._kept
+        if kept is None or kept[0] != key:  # the same producers as last time: same arrays
+            kept = waiter._kept = (key, np.array([waiter._addr, *words], np.int64),
+                                   np.zeros(len(words) + 1, np.uint32))
+        waiter._addrs, waiter._seen = kept[1], kept[2]     # (arm() takes the values first)
         return waiter
 
     def __init__(self) -> None:
@@ -222,6 +226,7 @@ class _FutexWaiter:
         self._addr = w.ctypes.data + 4 * abi.RD_NOTIFY
         self._spin = _SPIN_NS
         self._addrs: Any = None             # set while a wait uses it
+        self._kept: Any = None              # (words, addrs, seen) of the last wait
         self._seen: Any = None
         ring = ops["ring"]
         self.ring = lambda _ref=None: ring(w)
