@@ -12,6 +12,8 @@ driver and the Dask scheduler share the root namespace, the peers run on host 1.
   TCP_NODELAY, ``recv_into``: the floor). ``tcp-signed-floor``: the least a signed channel does
   in Python (one recv, an HMAC-SHA256 checked, one signed back, one ``sendmsg``): how much of the
   gap to the floor is the signing the issue asks for rather than the channel.
+  ``tcp-signed-2conn``: the same on one connection per direction, the TCP channels' shape (a
+  reply then carries no ACK of the other direction: each direction acknowledges on its own).
 - ``oneway_100mb``: a 100 MB array to host 1, acknowledged with an int: ``tcp-channel``,
   ``socket-channel`` and ``tcp-floor`` (``sendall`` of the buffer, ``recv_into`` preallocated memory).
 
@@ -44,7 +46,8 @@ BIG_BYTES = 100_000_000
 TIMEOUT_S = 60.0
 CASES: dict[str, tuple[str, ...]] = {
     "roundtrip_small": ("tcp-channel", "socket-channel", "compiled-hop", "actor-call",
-                        "dask-actor", "dask-submit", "tcp-floor", "tcp-signed-floor"),
+                        "dask-actor", "dask-submit", "tcp-floor", "tcp-signed-floor",
+                        "tcp-signed-2conn"),
     "oneway_100mb": ("tcp-channel", "socket-channel", "tcp-floor"),
 }
 
@@ -94,6 +97,32 @@ while True:
     if not hmac.compare_digest(hmac.digest(key, body, "sha256"), view[n - 32:n]):
         sys.exit("bad signature")
     conn.sendmsg([body, hmac.digest(key, body, "sha256")])
+"""
+
+#: The echo peer of ``tcp-signed-2conn`` on host 1: ``tcp-signed-floor`` in the TCP channel's
+#: shape, one connection per direction (frames come on the first connection accepted and go
+#: back on the second), so that no reply carries the other direction's ACKs.
+_TCP_SIGNED_ECHO_2CONN = r"""
+import hmac, select, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(2)
+key = bytes.fromhex(sys.argv[3])
+print("up", flush=True)
+inp, _ = srv.accept(); out, _ = srv.accept()
+for c in (inp, out):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+inp.setblocking(False)
+poller = select.poll(); poller.register(inp, select.POLLIN)
+buf = bytearray(65536); view = memoryview(buf)
+while True:
+    poller.poll(-1)
+    n = inp.recv_into(buf)
+    if not n:
+        sys.exit(0)
+    body = view[:n - 32]
+    if not hmac.compare_digest(hmac.digest(key, body, "sha256"), view[n - 32:n]):
+        sys.exit("bad signature")
+    out.sendmsg([body, hmac.digest(key, body, "sha256")])
 """
 
 #: The echo peer of ``socket-channel`` on host 1: reads pickled endpoints on stdin, echoes
@@ -204,6 +233,31 @@ class Impls:
         roundtrip()
         self.ops["roundtrip_small", "tcp-signed-floor"] = roundtrip
 
+    def tcp_signed_2conn(self) -> None:
+        import hmac
+        port, key = random.randint(20000, 60000), os.urandom(32)
+        peer = _netns(self.host, self.cpu, _TCP_SIGNED_ECHO_2CONN, self.host.address,
+                      str(port), key.hex())
+        self.stops.append(peer.kill)
+        out = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
+        inp = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
+        for sock in (out, inp):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.stops.append(sock.close)
+        inp.setblocking(False)
+        poller = select.poll()
+        poller.register(inp, select.POLLIN)
+        body, buf = bytes(96), bytearray(65536)
+        view = memoryview(buf)
+
+        def roundtrip() -> None:
+            out.sendmsg([body, hmac.digest(key, body, "sha256")])
+            poller.poll(int(TIMEOUT_S * 1000))
+            n = inp.recv_into(buf)
+            assert hmac.compare_digest(hmac.digest(key, view[:n - 32], "sha256"), view[n - 32:n])
+        roundtrip()
+        self.ops["roundtrip_small", "tcp-signed-2conn"] = roundtrip
+
     def socket_channel(self, kind: str = "socket-channel") -> None:
         import os
         here, there = self.cluster.bridge_ip, self.host.address
@@ -304,6 +358,9 @@ def judge(records: list[Record]) -> list[Target]:
                ratio("roundtrip_small", "tcp-channel", "tcp-signed-floor"), None),
         target("signed floor round trip vs the raw TCP floor (reference)",
                ratio("roundtrip_small", "tcp-signed-floor", "tcp-floor"), None),
+        target("tcp channel round trip vs the signed floor with one connection per direction, "
+               "its shape (reference)",
+               ratio("roundtrip_small", "tcp-channel", "tcp-signed-2conn"), None),
         target("zmq socket channel round trip vs the raw TCP floor (reference)",
                ratio("roundtrip_small", "socket-channel", "tcp-floor"), None),
         target("headrace cross-host actor call <= 0.2x Dask's actor call",
@@ -339,6 +396,7 @@ def run(quick: bool = False) -> list[Record]:
     try:
         impls.start(("tcp-floor",), impls.tcp_floor)
         impls.start(("tcp-signed-floor",), impls.tcp_signed_floor)
+        impls.start(("tcp-signed-2conn",), impls.tcp_signed_2conn)
         impls.start(("socket-channel",), impls.socket_channel)
         impls.start(("tcp-channel",), lambda: impls.socket_channel("tcp-channel"))
         impls.start(("actor-call", "compiled-hop"), impls.headrace)
