@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
@@ -32,6 +33,7 @@ from ...exceptions import ChannelClosedError, ChannelTimeoutError
 from ..refs.deadline import Deadline
 from ..refs.waiting import ReadRole
 
+logger = logging.getLogger(__name__)
 CAPACITY = 32                   # messages in flight each way before the driver queues calls
 SLOT_BYTES = 16 * 1024          # larger messages spill (their big buffers are in segments anyway)
 SPIN_US = float(os.environ.get("HEADRACE_LANE_SPIN_US", "500"))   # see ShmChannel "auto"
@@ -180,6 +182,19 @@ class DriverLane:
     def close(self) -> None:
         self.calls.close()
         self.results.close()
+
+
+def attach(blob: bytes, doorbell: Callable[[], None]) -> WorkerLane | None:
+    """The actor's end of the rings ``blob`` names (``DriverLane.worker_ends``, pickled), or
+    None: calls stay on zmq. Rings the driver closed before we attached them (it is ending, or
+    gave up on this process) are no error and say nothing; any other failure is logged."""
+    try:
+        return WorkerLane(pickle.loads(blob), doorbell)
+    except ChannelClosedError:
+        return None
+    except BaseException:                   # noqa: BLE001 - no lane: calls stay on zmq
+        logger.exception("could not attach the shm lane")
+        return None
 
 
 class WorkerLane:

@@ -40,7 +40,7 @@ from ...dag.ir import split_returns
 from ..wire import protocol
 from .output import install_prefixed_output
 from ...exceptions import ChannelClosedError
-from .lane import WorkerLane
+from .lane import WorkerLane, attach as attach_lane
 from .links import LINK
 from ..wire.errors import error_info
 from ..wire.payload import PLAIN_TYPES, Payload, SegmentTable, encode, from_wire
@@ -431,10 +431,8 @@ class Worker:
     def _on_lane(self, header: tuple[Any, ...], frames: list[Any]) -> None:
         """Attach the shm rings on a thread (with the JIT fallback numba loads there), then tell the driver."""
         def attach() -> None:
-            try:
-                lane = WorkerLane(pickle.loads(header[1]), self._ring_doorbell)
-            except BaseException:           # noqa: BLE001 - no lane: calls stay on zmq
-                logging.getLogger(__name__).exception("could not attach the shm lane")
+            lane = attach_lane(header[1], self._ring_doorbell)
+            if lane is None:                # calls stay on zmq
                 return
             with self.send_lock:
                 if self.outbox.closed:      # exiting meanwhile: nobody wants the lane now

@@ -3,7 +3,9 @@ changes for the user (order, errors, callbacks, deaths), only the latency."""
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -80,6 +82,18 @@ def test_plain_and_other_arguments_keep_their_order_while_the_ring_is_full() -> 
 def _later(x, s):
     time.sleep(s)
     return x
+
+
+def test_rings_the_driver_closed_before_the_actor_attached_them_are_refused_quietly(
+        caplog) -> None:
+    """A short script's driver ends while a worker attaches its lane: no lane, and no
+    traceback in the user's terminal (it printed "could not attach the shm lane")."""
+    lane = lane_mod.DriverLane(lambda header, frames: None)
+    blob = pickle.dumps(lane.worker_ends())
+    lane.close()
+    with caplog.at_level(logging.DEBUG, logger=lane_mod.__name__):
+        assert lane_mod.attach(blob, lambda: None) is None
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_errors_large_values_and_callbacks_on_a_lane() -> None:
