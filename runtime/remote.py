@@ -24,7 +24,7 @@ _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retri
 #: max_concurrency None: Ray's default, 1000 for an actor with ``async def`` methods, else 1
 #: host, resources: where on a Dask cluster it runs (runtime/hosts; an error without one)
 _ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": None, "max_restarts": 0,
-                  "host": None, "resources": None}
+                  "host": None, "resources": None, "get_if_exists": False}
 _ids = itertools.count(1)
 
 
@@ -52,6 +52,9 @@ def _check_options(kind: str, allowed: dict[str, Any], given: dict[str, Any]) ->
     if opts.get("host") is not None and not isinstance(opts["host"], str):
         raise TypeError(f"host must be a str (a Dask worker's address, name, IP or hostname), "
                         f"got {type(opts['host']).__name__}")
+    if opts.get("get_if_exists") and opts["name"] is None:
+        raise ValueError("get_if_exists=True (or get_or_create) needs the actor's name: "
+                         "Cls.options(name='...', get_if_exists=True).remote(...)")
     res = opts.get("resources")
     if res is not None and (not isinstance(res, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -161,6 +164,12 @@ class ActorClass:
         """Start the actor; calls may be submitted at once (they wait for it to start)."""
         rt = _runtime()
         return ActorHandle(rt.create_actor(self._body, self._options, args, kwargs), rt)
+
+    def get_or_create(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """The live actor named by ``.options(name=...)``, or a new one made with these
+        arguments (Ray's; the same as ``.options(get_if_exists=True).remote(...)``). An existing
+        actor keeps its own arguments."""
+        return self.options(get_if_exists=True).remote(*args, **kwargs)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         """Ray's ``ClassNode``: an actor made when a DAG using it first runs or compiles;

@@ -37,7 +37,7 @@ CLIENT: WorkerClient | None = None
 
 #: Options a worker's ``.remote()`` sends along (the driver checks nothing twice).
 _TASK_OPTIONS = ("num_cpus", "max_retries")
-_ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts")
+_ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts", "get_if_exists")
 #: Marks a ref the driver finished (``ClientRef._keep``): the driver has its value.
 _FROM_DRIVER = object()
 #: The longest a worker waits for the driver to answer a lookup or an actor's creation.

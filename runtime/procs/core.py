@@ -741,6 +741,9 @@ class Runtime(WorkerRequests):
         finishes: list[Finish] = []
         with self.lock:
             self._check_open()
+            existing = self.named.get(name) if options.get("get_if_exists") else None
+            if existing is not None:        # get_or_create: that one, its arguments kept
+                return existing
             self._start_actor(actor, finishes)
         _run(finishes)
         return actor

@@ -163,6 +163,10 @@ class WorkerRequests:
         payload, deps, holds, why = self._args(proc, wire, dep_ids, frames)
         ref = ObjectRef(answer, f"{label}.remote", self)
         self._own(proc, [ref])
+        existing = self.named.get(name) if opts.get("get_if_exists") else None
+        if existing is not None:            # get_or_create: that one, its arguments kept
+            out.append(lambda: ref._finish_value(existing.aid))
+            return
         cls = ShippedClass(label, methods, blob)
         actor = ActorRecord(answer, name, label, cls, payload, deps,
                             max_concurrency=opts["max_concurrency"], num_cpus=opts["num_cpus"],

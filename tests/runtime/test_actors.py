@@ -104,6 +104,29 @@ def test_named_actor_lookup_and_duplicate_name() -> None:
     Counter.options(name="shared-counter").remote()   # the name is free again at once
 
 
+def test_get_or_create_gives_the_live_named_actor_or_makes_it() -> None:
+    """Ray's get_or_create and options(get_if_exists=True): an existing actor keeps its own
+    arguments; in a worker too; without a name it is refused."""
+    a = Counter.options(name="goc").get_or_create(100)
+    b = Counter.options(name="goc").get_or_create(5)            # exists: 5 is ignored
+    c = Counter.options(name="goc", get_if_exists=True).remote(7)
+    assert [hr.get(h.inc.remote(), timeout=10) for h in (a, b, c)] == [101, 102, 103]
+    assert hr.get(_get_or_create_in_a_worker.remote(), timeout=30) == (104, 1001)
+    with pytest.raises(ValueError, match="needs the actor's name"):
+        Counter.options(get_if_exists=True).remote()
+    with pytest.raises(ValueError, match="needs the actor's name"):
+        Counter.get_or_create()
+    for name in ("goc", "goc-worker"):
+        hr.kill(hr.get_actor(name))
+
+
+@hr.remote
+def _get_or_create_in_a_worker():
+    there = Counter.options(name="goc").get_or_create(0)          # the driver's
+    new = Counter.options(name="goc-worker").get_or_create(1000)  # made here
+    return hr.get(there.inc.remote(), timeout=10), hr.get(new.inc.remote(), timeout=10)
+
+
 def test_kill_fails_pending_and_later_calls() -> None:
     c = Counter.remote()
     pending = c.sleep.remote(30)
