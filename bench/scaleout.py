@@ -77,39 +77,17 @@ while True:
 """
 
 #: The echo peer of ``tcp-signed-floor`` on host 1: a frame is a body and its HMAC-SHA256 (the
-#: key on argv); checks it, signs the body back.
+#: key on argv); checks it, signs the body back. With argv[4] == "2" (``tcp-signed-2conn``, the
+#: TCP channels' shape): frames come on the first connection accepted and go back on a second.
 _TCP_SIGNED_ECHO = r"""
-import hmac, select, socket, sys
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(1)
-key = bytes.fromhex(sys.argv[3])
-print("up", flush=True)
-conn, _ = srv.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-conn.setblocking(False)
-poller = select.poll(); poller.register(conn, select.POLLIN)
-buf = bytearray(65536); view = memoryview(buf)
-while True:
-    poller.poll(-1)
-    n = conn.recv_into(buf)
-    if not n:
-        sys.exit(0)
-    body = view[:n - 32]
-    if not hmac.compare_digest(hmac.digest(key, body, "sha256"), view[n - 32:n]):
-        sys.exit("bad signature")
-    conn.sendmsg([body, hmac.digest(key, body, "sha256")])
-"""
-
-#: The echo peer of ``tcp-signed-2conn`` on host 1: ``tcp-signed-floor`` in the TCP channel's
-#: shape, one connection per direction (frames come on the first connection accepted and go
-#: back on the second), so that no reply carries the other direction's ACKs.
-_TCP_SIGNED_ECHO_2CONN = r"""
 import hmac, select, socket, sys
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen(2)
 key = bytes.fromhex(sys.argv[3])
 print("up", flush=True)
-inp, _ = srv.accept(); out, _ = srv.accept()
-for c in (inp, out):
+inp, _ = srv.accept()
+out = srv.accept()[0] if sys.argv[4] == "2" else inp
+for c in {inp, out}:
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 inp.setblocking(False)
 poller = select.poll(); poller.register(inp, select.POLLIN)
@@ -209,45 +187,25 @@ class Impls:
         self.ops["roundtrip_small", "tcp-floor"] = roundtrip
         self.ops["oneway_100mb", "tcp-floor"] = oneway
 
-    def tcp_signed_floor(self) -> None:
+    def tcp_signed_floor(self, conns: int = 1) -> None:
+        """``tcp-signed-floor`` (one connection), or ``tcp-signed-2conn`` (one per direction)."""
         import hmac
         port, key = random.randint(20000, 60000), os.urandom(32)
         peer = _netns(self.host, self.cpu, _TCP_SIGNED_ECHO, self.host.address, str(port),
-                      key.hex())
-        self.stops.append(peer.kill)
-        sock = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        self.stops.append(sock.close)
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        body = bytes(96)             # our frame of an int: 32-byte frame header, 64-byte codec one
-        buf = bytearray(65536)
-        view = memoryview(buf)
-
-        def roundtrip() -> None:
-            sock.sendmsg([body, hmac.digest(key, body, "sha256")])
-            poller.poll(int(TIMEOUT_S * 1000))
-            n = sock.recv_into(buf)
-            assert hmac.compare_digest(hmac.digest(key, view[:n - 32], "sha256"), view[n - 32:n])
-        roundtrip()
-        self.ops["roundtrip_small", "tcp-signed-floor"] = roundtrip
-
-    def tcp_signed_2conn(self) -> None:
-        import hmac
-        port, key = random.randint(20000, 60000), os.urandom(32)
-        peer = _netns(self.host, self.cpu, _TCP_SIGNED_ECHO_2CONN, self.host.address,
-                      str(port), key.hex())
+                      key.hex(), str(conns))
         self.stops.append(peer.kill)
         out = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
-        inp = socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
-        for sock in (out, inp):
+        inp = out if conns == 1 else \
+            socket.create_connection((self.host.address, port), timeout=TIMEOUT_S)
+        for sock in {out, inp}:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.stops.append(sock.close)
         inp.setblocking(False)
+        out.setblocking(False)
         poller = select.poll()
         poller.register(inp, select.POLLIN)
-        body, buf = bytes(96), bytearray(65536)
+        body = bytes(96)             # our frame of an int: 32-byte frame header, 64-byte codec one
+        buf = bytearray(65536)
         view = memoryview(buf)
 
         def roundtrip() -> None:
@@ -256,7 +214,8 @@ class Impls:
             n = inp.recv_into(buf)
             assert hmac.compare_digest(hmac.digest(key, view[:n - 32], "sha256"), view[n - 32:n])
         roundtrip()
-        self.ops["roundtrip_small", "tcp-signed-2conn"] = roundtrip
+        self.ops["roundtrip_small", "tcp-signed-floor" if conns == 1 else "tcp-signed-2conn"] = \
+            roundtrip
 
     def socket_channel(self, kind: str = "socket-channel") -> None:
         import os
@@ -396,7 +355,7 @@ def run(quick: bool = False) -> list[Record]:
     try:
         impls.start(("tcp-floor",), impls.tcp_floor)
         impls.start(("tcp-signed-floor",), impls.tcp_signed_floor)
-        impls.start(("tcp-signed-2conn",), impls.tcp_signed_2conn)
+        impls.start(("tcp-signed-2conn",), lambda: impls.tcp_signed_floor(2))
         impls.start(("socket-channel",), impls.socket_channel)
         impls.start(("tcp-channel",), lambda: impls.socket_channel("tcp-channel"))
         impls.start(("actor-call", "compiled-hop"), impls.headrace)
