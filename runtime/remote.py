@@ -24,7 +24,8 @@ _FUNCTION_OPTIONS = {"num_returns": 1, "num_cpus": 1.0, "name": None, "max_retri
 #: max_concurrency None: Ray's default, 1000 for an actor with ``async def`` methods, else 1
 #: host, resources: where on a Dask cluster it runs (runtime/hosts; an error without one)
 _ACTOR_OPTIONS = {"num_cpus": 0.0, "name": None, "max_concurrency": None, "max_restarts": 0,
-                  "host": None, "resources": None, "get_if_exists": False}
+                  "host": None, "resources": None, "get_if_exists": False,
+                  "max_task_retries": 0}
 _ids = itertools.count(1)
 
 
@@ -52,6 +53,10 @@ def _check_options(kind: str, allowed: dict[str, Any], given: dict[str, Any]) ->
     if opts.get("host") is not None and not isinstance(opts["host"], str):
         raise TypeError(f"host must be a str (a Dask worker's address, name, IP or hostname), "
                         f"got {type(opts['host']).__name__}")
+    if "max_task_retries" in given and (not isinstance(opts["max_task_retries"], int) or
+                                        opts["max_task_retries"] < -1):
+        raise ValueError(f"max_task_retries must be an int >= -1 (-1: without limit), got "
+                         f"{opts['max_task_retries']!r}")
     if opts.get("get_if_exists") and opts["name"] is None:
         raise ValueError("get_if_exists=True (or get_or_create) needs the actor's name: "
                          "Cls.options(name='...', get_if_exists=True).remote(...)")

@@ -37,7 +37,8 @@ CLIENT: WorkerClient | None = None
 
 #: Options a worker's ``.remote()`` sends along (the driver checks nothing twice).
 _TASK_OPTIONS = ("num_cpus", "max_retries")
-_ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts", "get_if_exists")
+_ACTOR_OPTIONS = ("max_concurrency", "num_cpus", "max_restarts", "get_if_exists",
+                  "max_task_retries")
 #: Marks a ref the driver finished (``ClientRef._keep``): the driver has its value.
 _FROM_DRIVER = object()
 #: The longest a worker waits for the driver to answer a lookup or an actor's creation.
@@ -257,7 +258,7 @@ class WorkerClient:
         refs = [self._new_ref(name) for _ in range(nret)]
         ids = [r._id for r in refs]
         route = actor.route
-        direct = _config.DIRECT_CALLS and not travels
+        direct = _config.DIRECT_CALLS and not travels and route.direct_ok
         if direct:
             if route.link is None or route.link.dead is not None:
                 self._open_link(actor)
@@ -292,6 +293,8 @@ class WorkerClient:
         def linked(ref: Ref) -> None:
             if ref._state is not RefState.READY:
                 link.dead = f"the link to {actor.label} failed: {ref._error}"
+                if type(ref._error) is RuntimeError:    # refused, not dead: for good
+                    route.direct_ok = False
                 return
             link.pid, link.wid, route.concurrent = ref._outcome()
             try:

@@ -479,13 +479,21 @@ class Runtime(WorkerRequests):
             err.__cause__ = actor.init_error
         for dag in list(self.dags):     # its DAG loops died with it, restart or not
             out.append(functools.partial(dag.actor_died, actor, err))
+        restart = (not actor.killed and not actor.exiting and actor.init_error is None
+                   and actor.restarts_left > 0 and not self.closed)
+        retried = []                    # max_task_retries: run again on the restarted actor
         for task in actor.inflight.values():
+            if restart and task.retries_left != 0:
+                task.retries_left -= task.retries_left > 0
+                advance(task, TaskState.QUEUED)
+                task.proc = None
+                retried.append(task)
+                continue
             self.tasks.pop(task.tid, None)
             advance(task, TaskState.DONE)
             out.extend(_finisher(ref._finish_error, err) for ref in task.refs)
         actor.inflight.clear()
-        restart = (not actor.killed and not actor.exiting and actor.init_error is None
-                   and actor.restarts_left > 0 and not self.closed)
+        actor.queue.extendleft(reversed(retried))      # first, in the order they were sent
         if restart:
             actor.restarts_left -= 1
             advance(actor, ActorState.STARTING)
@@ -559,7 +567,8 @@ class Runtime(WorkerRequests):
         payload, deps, keep = self._plain_args(args, kwargs) or \
             self.encode_args(args, kwargs, lambda: f"{name}.remote()", fn)
         refs = [ObjectRef(new_ref_id(), name, self) for _ in range(nret)]
-        task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor)
+        task = TaskRecord(refs[0]._id, name, refs, payload, deps, method=method, actor=actor,
+                          retries_left=actor.task_retries)
         task.keep = keep or None
         self._submit(task, refs)
         return refs
@@ -734,7 +743,8 @@ class Runtime(WorkerRequests):
                                                body.cls.__init__)
         actor = ActorRecord(new_ref_id(), name, label, body, payload, deps,
                             max_concurrency=options["max_concurrency"],
-                            num_cpus=options["num_cpus"], max_restarts=options["max_restarts"])
+                            num_cpus=options["num_cpus"], max_restarts=options["max_restarts"],
+                            max_task_retries=options.get("max_task_retries", 0))
         actor.keep = keep or None
         if options.get("host") is not None or options.get("resources"):
             actor.placement = (options.get("host"), options.get("resources"), None)

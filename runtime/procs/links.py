@@ -108,11 +108,14 @@ class Link:
 class Route:
     """One caller's calls to one actor, in order, each direct or through the driver."""
 
-    __slots__ = ("concurrent", "link", "_lock", "_mode", "_pending", "_queue")
+    __slots__ = ("concurrent", "direct_ok", "link", "_lock", "_mode", "_pending", "_queue")
 
     def __init__(self) -> None:
         self.link: Link | None = None
         self.concurrent = False         # the actor runs calls concurrently: no order to keep
+        #: False once the driver refused a link for good (the actor is on another host, or
+        #: its calls are retried): every call goes through the driver
+        self.direct_ok = True
         self._lock = threading.RLock()
         self._mode: str | None = None
         self._pending = 0

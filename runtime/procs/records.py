@@ -140,12 +140,12 @@ class ActorRecord:
     """One actor: its class, constructor arguments, process, and ordered call queue."""
 
     __slots__ = ("aid", "name", "label", "body", "init_args", "init_deps", "max_concurrency",
-                 "num_cpus", "restarts_left", "state", "proc", "queue", "inflight", "error",
+                 "num_cpus", "restarts_left", "task_retries", "state", "proc", "queue", "inflight", "error",
                  "init_error", "handles", "killed", "exiting", "keep", "placement", "__weakref__")
 
     def __init__(self, aid: str, name: str | None, label: str, body: Any, init_args: Payload,
                  init_deps: dict[str, Ref], *, max_concurrency: int, num_cpus: float,
-                 max_restarts: int) -> None:
+                 max_restarts: int, max_task_retries: int = 0) -> None:
         self.aid = aid
         self.name = name                      # the user's name (named actors) or None
         self.label = label                    # the class name, for messages and log prefixes
@@ -155,6 +155,7 @@ class ActorRecord:
         self.max_concurrency = max_concurrency
         self.num_cpus = num_cpus
         self.restarts_left = max_restarts
+        self.task_retries = max_task_retries  # retries of each call cut off by a restart
         self.state = ActorState.STARTING
         self.proc: Proc | None = None
         self.queue: deque[TaskRecord] = deque()        # submitted, not yet sent; in order

@@ -148,13 +148,17 @@ class WorkerRequests:
         if why is None and method == LINK and actor is not None and (
                 proc.remote is not None or actor.placement is not None):
             why = "no direct link between hosts: the calls go through the driver"
+        if why is None and method == LINK and actor is not None and actor.task_retries:
+            why = "no direct link to an actor with max_task_retries: the calls go through " \
+                  "the driver, which retries them"
         if actor is None or why is not None:
             err = ActorDiedError(f"the actor {name} was called from {proc.label} (pid "
                                  f"{proc.pid}), but it is no longer alive.\n\nCreate a new "
                                  "actor.") if actor is None else RuntimeError(why)
             out.extend(_fail(r, err) for r in refs)
             return
-        task = TaskRecord(ids[0], name, refs, payload, deps, method=method, actor=actor)
+        task = TaskRecord(ids[0], name, refs, payload, deps, method=method, actor=actor,
+                          retries_left=actor.task_retries)
         task.keep = holds
         self._submit_locked(task, refs, out)
 
@@ -170,7 +174,8 @@ class WorkerRequests:
         cls = ShippedClass(label, methods, blob)
         actor = ActorRecord(answer, name, label, cls, payload, deps,
                             max_concurrency=opts["max_concurrency"], num_cpus=opts["num_cpus"],
-                            max_restarts=opts["max_restarts"])
+                            max_restarts=opts["max_restarts"],
+                            max_task_retries=opts.get("max_task_retries", 0))
         actor.keep = holds
         try:
             if why is not None:

@@ -153,6 +153,50 @@ def test_max_restarts_restarts_the_process_and_fails_only_inflight_calls() -> No
     assert hr.get(c.inc.remote(), timeout=10) == 8      # __init__ ran again with its args
 
 
+@hr.remote
+class Flaky:
+    """Ray's actor_restart doc example: it exits after every 10 calls."""
+
+    def __init__(self):
+        self.counter = 0
+
+    def increment_and_possibly_fail(self):
+        if self.counter == 10:
+            import os
+            os._exit(0)
+        self.counter += 1
+        return self.counter
+
+
+def test_max_task_retries_runs_the_calls_cut_off_by_a_restart_again_in_order() -> None:
+    """Ray's max_task_retries (-1: without limit): the call that killed the actor, and those
+    behind it, run again on the restarted actor; once no restart is left, calls fail."""
+    a = Flaky.options(max_restarts=4, max_task_retries=-1).remote()
+    assert [hr.get(a.increment_and_possibly_fail.remote(), timeout=30)
+            for _ in range(50)] == list(range(1, 11)) * 5
+    for _ in range(3):
+        with pytest.raises(hr.ActorDiedError):
+            hr.get(a.increment_and_possibly_fail.remote(), timeout=30)
+    b = Flaky.options(max_restarts=1, max_task_retries=-1).remote()
+    refs = [b.increment_and_possibly_fail.remote() for _ in range(15)]     # in flight at once
+    assert hr.get(refs, timeout=30) == list(range(1, 11)) + list(range(1, 6))
+    c = Flaky.options(max_restarts=1).remote()              # Ray's default: no task retries
+    refs = [c.increment_and_possibly_fail.remote() for _ in range(11)]
+    assert hr.get(refs[:10], timeout=30) == list(range(1, 11))
+    with pytest.raises(hr.ActorDiedError):
+        hr.get(refs[10], timeout=30)
+    d = Flaky.options(max_restarts=1, max_task_retries=-1).remote()
+    assert hr.get(_call_flaky.remote(d, 15), timeout=60) == list(range(1, 11)) + \
+        list(range(1, 6))                                   # from a worker: retried too
+    with pytest.raises(ValueError, match="max_task_retries must be an int >= -1"):
+        Flaky.options(max_task_retries=-2)
+
+
+@hr.remote
+def _call_flaky(actor, n):
+    return [hr.get(actor.increment_and_possibly_fail.remote(), timeout=30) for _ in range(n)]
+
+
 def test_exception_in_init_kills_actor_with_cause() -> None:
     @hr.remote
     class Broken:
