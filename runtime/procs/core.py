@@ -484,7 +484,8 @@ class Runtime(WorkerRequests):
         retried = []                    # max_task_retries: run again on the restarted actor
         for task in actor.inflight.values():
             if restart and task.retries_left != 0:
-                task.retries_left -= task.retries_left > 0
+                if task.retries_left > 0:           # -1: without limit
+                    task.retries_left -= 1
                 advance(task, TaskState.QUEUED)
                 task.proc = None
                 retried.append(task)

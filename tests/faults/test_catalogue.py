@@ -112,6 +112,41 @@ def _sigkill_ends(pid: int, pending: Pending) -> None:
     assert at - killed < DEATH_BOUND_S
 
 
+@hr.remote
+class _Log:
+    """Records the calls it ran, in order (a restarted process starts a fresh log)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def add(self, i, pause=0.0):
+        time.sleep(pause)
+        self.seen.append(i)
+        return i
+
+    def pid(self):
+        return os.getpid()
+
+    def log(self):
+        return self.seen
+
+
+def test_sigkill_with_task_retries_runs_the_cut_off_calls_again_nothing_lost_or_shifted() -> None:
+    """max_task_retries: calls running or queued when the process is SIGKILLed come back, each
+    with its own value, in order, and the restarted process ran them in that order."""
+    a = _Log.options(max_restarts=1, max_task_retries=-1).remote()
+    pid = hr.get(a.pid.remote(), timeout=10)
+    refs = [a.add.remote(i, 0.05) for i in range(20)]
+    time.sleep(0.3)                                 # some done, one running, the rest queued
+    os.kill(pid, signal.SIGKILL)
+    assert hr.get(refs, timeout=30) == list(range(20))
+    assert wait_gone(pid)
+    assert hr.get(a.pid.remote(), timeout=10) != pid
+    again = hr.get(a.log.remote(), timeout=10)     # what the restarted process ran, in order
+    assert 0 < len(again) < 20 and again == list(range(20 - len(again), 20)), again
+    hr.kill(a)
+
+
 def test_sigkill_of_one_producer_ends_a_get_waiting_on_several(kind) -> None:
     """A get over an actor call and a compiled chain waits on both at once (one waiter): the
     death of either one's process ends it within the bound, and the other keeps working."""
