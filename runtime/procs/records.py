@@ -140,8 +140,9 @@ class ActorRecord:
     """One actor: its class, constructor arguments, process, and ordered call queue."""
 
     __slots__ = ("aid", "name", "label", "body", "init_args", "init_deps", "max_concurrency",
-                 "num_cpus", "restarts_left", "task_retries", "state", "proc", "queue", "inflight", "error",
-                 "init_error", "handles", "killed", "exiting", "keep", "placement", "__weakref__")
+                 "num_cpus", "restarts_left", "task_retries", "state", "proc", "queue",
+                 "inflight", "error", "init_error", "handles", "killed", "exiting", "keep",
+                 "placement", "__weakref__")
 
     def __init__(self, aid: str, name: str | None, label: str, body: Any, init_args: Payload,
                  init_deps: dict[str, Ref], *, max_concurrency: int, num_cpus: float,
